@@ -1,0 +1,21 @@
+"""torchlrp: Layer-wise Relevance Propagation for PyTorch.
+
+Drop-in layers (:class:`Linear`, :class:`Conv2d`, ...) whose explain-mode backward computes relevance by a rule,
+so ``y[target].sum().backward()`` leaves the heatmap in ``x.grad``; rules and composites; conversion of any torch
+model; tracing of intermediate relevances; heatmap rendering.
+"""
+from . import composites, functional, patterns, rules, trace
+from .composites import Composite, DeepTaylor, EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlus, EpsilonPlusFlat
+from .context import rules_applied
+from .convert import ConversionError, convert, convert_vgg
+from .explain import explain
+from .modules import Add, Conv1d, Conv2d, Conv3d, Linear, Sequential
+from .trace import conservation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Add", "Composite", "ConversionError", "Conv1d", "Conv2d", "Conv3d", "DeepTaylor", "EpsilonAlpha2Beta1",
+    "EpsilonGammaBox", "EpsilonPlus", "EpsilonPlusFlat", "Linear", "Sequential", "composites", "conservation",
+    "convert", "convert_vgg", "explain", "functional", "patterns", "rules", "rules_applied", "trace",
+]

@@ -1,0 +1,213 @@
+"""Per-layer rules: composites map each layer of a model to a rule.
+
+Precedence: ``by_name`` > ``first`` > ``by_type`` > ``default``. Parameter-free mixing layers (average pooling and
+:class:`~torchlrp.Add`) split relevance proportionally (``Epsilon(1e-6)``, zennit's ``Norm``) unless the default rule
+propagates a gradient; ``by_name``/``by_type`` may give them another ``Epsilon`` or ``Gradient``.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Mapping
+
+import torch
+
+from .modules.affine import ExplainableAffine
+from .modules.residual import Add
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, ZBox, ZPlus, resolve
+
+RuleLike = "str | Rule"
+
+MIXING_TYPES = (
+    Add,
+    torch.nn.AvgPool1d, torch.nn.AvgPool2d, torch.nn.AvgPool3d,
+    torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d,
+)
+CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+class Composite:
+    """Rules chosen per layer.
+
+    Parameters
+    ----------
+    by_name : mapping of str to rule, optional
+        Dotted module names (as ``model.named_modules()`` gives them; glob patterns such as ``"features.*"``
+        allowed) to rules. The first matching entry wins.
+    by_type : mapping of type (or tuple of types) to rule, optional
+        Layer classes to rules (``isinstance``; torch classes match their torchlrp twins).
+    first : rule, optional
+        Rule of the first torchlrp layer the input meets (the first in registration order).
+    default : rule, optional
+        Rule of every other layer (``Epsilon()`` when omitted).
+
+    Rules may be given as :class:`~torchlrp.rules.Rule` objects or string keys.
+    """
+
+    def __init__(self, by_name: Mapping[str, "str | Rule"] | None = None,
+                 by_type: Mapping[type | tuple[type, ...], "str | Rule"] | None = None,
+                 first: "str | Rule | None" = None, default: "str | Rule | None" = None) -> None:
+        self.by_name = {str(k): resolve(v) for k, v in (by_name or {}).items()}
+        for key in (by_type or {}):
+            types = key if isinstance(key, tuple) else (key,)
+            if not all(isinstance(t, type) for t in types):
+                raise ValueError(f"by_type keys must be classes or tuples of classes, got {key!r}")
+        self.by_type = {k: resolve(v) for k, v in (by_type or {}).items()}
+        self.first = None if first is None else resolve(first)
+        self.default = Epsilon() if default is None else resolve(default)
+
+    def rule_for(self, name: str, module: torch.nn.Module, is_first: bool = False) -> Rule:
+        """Return the rule of one module.
+
+        Parameters
+        ----------
+        name : str
+            The module's dotted name.
+        module : torch.nn.Module
+            The module.
+        is_first : bool
+            Whether it is the first layer the input meets.
+
+        Returns
+        -------
+        Rule
+            The rule.
+        """
+        for pattern, rule in self.by_name.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return rule
+        if is_first and self.first is not None and isinstance(module, ExplainableAffine):
+            return self.first
+        for types, rule in self.by_type.items():
+            if isinstance(module, types):
+                return rule
+        if isinstance(module, MIXING_TYPES):
+            return self.default if self.default.propagates_gradient else Epsilon(1e-6)
+        return self.default
+
+    def assign(self, model: torch.nn.Module) -> dict[torch.nn.Module, Rule]:
+        """Map every torchlrp layer and mixing layer of ``model`` to its rule.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The model.
+
+        Returns
+        -------
+        dict
+            Module to rule, in registration order.
+
+        Raises
+        ------
+        ValueError
+            If a mixing layer is given a rule other than ``Epsilon`` or a gradient-type rule.
+        """
+        assignment: dict[torch.nn.Module, Rule] = {}
+        first_seen = False
+        for name, module in model.named_modules():
+            if isinstance(module, ExplainableAffine):
+                assignment[module] = self.rule_for(name, module, is_first=not first_seen)
+                first_seen = True
+            elif isinstance(module, MIXING_TYPES):
+                rule = self.rule_for(name, module)
+                if not (isinstance(rule, Epsilon) or rule.propagates_gradient):
+                    raise ValueError(f"{name or 'the model'} ({type(module).__name__}) has no parameters; it takes "
+                                     f"Epsilon (proportional split) or Gradient, not {rule!r}")
+                assignment[module] = rule
+        return assignment
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(by_name={self.by_name!r}, by_type={self.by_type!r}, first={self.first!r}, "
+                f"default={self.default!r})")
+
+
+def as_composite(rule: "str | Rule | Composite") -> Composite:
+    """Return ``rule`` as a composite (a single rule becomes the default of every layer).
+
+    Parameters
+    ----------
+    rule : str, Rule or Composite
+        What the user passed.
+
+    Returns
+    -------
+    Composite
+        The composite.
+    """
+    return rule if isinstance(rule, Composite) else Composite(default=resolve(rule))
+
+
+class EpsilonPlus(Composite):
+    """zennit's EpsilonPlus: ``ZPlus`` for convolutions, ``Epsilon(epsilon)`` for linear layers.
+
+    Parameters
+    ----------
+    epsilon : float
+        Epsilon of the linear layers.
+    """
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        super().__init__(by_type={CONVOLUTIONS: ZPlus()}, default=Epsilon(epsilon))
+
+
+class EpsilonAlpha2Beta1(Composite):
+    """zennit's EpsilonAlpha2Beta1: ``AlphaBeta(2, 1)`` for convolutions, ``Epsilon(epsilon)`` for linear layers.
+
+    Parameters
+    ----------
+    epsilon : float
+        Epsilon of the linear layers.
+    """
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        super().__init__(by_type={CONVOLUTIONS: AlphaBeta(2.0, 1.0)}, default=Epsilon(epsilon))
+
+
+class EpsilonPlusFlat(Composite):
+    """zennit's EpsilonPlusFlat: ``Flat`` first layer, ``ZPlus`` convolutions, ``Epsilon(epsilon)`` linear layers.
+
+    Parameters
+    ----------
+    epsilon : float
+        Epsilon of the linear layers.
+    """
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        super().__init__(by_type={CONVOLUTIONS: ZPlus()}, first=Flat(), default=Epsilon(epsilon))
+
+
+class EpsilonGammaBox(Composite):
+    """zennit's EpsilonGammaBox: ``ZBox(low, high)`` first layer, ``Gamma(gamma)`` convolutions, ``Epsilon``
+    linear layers.
+
+    As in zennit, the ``ZBox`` first rule applies only when the first layer is a convolution.
+
+    Parameters
+    ----------
+    low, high : float or Tensor
+        Input bounds (see :class:`~torchlrp.rules.ZBox`).
+    epsilon : float
+        Epsilon of the linear layers.
+    gamma : float
+        Gamma of the convolutions.
+    """
+
+    def __init__(self, low, high, epsilon: float = 1e-6, gamma: float = 0.25) -> None:
+        super().__init__(by_type={CONVOLUTIONS: Gamma(gamma)}, first=ZBox(low, high), default=Epsilon(epsilon))
+
+    def rule_for(self, name: str, module: torch.nn.Module, is_first: bool = False) -> Rule:  # noqa: D102
+        return super().rule_for(name, module, is_first and isinstance(module, CONVOLUTIONS))
+
+
+class DeepTaylor(Composite):
+    """Deep Taylor decomposition (seed 001's ``"zbab"``-style preset): ``ZBox(low, high)`` first layer, ``ZPlus``
+    everywhere above.
+
+    Parameters
+    ----------
+    low, high : float or Tensor
+        Input bounds (see :class:`~torchlrp.rules.ZBox`).
+    """
+
+    def __init__(self, low, high) -> None:
+        super().__init__(first=ZBox(low, high), default=ZPlus())

@@ -1,0 +1,108 @@
+"""``torchlrp.explain``: the input relevance of a model's decision in one call."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .composites import Composite
+from .context import rules_applied
+from .patterns import PatternsLike
+from .rules import Rule
+
+_STARTS = ("one", "logit")
+
+
+def _targets(target: int | Sequence[int] | Tensor | None, output: Tensor, batch: int) -> Tensor:
+    """Validate ``target`` and return it as a (batch, k) long tensor."""
+    classes = output.shape[1]
+    if target is None:
+        return output.detach().argmax(1, keepdim=True)
+    if isinstance(target, bool):
+        raise ValueError(f"target must be an int, a sequence or tensor of class indices, or None; got {target!r}")
+    if isinstance(target, int):
+        if not 0 <= target < classes:
+            raise ValueError(f"target {target} is out of range for an output of {classes} classes (0..{classes - 1})")
+        return torch.full((batch, 1), target, dtype=torch.long, device=output.device)
+    target = torch.as_tensor(target, device=output.device)
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if target.dim() == 1:
+        target = target[:, None]
+    if target.dim() != 2 or target.shape[0] != batch:
+        raise ValueError(f"target of shape {tuple(target.shape)} does not fit a batch of {batch}: give one class per "
+                         f"sample (shape ({batch},)) or k classes per sample (shape ({batch}, k))")
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
+        raise ValueError(f"target holds classes out of range 0..{classes - 1}: "
+                         f"min {int(target.min())}, max {int(target.max())}")
+    return target.long()
+
+
+def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] | Tensor | None = None,
+            rule: "str | Rule | Composite" = "epsilon", pattern: PatternsLike | None = None, start: str = "one",
+            output_relevance: Tensor | None = None) -> Tensor:
+    """Explain ``model``'s decision on ``input``: return the input relevance.
+
+    Relevance starts at the target logit of each sample (1 there, 0 elsewhere; ``start="logit"`` starts it at the
+    logit's value) and is propagated back by the rule(s) in one backward for the whole batch. A final
+    ``Softmax``/``LogSoftmax`` of a sequential model is skipped: the score before it is explained.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model with torchlrp layers (see :func:`torchlrp.convert`), usually in eval mode.
+    input : Tensor
+        Batch of inputs. It is not modified.
+    target : int, sequence, Tensor or None
+        Class to explain: one int for all samples, one class per sample (shape ``(batch,)``), ``k`` classes per
+        sample (shape ``(batch, k)``: all are explained in one batched backward), or None for each sample's
+        highest-scoring class.
+    rule : str, Rule or Composite
+        Rule for every layer, or a composite.
+    pattern : dict or list, optional
+        Patterns for the pattern rules (see :mod:`torchlrp.patterns`).
+    start : {"one", "logit"}
+        Start relevance at the target: 1, or the logit's value.
+    output_relevance : Tensor, optional
+        Start relevance of the model output's shape; replaces ``target``/``start`` (needed for models whose
+        output is not ``(batch, classes)``).
+
+    Returns
+    -------
+    Tensor
+        Relevance of ``input``'s shape, or ``(batch, k, *input.shape[1:])`` for a ``(batch, k)`` target.
+
+    Raises
+    ------
+    ValueError
+        For a bad target, start, rule or output shape, or a model without torchlrp layers.
+    """
+    if not isinstance(input, Tensor):
+        raise ValueError(f"input must be a tensor, got {type(input).__name__}")
+    if start not in _STARTS:
+        raise ValueError(f"start must be one of {_STARTS}, got {start!r}")
+    batch = input.shape[0]
+    multi = target is not None and not isinstance(target, int) and torch.as_tensor(target).dim() == 2
+    per_sample = torch.as_tensor(target).shape[1] if multi else 1
+    carrier = input.detach()
+    if per_sample > 1:
+        carrier = carrier.repeat_interleave(per_sample, dim=0)
+    carrier.requires_grad_(True)
+    with rules_applied(model, rule, pattern), torch.enable_grad():
+        output = model(carrier)
+    if output_relevance is None:
+        if output.dim() != 2:
+            raise ValueError(f"the model output has shape {tuple(output.shape)}, not (batch, classes); pass "
+                             f"output_relevance= (a tensor of that shape) to say where relevance starts")
+        targets = _targets(target, output[::per_sample], batch).reshape(-1, 1)
+        output_relevance = torch.zeros_like(output).scatter_(1, targets, 1.0)
+        if start == "logit":
+            output_relevance = output_relevance * output.detach()
+    elif output_relevance.shape != output.shape:
+        raise ValueError(f"output_relevance has shape {tuple(output_relevance.shape)}, the model output "
+                         f"{tuple(output.shape)}")
+    (relevance,) = torch.autograd.grad(output, carrier, output_relevance)
+    if multi:
+        relevance = relevance.reshape(batch, per_sample, *input.shape[1:])
+    return relevance

@@ -1,0 +1,18 @@
+"""Functional core of torchlrp: affine operators, stabilizers and the autograd Functions.
+
+The autograd Functions in this subpackage compute a rule's relevance in their ``backward``: the gradient that
+reaches their output *is* the output relevance, and what they return is the input relevance.
+"""
+from .affine import AffineOp
+from .relevance import AffineRelevance, ProportionalRelevance, SumRelevance, proportional, sum_relevance
+from .stabilize import stabilize
+
+__all__ = [
+    "AffineOp",
+    "AffineRelevance",
+    "ProportionalRelevance",
+    "SumRelevance",
+    "proportional",
+    "stabilize",
+    "sum_relevance",
+]

@@ -1,0 +1,133 @@
+"""Affine operators (linear maps and N-d convolutions) together with their exact transposes.
+
+A rule needs two things from a layer: the layer's map applied to a (modified) input with (modified) parameters,
+and the transposed map, which sends a signal on the output back onto the input. :class:`AffineOp` provides
+both for ``Linear`` and ``Conv1d/2d/3d`` with every hyperparameter (stride, dilation, groups, integer/tuple/'same'/
+'valid' padding, every ``padding_mode``). Explicit (non-zero or asymmetric) padding is part of the operator: the
+transpose folds the padded border back onto the input, so that rules never see padded tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_CONV_FUNCTIONS = (None, F.conv1d, F.conv2d, F.conv3d)
+
+
+@dataclass(frozen=True)
+class AffineOp:
+    """An affine layer's map and its transpose, with fixed parameters.
+
+    Parameters
+    ----------
+    weight : Tensor
+        The layer's weight (possibly with a batch norm folded in).
+    bias : Tensor or None
+        The layer's bias.
+    spatial_dims : int
+        0 for a linear layer, 1, 2 or 3 for a convolution.
+    stride, padding, dilation : tuple of int
+        Convolution hyperparameters (``padding`` is the symmetric zero padding done by the convolution itself).
+    groups : int
+        Convolution groups.
+    explicit_padding : tuple of int or None
+        Padding done before the convolution with :func:`torch.nn.functional.pad`, in its (reversed) order.
+    padding_mode : str
+        Mode of the explicit padding, as :func:`torch.nn.functional.pad` names it.
+    input_nonnegative : bool
+        True when the layer's input is known (statically) to be non-negative, e.g. because it follows a ReLU;
+        rules then skip their negative-input terms.
+    pattern : Tensor or None
+        The layer's signal pattern (weight shape), for the PatternNet/PatternAttribution rules.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    spatial_dims: int = 0
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    explicit_padding: tuple[int, ...] | None = None
+    padding_mode: str = "constant"
+    input_nonnegative: bool = False
+    pattern: Tensor | None = None
+
+    def __call__(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Apply the layer's map to ``input`` with the given parameters.
+
+        Parameters
+        ----------
+        input : Tensor
+            Input of the layer's shape (or with batch size 1, e.g. for bounds or unit inputs).
+        weight : Tensor
+            Weight of the layer's weight shape.
+        bias : Tensor or None
+            Bias, or None for none.
+
+        Returns
+        -------
+        Tensor
+            The output.
+        """
+        if self.spatial_dims == 0:
+            return F.linear(input, weight, bias)
+        if self.explicit_padding is not None:
+            input = F.pad(input, self.explicit_padding, mode=self.padding_mode)
+        convolution = _CONV_FUNCTIONS[self.spatial_dims]
+        return convolution(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def transpose(self, signal: Tensor, input_shape: torch.Size, weight: Tensor) -> Tensor:
+        """Send ``signal`` (of the output's shape) back through the transposed map.
+
+        Parameters
+        ----------
+        signal : Tensor
+            Tensor of the output's shape.
+        input_shape : torch.Size
+            Shape of the (unpadded) input.
+        weight : Tensor
+            The weight whose transpose to apply.
+
+        Returns
+        -------
+        Tensor
+            Tensor of ``input_shape``: ``W^T signal``.
+        """
+        if self.spatial_dims == 0:
+            return signal.matmul(weight)
+        padded_shape = self._padded_shape(input_shape)
+        shape_carrier = signal.new_empty(1).expand(padded_shape)
+        n = self.spatial_dims
+        transposed = torch.ops.aten.convolution_backward(
+            signal, shape_carrier, weight, None, self.stride, self.padding, self.dilation,
+            False, (0,) * n, self.groups, (True, False, False),
+        )[0]
+        if self.explicit_padding is None:
+            return transposed
+        return self._fold_padding(transposed, input_shape)
+
+    def _padded_shape(self, input_shape: torch.Size) -> tuple[int, ...]:
+        if self.explicit_padding is None:
+            return tuple(input_shape)
+        shape = list(input_shape)
+        for i in range(self.spatial_dims):
+            shape[-1 - i] += self.explicit_padding[2 * i] + self.explicit_padding[2 * i + 1]
+        return tuple(shape)
+
+    def _fold_padding(self, padded: Tensor, input_shape: torch.Size) -> Tensor:
+        """Transpose of the explicit padding: crop (zeros) or sum the border copies back (other modes)."""
+        if self.padding_mode == "constant":
+            slices = [slice(None)] * (padded.dim() - self.spatial_dims)
+            for i in reversed(range(self.spatial_dims)):
+                left = self.explicit_padding[2 * i]
+                slices.append(slice(left, left + input_shape[-1 - i]))
+            return padded[tuple(slices)]
+        with torch.enable_grad():
+            carrier = padded.new_zeros(input_shape, requires_grad=True)
+            padded_carrier = F.pad(carrier, self.explicit_padding, mode=self.padding_mode)
+            (folded,) = torch.autograd.grad(padded_carrier, carrier, padded)
+        return folded

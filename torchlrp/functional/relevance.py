@@ -1,0 +1,124 @@
+"""The autograd Functions whose backward computes relevance.
+
+* :class:`AffineRelevance` -- a linear or convolutional layer explained by a rule from :mod:`torchlrp.rules`.
+* :class:`ProportionalRelevance` -- a parameter-free linear map (average pooling): each input receives relevance in
+  proportion to its contribution to the output (the epsilon rule with a small stabilizer).
+* :class:`SumRelevance` -- the sum of several tensors (a residual connection), split the same way between them.
+
+In each of them the gradient reaching the output is the output relevance, and what ``backward`` returns is the
+input relevance. Nothing in a backward synchronizes with the host.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor
+
+from .affine import AffineOp
+from .stabilize import stabilize
+
+if TYPE_CHECKING:
+    from ..rules import Rule
+
+
+class AffineRelevance(torch.autograd.Function):
+    """Forward: the layer's output. Backward: the input relevance by ``rule``."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, op: AffineOp, rule: "Rule") -> Tensor:  # noqa: D102
+        output, saved = rule.forward(op, input)
+        ctx.op = op
+        ctx.rule = rule
+        ctx.input_shape = input.shape
+        ctx.save_for_backward(*saved)
+        return output
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        return ctx.rule.backward(ctx.op, relevance, ctx.saved_tensors, ctx.input_shape), None, None
+
+
+class ProportionalRelevance(torch.autograd.Function):
+    """Relevance through a bias-free linear map ``fn``: ``R_in = x * J^T (R / stabilize(fn(x)))``."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, fn: Callable[[Tensor], Tensor], epsilon: float) -> Tensor:  # noqa: D102
+        output = fn(input)
+        ctx.fn = fn
+        ctx.save_for_backward(input, stabilize(output, epsilon))
+        return output
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        input, denominator = ctx.saved_tensors
+        with torch.enable_grad():
+            carrier = input.detach().requires_grad_(True)
+            (transposed,) = torch.autograd.grad(ctx.fn(carrier), carrier, relevance / denominator)
+        return input * transposed, None, None
+
+
+class SumRelevance(torch.autograd.Function):
+    """Relevance through ``sum(inputs)``: each summand gets ``x_i * R / stabilize(sum)``."""
+
+    @staticmethod
+    def forward(ctx, epsilon: float, *inputs: Tensor) -> Tensor:  # noqa: D102
+        output = inputs[0]
+        for summand in inputs[1:]:
+            output = output + summand
+        ctx.save_for_backward(stabilize(output, epsilon), *inputs)
+        return output
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        denominator, *inputs = ctx.saved_tensors
+        signal = relevance / denominator
+        return (None, *(summand * signal for summand in inputs))
+
+
+def proportional(input: Tensor, fn: Callable[[Tensor], Tensor], epsilon: float = 1e-6) -> Tensor:
+    """Apply the bias-free linear map ``fn`` with proportional relevance redistribution.
+
+    Parameters
+    ----------
+    input : Tensor
+        Input of ``fn``.
+    fn : callable
+        A linear, parameter-free map such as ``torch.nn.functional.avg_pool2d`` with fixed arguments.
+    epsilon : float
+        Stabilizer of the denominator.
+
+    Returns
+    -------
+    Tensor
+        ``fn(input)``, whose backward redistributes relevance in proportion to each input's contribution.
+    """
+    return ProportionalRelevance.apply(input, fn, epsilon)
+
+
+def sum_relevance(inputs: tuple[Tensor, ...] | list[Tensor], epsilon: float = 1e-6) -> Tensor:
+    """Sum tensors of one shape, redistributing relevance in proportion to each summand.
+
+    Parameters
+    ----------
+    inputs : sequence of Tensor
+        Summands, all of the same shape.
+    epsilon : float
+        Stabilizer of the denominator.
+
+    Returns
+    -------
+    Tensor
+        The sum.
+
+    Raises
+    ------
+    ValueError
+        If fewer than two tensors are given or their shapes differ.
+    """
+    if len(inputs) < 2:
+        raise ValueError(f"sum_relevance needs at least two tensors, got {len(inputs)}")
+    shapes = {tuple(t.shape) for t in inputs}
+    if len(shapes) != 1:
+        raise ValueError(f"sum_relevance needs tensors of one shape, got shapes {sorted(shapes)}")
+    return SumRelevance.apply(epsilon, *inputs)

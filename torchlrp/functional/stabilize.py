@@ -1,0 +1,42 @@
+"""Stabilized denominators shared by every rule."""
+import torch
+from torch import Tensor
+
+
+def stabilize(denominator: Tensor, epsilon: float) -> Tensor:
+    """Return ``denominator + epsilon * sign(denominator)`` with ``sign(0) = +1``, safe to divide by.
+
+    Parameters
+    ----------
+    denominator : Tensor
+        The pre-activations (or modified pre-activations) a rule divides by.
+    epsilon : float
+        Non-negative stabilizer. With ``epsilon == 0`` the zero entries become ``inf``, so that dividing by them
+        gives zero relevance instead of ``inf``/``NaN``.
+
+    Returns
+    -------
+    Tensor
+        A new tensor of the same shape: never zero, so ``x / stabilize(z, eps)`` is finite for finite ``x``.
+    """
+    if epsilon == 0:
+        return denominator.masked_fill(denominator == 0, float("inf"))
+    return denominator.abs().add_(epsilon).copysign_(denominator)
+
+
+def masked_reciprocal(denominator: Tensor, mask: Tensor) -> Tensor:
+    """Return ``1 / denominator`` where ``mask`` holds and zero elsewhere.
+
+    Parameters
+    ----------
+    denominator : Tensor
+        A stabilized denominator (see :func:`stabilize`).
+    mask : Tensor
+        Boolean tensor broadcastable to ``denominator``.
+
+    Returns
+    -------
+    Tensor
+        The masked reciprocal.
+    """
+    return torch.where(mask, denominator.reciprocal(), 0.0)

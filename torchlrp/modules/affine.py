@@ -1,0 +1,189 @@
+"""``Linear`` and ``Conv1d/2d/3d`` with an explain mode.
+
+Each class subclasses its torch layer (same constructor, same ``state_dict``). With ``explain=False`` the forward
+*is* the torch layer's; with ``explain=True`` the output is the same, and the backward computes the input relevance
+by a rule through :class:`~torchlrp.functional.AffineRelevance`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..batchnorm import fold_batchnorm
+from ..functional.affine import AffineOp
+from ..functional.relevance import AffineRelevance
+from ..legacy import watch
+from ..rules import Rule, resolve
+
+if TYPE_CHECKING:
+    from ..composites import Composite
+
+
+class ExplainableAffine:
+    """Mixin giving an affine torch layer its explain mode.
+
+    Attributes set by :func:`torchlrp.context.rules_applied` (and restored when it ends):
+    ``lrp_rule`` (the layer's rule, or None when not explaining), ``lrp_pattern`` (its PatternNet pattern) and
+    ``lrp_batchnorm`` (a batch norm right after it, folded in while explaining). ``input_nonnegative`` marks a
+    layer whose input is known to be non-negative (it follows a ReLU); rules then skip negative-input terms.
+    """
+
+    lrp_rule: Rule | None = None
+    lrp_pattern: Tensor | None = None
+    lrp_batchnorm: torch.nn.Module | None = None
+    input_nonnegative: bool = False
+
+    def forward(self, input: Tensor, explain: bool | None = None, rule: "str | Rule | Composite | None" = None,
+                pattern: Tensor | None = None) -> Tensor:
+        """Apply the layer; in explain mode, attach the rule's relevance backward.
+
+        Parameters
+        ----------
+        input : Tensor
+            The layer input.
+        explain : bool or None
+            True: explain mode; False: exactly the torch layer; None (default): explain mode while a rule is set on
+            the layer (by :func:`torchlrp.explain`, :class:`torchlrp.Sequential` or
+            :func:`torchlrp.context.rules_applied`).
+        rule : str, Rule, Composite or None
+            The rule; None uses the rule set on the layer, else ``"epsilon"`` (TorchLRP's default).
+        pattern : Tensor or None
+            The layer's pattern for ``"patternnet"``/``"patternattribution"``.
+
+        Returns
+        -------
+        Tensor
+            The layer output (identical to the torch layer's).
+        """
+        if explain is None:
+            explain = self.lrp_rule is not None
+        if not explain:
+            return super().forward(input)
+        return AffineRelevance.apply(watch(input), self.affine_op(pattern), self._explain_rule(rule))
+
+    def _explain_rule(self, rule: "str | Rule | Composite | None") -> Rule:
+        from ..composites import Composite
+
+        if rule is None:
+            return self.lrp_rule if self.lrp_rule is not None else resolve("epsilon")
+        if isinstance(rule, Composite):
+            return rule.rule_for("", self, is_first=True)
+        return resolve(rule)
+
+    def explain_parameters(self) -> tuple[Tensor, Tensor | None]:
+        """Return the weight and bias used for explaining (with a following batch norm folded in, if set).
+
+        Returns
+        -------
+        tuple
+            ``(weight, bias)``.
+        """
+        if self.lrp_batchnorm is None:
+            return self.weight, self.bias
+        return fold_batchnorm(self.weight, self.bias, self.lrp_batchnorm)
+
+    def affine_op(self, pattern: Tensor | None = None) -> AffineOp:
+        """Return the layer's map and transpose as an :class:`~torchlrp.functional.AffineOp`.
+
+        Parameters
+        ----------
+        pattern : Tensor or None
+            Pattern to attach (defaults to ``lrp_pattern``).
+
+        Returns
+        -------
+        AffineOp
+            The operator.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.Module) -> "ExplainableAffine":
+        """Return a twin of a torch layer with a copy of its parameters and buffers.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            A layer of the torch class this class subclasses.
+
+        Returns
+        -------
+        ExplainableAffine
+            The new layer, in the same training mode, on the same device and dtype.
+
+        Raises
+        ------
+        TypeError
+            If ``module`` is not an instance of the matching torch class.
+        """
+        base = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn"))
+        if not isinstance(module, base):
+            raise TypeError(f"{cls.__name__}.from_torch expects a {base.__module__}.{base.__name__}, "
+                            f"got {type(module).__name__}")
+        twin = cls(**cls._constructor_arguments(module), device=module.weight.device, dtype=module.weight.dtype)
+        twin.load_state_dict(module.state_dict())
+        twin.train(module.training)
+        return twin
+
+    @staticmethod
+    def _constructor_arguments(module: torch.nn.Module) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _pattern(self, pattern: Tensor | None) -> Tensor | None:
+        pattern = self.lrp_pattern if pattern is None else pattern
+        if pattern is not None and pattern.shape != self.weight.shape:
+            raise ValueError(f"pattern of shape {tuple(pattern.shape)} does not match the weight shape "
+                             f"{tuple(self.weight.shape)} of {type(self).__name__}")
+        return pattern
+
+
+class Linear(ExplainableAffine, torch.nn.Linear):
+    """``torch.nn.Linear`` with an explain mode (see :class:`ExplainableAffine`)."""
+
+    def affine_op(self, pattern: Tensor | None = None) -> AffineOp:  # noqa: D102
+        weight, bias = self.explain_parameters()
+        return AffineOp(weight, bias, input_nonnegative=self.input_nonnegative, pattern=self._pattern(pattern))
+
+    @staticmethod
+    def _constructor_arguments(module: torch.nn.Linear) -> dict[str, Any]:
+        return {"in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
+
+
+class _ExplainableConv(ExplainableAffine):
+    """Convolution twins: the padding is split into what the convolution does and what must be padded first."""
+
+    def affine_op(self, pattern: Tensor | None = None) -> AffineOp:  # noqa: D102
+        weight, bias = self.explain_parameters()
+        n = len(self.kernel_size)
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            conv_padding, explicit, mode = tuple(self.padding), None, "constant"
+        else:
+            conv_padding = (0,) * n
+            explicit = tuple(self._reversed_padding_repeated_twice)
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            if not any(explicit):
+                explicit = None
+        return AffineOp(weight, bias, n, tuple(self.stride), conv_padding, tuple(self.dilation), self.groups,
+                        explicit, mode, self.input_nonnegative, self._pattern(pattern))
+
+    @staticmethod
+    def _constructor_arguments(module: torch.nn.Module) -> dict[str, Any]:
+        return {"in_channels": module.in_channels, "out_channels": module.out_channels,
+                "kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
+                "dilation": module.dilation, "groups": module.groups, "bias": module.bias is not None,
+                "padding_mode": module.padding_mode}
+
+
+class Conv1d(_ExplainableConv, torch.nn.Conv1d):
+    """``torch.nn.Conv1d`` with an explain mode (see :class:`ExplainableAffine`)."""
+
+
+class Conv2d(_ExplainableConv, torch.nn.Conv2d):
+    """``torch.nn.Conv2d`` with an explain mode (see :class:`ExplainableAffine`)."""
+
+
+class Conv3d(_ExplainableConv, torch.nn.Conv3d):
+    """``torch.nn.Conv3d`` with an explain mode (see :class:`ExplainableAffine`)."""

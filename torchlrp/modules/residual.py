@@ -1,0 +1,41 @@
+"""The residual addition as a module, so that relevance is split between the branches it sums."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..functional.relevance import sum_relevance
+from ..rules import Rule
+
+
+class Add(torch.nn.Module):
+    """Sum of tensors of one shape (a skip connection), explainable.
+
+    In explain mode (``lrp_rule`` set by :func:`torchlrp.context.rules_applied`) each summand receives relevance in
+    proportion to its contribution, ``R_i = x_i R / stab(sum_j x_j)``; without it (or for gradient-type rules) this
+    is the plain sum. A plain ``a + b`` in a model would send the full relevance down both branches and double it
+    at every block.
+    """
+
+    lrp_rule: Rule | None = None
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        """Sum ``inputs``.
+
+        Parameters
+        ----------
+        *inputs : Tensor
+            Two or more tensors of one shape.
+
+        Returns
+        -------
+        Tensor
+            Their sum.
+        """
+        rule = self.lrp_rule
+        if rule is None or rule.propagates_gradient:
+            output = inputs[0]
+            for summand in inputs[1:]:
+                output = output + summand
+            return output
+        return sum_relevance(inputs, rule.epsilon)

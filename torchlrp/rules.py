@@ -1,0 +1,506 @@
+"""LRP rules for linear and convolutional layers.
+
+A rule is a small, immutable object holding its parameters. Its :meth:`Rule.forward` computes the layer's output
+together with what the backward needs (kept from the forward instead of recomputed), and :meth:`Rule.backward`
+turns the output relevance into the input relevance. Both receive an :class:`~torchlrp.functional.AffineOp`, which
+applies the layer's map and its transpose with every convolution hyperparameter, so the rules are written once for
+``Linear`` and ``Conv1d/2d/3d``.
+
+Notation below: ``x`` the layer input, ``W``/``b`` its parameters, ``z = Wx + b``, ``R`` the output relevance,
+``W+ = max(W, 0)``, ``W- = min(W, 0)``, ``x+``/``x-`` likewise, ``stab(d) = d + eps * sign(d)`` with ``sign(0)=1``.
+The formulas are those of Bach et al. (2015), Montavon et al. (2019) and, for the generalized gamma rule,
+Andéol et al. (2021); parameters have the meanings zennit gives them.
+"""
+from __future__ import annotations
+
+import abc
+import math
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .functional.affine import AffineOp
+from .functional.stabilize import masked_reciprocal, stabilize
+
+Saved = tuple[Tensor, ...]
+
+
+def _check_number(name: str, value: Any, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _positive(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.clamp(min=0)
+
+
+def _negative(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.clamp(max=0)
+
+
+class Rule(abc.ABC):
+    """Base class of all rules for affine layers.
+
+    Subclasses implement :meth:`forward` and :meth:`backward`. ``propagates_gradient`` tells the engine whether
+    the rule propagates a (modified) gradient rather than relevance; parameter-free mixing layers (average pooling,
+    residual sums) then pass the plain gradient instead of splitting proportionally. ``needs_pattern`` marks the
+    rules that need a layer pattern (:mod:`torchlrp.patterns`).
+    """
+
+    propagates_gradient: bool = False
+    needs_pattern: bool = False
+
+    @abc.abstractmethod
+    def forward(self, op: AffineOp, input: Tensor) -> tuple[Tensor, Saved]:
+        """Compute the layer output and the tensors the backward needs.
+
+        Parameters
+        ----------
+        op : AffineOp
+            The layer's map.
+        input : Tensor
+            The layer input.
+
+        Returns
+        -------
+        tuple
+            ``(output, saved)``: the unmodified layer output and a tuple of tensors for :meth:`backward`.
+        """
+
+    @abc.abstractmethod
+    def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:
+        """Compute the input relevance.
+
+        Parameters
+        ----------
+        op : AffineOp
+            The layer's map.
+        relevance : Tensor
+            Relevance of the layer output.
+        saved : tuple of Tensor
+            What :meth:`forward` returned to save.
+        input_shape : torch.Size
+            Shape of the layer input.
+
+        Returns
+        -------
+        Tensor
+            Relevance of the layer input.
+        """
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+class Epsilon(Rule):
+    """LRP-epsilon: ``R_x = x * W^T (R / stab(z))``.
+
+    Parameters
+    ----------
+    epsilon : float
+        Non-negative stabilizer added to ``z`` with ``z``'s sign (``+epsilon`` where ``z == 0``). ``0`` gives LRP-0;
+        units with ``z == 0`` then pass no relevance (never ``NaN``).
+    """
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.epsilon = _check_number("epsilon", epsilon)
+
+    def forward(self, op: AffineOp, input: Tensor) -> tuple[Tensor, Saved]:  # noqa: D102
+        output = op(input, op.weight, op.bias)
+        return output, (input, stabilize(output, self.epsilon))
+
+    def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
+        input, denominator = saved
+        return input * op.transpose(relevance / denominator, input_shape, op.weight)
+
+
+class Zero(Epsilon):
+    """LRP-0: ``R_x = x * W^T (R / z)``; units with ``z == 0`` pass no relevance."""
+
+    def __init__(self) -> None:
+        super().__init__(epsilon=0.0)
+
+    def __repr__(self) -> str:
+        return "Zero()"
+
+
+class Gamma(Rule):
+    """Generalized LRP-gamma (Andéol et al. 2021), equal to Montavon's gamma rule for non-negative inputs.
+
+    Where ``z > 0`` the positive contributions ``x+ (W + gamma W+) + x- (W + gamma W-)`` (with bias
+    ``b + gamma b+``) are favoured; where ``z < 0`` the negative ones ``x+ (W + gamma W-) + x- (W + gamma W+)``
+    (with bias ``b + gamma b-``).
+
+    Parameters
+    ----------
+    gamma : float
+        Non-negative weight of the favoured parts.
+    stabilizer : float
+        Non-negative stabilizer of the denominators.
+    """
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6) -> None:
+        self.gamma = _check_number("gamma", gamma)
+        self.stabilizer = _check_number("stabilizer", stabilizer)
+
+    def forward(self, op: AffineOp, input: Tensor) -> tuple[Tensor, Saved]:  # noqa: D102
+        weight, bias, gamma = op.weight, op.bias, self.gamma
+        output = op(input, weight, bias)
+        weight_pos = weight.clamp(min=0)
+        if op.input_nonnegative:
+            # z_pos = z + gamma p and z_neg = (1 + gamma) z - gamma p with p = W+ x + b+ (linearity: one extra map)
+            positive = op(input, weight_pos, _positive(bias)).mul_(gamma)
+            inv_pos = masked_reciprocal(stabilize(output + positive, self.stabilizer), output > 0)
+            inv_neg = masked_reciprocal(stabilize(output * (1 + gamma) - positive, self.stabilizer), output < 0)
+            coefficient_pos = (inv_pos - inv_neg).mul_(gamma)
+            coefficient = inv_neg.mul_(1 + gamma).add_(inv_pos)
+            return output, (input, coefficient, coefficient_pos, weight_pos)
+        weight_up = weight + gamma * weight_pos
+        weight_down = weight + gamma * weight.clamp(max=0)
+        bias_up = None if bias is None else bias + gamma * bias.clamp(min=0)
+        bias_down = None if bias is None else bias + gamma * bias.clamp(max=0)
+        input_pos, input_neg = input.clamp(min=0), input.clamp(max=0)
+        favour_pos = op(input_pos, weight_up, bias_up) + op(input_neg, weight_down)
+        favour_neg = op(input_pos, weight_down, bias_down) + op(input_neg, weight_up)
+        inv_pos = masked_reciprocal(stabilize(favour_pos, self.stabilizer), output > 0)
+        inv_neg = masked_reciprocal(stabilize(favour_neg, self.stabilizer), output < 0)
+        return output, (input_pos, input_neg, inv_pos, inv_neg, weight_up, weight_down)
+
+    def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
+        if op.input_nonnegative:
+            input, coefficient, coefficient_pos, weight_pos = saved
+            transposed = op.transpose(relevance * coefficient, input_shape, op.weight)
+            transposed += op.transpose(relevance * coefficient_pos, input_shape, weight_pos)
+            return input * transposed
+        input_pos, input_neg, inv_pos, inv_neg, weight_up, weight_down = saved
+        signal_pos, signal_neg = relevance * inv_pos, relevance * inv_neg
+        to_pos = op.transpose(signal_pos, input_shape, weight_up) + op.transpose(signal_neg, input_shape, weight_down)
+        to_neg = op.transpose(signal_pos, input_shape, weight_down) + op.transpose(signal_neg, input_shape, weight_up)
+        return input_pos * to_pos + input_neg * to_neg
+
+
+class AlphaBeta(Rule):
+    """LRP-alpha-beta: ``R_x = alpha * R_pos - beta * R_neg`` over positive and negative contributions.
+
+    Positive contributions are ``x+ W+ + x- W-`` plus ``b+``, negative ones ``x+ W- + x- W+`` plus ``b-``; each group
+    shares its output relevance in proportion to its members.
+
+    Parameters
+    ----------
+    alpha, beta : float
+        Non-negative weights with ``alpha - beta == 1`` (conservation).
+    stabilizer : float
+        Non-negative stabilizer of the denominators.
+    ignore_bias : bool
+        If True the bias takes no part in the denominators (as in TorchLRP).
+
+    Raises
+    ------
+    ValueError
+        If ``alpha`` or ``beta`` is negative or ``alpha - beta != 1``.
+    """
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6,
+                 ignore_bias: bool = False) -> None:
+        self.alpha = _check_number("alpha", alpha)
+        self.beta = _check_number("beta", beta)
+        if not math.isclose(self.alpha - self.beta, 1.0, rel_tol=0, abs_tol=1e-12):
+            raise ValueError(f"AlphaBeta needs alpha - beta == 1, got alpha={alpha!r}, beta={beta!r}")
+        self.stabilizer = _check_number("stabilizer", stabilizer)
+        self.ignore_bias = bool(ignore_bias)
+
+    def forward(self, op: AffineOp, input: Tensor) -> tuple[Tensor, Saved]:  # noqa: D102
+        weight, bias = op.weight, op.bias
+        output = op(input, weight, bias)
+        weight_pos = weight.clamp(min=0)
+        bias_pos = None if self.ignore_bias else _positive(bias)
+        if op.input_nonnegative:
+            positive = op(input, weight_pos, bias_pos)
+            inv_pos = self.alpha / stabilize(positive, self.stabilizer)
+            if self.beta == 0:
+                return output, (input, inv_pos, weight_pos)
+            negative = output - positive
+            if self.ignore_bias and bias is not None:
+                negative -= _view_bias(bias, output, op)
+            inv_neg = self.beta / stabilize(negative, self.stabilizer)
+            return output, (input, inv_pos.add_(inv_neg), inv_neg, weight_pos)
+        weight_neg = weight.clamp(max=0)
+        bias_neg = None if self.ignore_bias else _negative(bias)
+        input_pos, input_neg = input.clamp(min=0), input.clamp(max=0)
+        positive = op(input_pos, weight_pos, bias_pos) + op(input_neg, weight_neg)
+        negative = op(input_pos, weight_neg, bias_neg) + op(input_neg, weight_pos)
+        inv_pos = self.alpha / stabilize(positive, self.stabilizer)
+        inv_neg = self.beta / stabilize(negative, self.stabilizer)
+        return output, (input_pos, input_neg, inv_pos, inv_neg, weight_pos, weight_neg)
+
+    def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
+        if op.input_nonnegative:
+            if self.beta == 0:
+                input, inv_pos, weight_pos = saved
+                return input * op.transpose(relevance * inv_pos, input_shape, weight_pos)
+            # alpha W+^T s_pos - beta W-^T s_neg = W+^T (s_pos + s_neg) - W^T s_neg  (W- = W - W+)
+            input, coefficient_pos, inv_neg, weight_pos = saved
+            transposed = op.transpose(relevance * coefficient_pos, input_shape, weight_pos)
+            transposed -= op.transpose(relevance * inv_neg, input_shape, op.weight)
+            return input * transposed
+        input_pos, input_neg, inv_pos, inv_neg, weight_pos, weight_neg = saved
+        signal_pos, signal_neg = relevance * inv_pos, relevance * inv_neg
+        result = input_pos * (op.transpose(signal_pos, input_shape, weight_pos)
+                              - op.transpose(signal_neg, input_shape, weight_neg))
+        result += input_neg * (op.transpose(signal_pos, input_shape, weight_neg)
+                               - op.transpose(signal_neg, input_shape, weight_pos))
+        return result
+
+
+def _view_bias(bias: Tensor, output: Tensor, op: AffineOp) -> Tensor:
+    """Reshape a bias to broadcast against a layer output (channels on dim 1 for convolutions)."""
+    if op.spatial_dims == 0:
+        return bias
+    return bias.view(-1, *([1] * op.spatial_dims))
+
+
+class ZPlus(AlphaBeta):
+    """LRP-z+ (= ``AlphaBeta(alpha=1, beta=0)``): only positive contributions share the relevance.
+
+    Parameters
+    ----------
+    stabilizer : float
+        Non-negative stabilizer of the denominator.
+    ignore_bias : bool
+        If True the bias takes no part in the denominator.
+    """
+
+    def __init__(self, stabilizer: float = 1e-6, ignore_bias: bool = False) -> None:
+        super().__init__(alpha=1.0, beta=0.0, stabilizer=stabilizer, ignore_bias=ignore_bias)
+
+    def __repr__(self) -> str:
+        return f"ZPlus(stabilizer={self.stabilizer!r}, ignore_bias={self.ignore_bias!r})"
+
+
+class ZBox(Rule):
+    """LRP-z^B for a first layer on inputs bounded by ``low <= x <= high``.
+
+    ``R_x = x W^T s - low W+^T s - high W-^T s`` with ``s = R / stab(W x - W+ low - W- high)`` (the bias cancels).
+
+    Parameters
+    ----------
+    low, high : float or Tensor
+        Bounds of the input, broadcastable to the input's shape (e.g. ``(1, 3, 1, 1)`` per colour channel, or
+        without the batch dimension).
+    stabilizer : float
+        Non-negative stabilizer of the denominator.
+
+    Raises
+    ------
+    ValueError
+        If a bound is not a number or tensor, or does not broadcast to the input (raised at the forward).
+    """
+
+    def __init__(self, low: float | Tensor, high: float | Tensor, stabilizer: float = 1e-6) -> None:
+        for name, bound in (("low", low), ("high", high)):
+            if not isinstance(bound, Tensor):
+                _check_number(name, bound, minimum=-math.inf)
+        self.low = low
+        self.high = high
+        self.stabilizer = _check_number("stabilizer", stabilizer)
+
+    def _bound(self, name: str, bound: float | Tensor, input: Tensor) -> Tensor:
+        bound = torch.as_tensor(bound, dtype=input.dtype, device=input.device)
+        shape = input.shape if bound.dim() == input.dim() and bound.shape[0] != 1 else (1, *input.shape[1:])
+        try:
+            if torch.broadcast_shapes(bound.shape, shape) != torch.Size(shape):
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"ZBox bound {name} of shape {tuple(bound.shape)} does not broadcast to the input "
+                             f"shape {tuple(input.shape)}; use a number, or a tensor broadcastable to it "
+                             f"(e.g. (1, C, 1, 1) per channel)") from None
+        return bound.expand(shape)
+
+    def forward(self, op: AffineOp, input: Tensor) -> tuple[Tensor, Saved]:  # noqa: D102
+        weight = op.weight
+        output = op(input, weight, op.bias)
+        low, high = self._bound("low", self.low, input), self._bound("high", self.high, input)
+        weight_pos, weight_neg = weight.clamp(min=0), weight.clamp(max=0)
+        denominator = op(input, weight) - op(low, weight_pos) - op(high, weight_neg)
+        inverse = stabilize(denominator, self.stabilizer).reciprocal_()
+        return output, (input, inverse, low, high, weight_pos, weight_neg)
+
+    def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
+        input, inverse, low, high, weight_pos, weight_neg = saved
+        signal = relevance * inverse
+        result = input * op.transpose(signal, input_shape, op.weight)
+        result -= low * op.transpose(signal, input_shape, weight_pos)
+        result -= high * op.transpose(signal, input_shape, weight_neg)
+        return result
+
+
+class _UnitInput(Rule):
+    """Rules that replace the input by ones and the weight by a transform of it (flat, w-square, z+ of ones)."""
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = _check_number("stabilizer", stabilizer)
+
+    @abc.abstractmethod
+    def _parameters(self, op: AffineOp) -> tuple[Tensor, Tensor | None]:
+        """Return the transformed weight and bias."""
+
+    def forward(self, op: AffineOp, input: Tensor) -> tuple[Tensor, Saved]:  # noqa: D102
+        output = op(input, op.weight, op.bias)
+        weight, bias = self._parameters(op)
+        ones = input.new_ones((1, *input.shape[1:]))
+        inverse = stabilize(op(ones, weight, bias), self.stabilizer).reciprocal_()
+        return output, (inverse, weight)
+
+    def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
+        inverse, weight = saved
+        return op.transpose(relevance * inverse, input_shape, weight)
+
+
+class Flat(_UnitInput):
+    """LRP-flat: relevance spread uniformly over each output's receptive field (ones as input and weight, no bias).
+
+    Parameters
+    ----------
+    stabilizer : float
+        Non-negative stabilizer of the denominator.
+    """
+
+    def _parameters(self, op: AffineOp) -> tuple[Tensor, Tensor | None]:
+        return torch.ones_like(op.weight), None
+
+
+class WSquare(_UnitInput):
+    """LRP-w²: ``R_i = sum_j w_ij^2 / (sum_i' w_i'j^2 + b_j^2) R_j`` (ones as input, squared parameters).
+
+    As in zennit, the squared bias takes part in the denominator.
+
+    Parameters
+    ----------
+    stabilizer : float
+        Non-negative stabilizer of the denominator.
+    """
+
+    def _parameters(self, op: AffineOp) -> tuple[Tensor, Tensor | None]:
+        return op.weight.square(), None if op.bias is None else op.bias.square()
+
+
+class ZPlusOnes(_UnitInput):
+    """z+ with the input values replaced by ones (the first-layer variant of the VGG z+ blog post, seed 004).
+
+    ``R_i = sum_j w_ij+ / sum_i' w_i'j+ R_j``: relevance follows the positive weights only, whatever the pixel values.
+
+    Parameters
+    ----------
+    stabilizer : float
+        Non-negative stabilizer of the denominator.
+    """
+
+    def _parameters(self, op: AffineOp) -> tuple[Tensor, Tensor | None]:
+        return op.weight.clamp(min=0), None
+
+
+class Gradient(Rule):
+    """The plain gradient ``W^T R`` (for comparison; not a relevance rule)."""
+
+    propagates_gradient = True
+
+    def forward(self, op: AffineOp, input: Tensor) -> tuple[Tensor, Saved]:  # noqa: D102
+        return op(input, op.weight, op.bias), ()
+
+    def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
+        return op.transpose(relevance, input_shape, op.weight)
+
+    def __repr__(self) -> str:
+        return "Gradient()"
+
+
+class PatternNet(Gradient):
+    """PatternNet (Kindermans et al. 2017): the backward signal ``P^T R`` with the layer's pattern ``P`` in place of
+    the weight -- a signal estimate, not multiplied by the input. Needs patterns, see :mod:`torchlrp.patterns`."""
+
+    needs_pattern = True
+
+    def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
+        return op.transpose(relevance, input_shape, op.pattern)
+
+    def __repr__(self) -> str:
+        return "PatternNet()"
+
+
+class PatternAttribution(Gradient):
+    """PatternAttribution (Kindermans et al. 2017): the backward signal with ``P * W`` in place of the weight.
+    Needs patterns, see :mod:`torchlrp.patterns`."""
+
+    needs_pattern = True
+
+    def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
+        return op.transpose(relevance, input_shape, op.pattern * op.weight)
+
+    def __repr__(self) -> str:
+        return "PatternAttribution()"
+
+
+def _rule_factories() -> dict[str, type[Rule] | Any]:
+    return {
+        "gradient": Gradient,
+        "epsilon": Epsilon,
+        "zero": Zero,
+        "gamma": Gamma,
+        "gamma+epsilon": lambda: Gamma(gamma=0.1, stabilizer=0.1),
+        "alpha1beta0": lambda: AlphaBeta(alpha=1.0, beta=0.0),
+        "alpha2beta1": lambda: AlphaBeta(alpha=2.0, beta=1.0),
+        "zplus": ZPlus,
+        "flat": Flat,
+        "wsquare": WSquare,
+        "zplus_ones": ZPlusOnes,
+        "patternnet": PatternNet,
+        "patternattribution": PatternAttribution,
+    }
+
+
+def rule_names() -> list[str]:
+    """Return the string keys accepted wherever a rule is.
+
+    Returns
+    -------
+    list of str
+        ``"gradient"``, ``"epsilon"``, ``"zero"``, ``"gamma"``, ``"gamma+epsilon"``, ``"alpha1beta0"``,
+        ``"alpha2beta1"``, ``"zplus"``, ``"flat"``, ``"wsquare"``, ``"zplus_ones"``, ``"patternnet"``,
+        ``"patternattribution"``.
+    """
+    return list(_rule_factories())
+
+
+def resolve(rule: "str | Rule") -> Rule:
+    """Turn a string key or a rule into a rule.
+
+    Parameters
+    ----------
+    rule : str or Rule
+        A key from :func:`rule_names` (each maps to the rule with default parameters; ``"gamma+epsilon"`` is
+        ``Gamma(gamma=0.1, stabilizer=0.1)`` as in TorchLRP) or a :class:`Rule`.
+
+    Returns
+    -------
+    Rule
+        The rule.
+
+    Raises
+    ------
+    ValueError
+        For an unknown key or a value that is not a rule.
+    """
+    if isinstance(rule, Rule):
+        return rule
+    if isinstance(rule, str):
+        factories = _rule_factories()
+        key = rule.strip().lower()
+        if key not in factories:
+            raise ValueError(f"unknown rule {rule!r}; valid keys are {', '.join(repr(k) for k in factories)}")
+        return factories[key]()
+    raise ValueError(f"a rule must be a torchlrp.rules.Rule, a composite or one of the keys "
+                     f"{', '.join(repr(k) for k in _rule_factories())}; got {type(rule).__name__} {rule!r}")

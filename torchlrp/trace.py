@@ -1,0 +1,200 @@
+"""Intermediate relevances: a hook-based trace collector, with per-layer conservation.
+
+``with lrp.trace.collect(model) as trace:`` records, during a backward inside the block, the relevance at the input
+of each selected module (and of the model, as ``"input"``), keyed by dotted module name in forward order. Hooks
+are attached to the modules for the duration of the block only, and only calls made in the thread that opened it
+are recorded, so concurrent or nested traces never mix. TorchLRP's ``enable_and_clean``/``collect_and_disable``
+remain as a thin layer (state kept per thread/context, see :mod:`torchlrp.legacy`).
+"""
+from __future__ import annotations
+
+import fnmatch
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from .composites import MIXING_TYPES
+from .legacy import RECORDER
+from .modules.affine import ExplainableAffine
+
+INPUT = "input"
+
+
+class Trace(OrderedDict):
+    """Ordered mapping from dotted module name to the relevance at that module's input (forward order).
+
+    Attributes
+    ----------
+    start : Tensor or None
+        The relevance the backward started from (the gradient at the model output).
+    """
+
+    start: Tensor | None = None
+
+    def layerwise(self) -> list[Tensor]:
+        """Return the relevances output-to-input, like the seeds' ``lrp_layerwise``.
+
+        Returns
+        -------
+        list of Tensor
+            The recorded relevances, the model input's last.
+        """
+        return list(reversed(self.values()))
+
+    def conservation(self) -> "Conservation":
+        """Return the per-layer, per-sample relevance sums and their ratios to the start relevance.
+
+        Returns
+        -------
+        Conservation
+            The report; ``print`` it for a table.
+        """
+        return conservation(self)
+
+
+@dataclass
+class Conservation:
+    """Per-layer relevance sums (``sums[name]``: one per sample) and their ratios to the start relevance."""
+
+    start: Tensor
+    sums: "OrderedDict[str, Tensor]"
+
+    @property
+    def ratios(self) -> "OrderedDict[str, Tensor]":
+        """Per layer, each sample's relevance sum divided by its start relevance sum."""
+        return OrderedDict((name, total / self.start) for name, total in self.sums.items())
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':<28} {'sum (mean over samples)':>24} {'ratio to start':>16}",
+                f"{'(output)':<28} {float(self.start.mean()):>24.6g} {1.0:>16.2%}"]
+        for name, total in self.sums.items():
+            ratio = total / self.start
+            rows.append(f"{name:<28} {float(total.mean()):>24.6g} {float(ratio.mean()):>16.2%}")
+        return "\n".join(rows)
+
+
+def conservation(trace: Trace) -> Conservation:
+    """Per layer and per sample: the relevance sum and its ratio to the start relevance.
+
+    Parameters
+    ----------
+    trace : Trace
+        A trace filled by :func:`collect`.
+
+    Returns
+    -------
+    Conservation
+        The report.
+
+    Raises
+    ------
+    ValueError
+        If the trace recorded no backward.
+    """
+    if trace.start is None or not trace:
+        raise ValueError("the trace holds no relevance: run the backward inside `with trace.collect(model)`")
+    start = trace.start.flatten(1).sum(1).double()
+    sums = OrderedDict((name, r.flatten(1).sum(1).double().to(start.device)) for name, r in trace.items())
+    return Conservation(start, sums)
+
+
+def _selected(model: torch.nn.Module, layers: Iterable[str | type] | None) -> list[tuple[str, torch.nn.Module]]:
+    if layers is None:
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, (ExplainableAffine, *MIXING_TYPES))]
+    patterns = [l for l in layers if isinstance(l, str)]
+    types = tuple(l for l in layers if isinstance(l, type))
+    bad = [l for l in layers if not isinstance(l, (str, type))]
+    if bad:
+        raise ValueError(f"layers must be module names (globs) or module classes, got {bad}")
+    chosen = [(n, m) for n, m in model.named_modules() if n and (
+        any(fnmatch.fnmatchcase(n, p) for p in patterns) or (types and isinstance(m, types)))]
+    if not chosen and layers:
+        raise ValueError(f"no module of {type(model).__name__} matches layers={list(layers)}")
+    return chosen
+
+
+@contextmanager
+def collect(model: torch.nn.Module, layers: Iterable[str | type] | None = None,
+            to: torch.device | str | None = None) -> Iterator[Trace]:
+    """Record the relevance at the input of modules during a backward inside the block.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model (Sequential or not).
+    layers : iterable of str or type, optional
+        Modules to watch, by dotted name (glob patterns allowed) or class. Default: every torchlrp layer and
+        mixing layer (average pooling, residual sums). The model input is always recorded as ``"input"``.
+    to : torch.device or str, optional
+        Move the recorded (detached) relevances there, e.g. ``"cpu"``.
+
+    Yields
+    ------
+    Trace
+        Filled during the backward; entries in forward order.
+    """
+    trace = Trace()
+    owner = threading.get_ident()
+    handles = []
+
+    def store(name: str):
+        def hook(relevance: Tensor) -> None:
+            relevance = relevance.detach()
+            relevance = relevance if to is None else relevance.to(to)
+            trace[name] = relevance if trace.get(name) is None else trace[name] + relevance
+        return hook
+
+    def watch(name: str):
+        def pre_hook(module: torch.nn.Module, args: tuple) -> tuple | None:
+            if threading.get_ident() != owner:
+                return None
+            watched = []
+            for index, arg in enumerate(args):
+                if isinstance(arg, Tensor) and arg.requires_grad:
+                    view = arg.view_as(arg)
+                    key = name if index == 0 else f"{name}[{index}]"
+                    trace.setdefault(key, None)
+                    view.register_hook(store(key))
+                    arg = view
+                watched.append(arg)
+            return tuple(watched)
+        return pre_hook
+
+    def watch_output(module: torch.nn.Module, args: tuple, output: Tensor) -> None:
+        if threading.get_ident() == owner and isinstance(output, Tensor) and output.requires_grad:
+            output.register_hook(lambda g: setattr(trace, "start", g.detach() if to is None else g.detach().to(to)))
+
+    handles.append(model.register_forward_pre_hook(watch(INPUT)))
+    handles.append(model.register_forward_hook(watch_output))
+    for name, module in _selected(model, layers):
+        handles.append(module.register_forward_pre_hook(watch(name)))
+    try:
+        yield trace
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name in [n for n, r in trace.items() if r is None]:
+            del trace[name]
+
+
+def enable_and_clean() -> None:
+    """TorchLRP API: start recording the relevance at each torchlrp layer's input (in this thread/context)."""
+    RECORDER.set([])
+
+
+def collect_and_disable() -> list[Tensor]:
+    """TorchLRP API: stop recording and return the relevances, in backward order (output side first).
+
+    Returns
+    -------
+    list of Tensor
+        One relevance per torchlrp layer call in the backward.
+    """
+    recorded = RECORDER.get() or []
+    RECORDER.set(None)
+    return recorded
