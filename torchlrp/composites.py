@@ -1,8 +1,8 @@
 """Per-layer rules: composites map each layer of a model to a rule.
 
 Precedence: ``by_name`` > ``first`` > ``by_type`` > ``default``. Parameter-free mixing layers (average pooling and
-:class:`~torchlrp.Add`) split relevance proportionally (``Epsilon(1e-6)``, zennit's ``Norm``) unless the default rule
-propagates a gradient; ``by_name``/``by_type`` may give them another ``Epsilon`` or ``Gradient``.
+:class:`~torchlrp.Add`) split relevance proportionally (``Epsilon(1e-6)``, zennit's ``Norm``; ``Epsilon(0)`` under
+LRP-0, which then conserves exactly) unless the default rule propagates a gradient; ``by_name``/``by_type`` may give them another ``Epsilon`` or ``Gradient``.
 """
 from __future__ import annotations
 
@@ -81,7 +81,9 @@ class Composite:
             if isinstance(module, types):
                 return rule
         if isinstance(module, MIXING_TYPES):
-            return self.default if self.default.propagates_gradient else Epsilon(1e-6)
+            if self.default.propagates_gradient:
+                return self.default
+            return Epsilon(min(self.default.epsilon, 1e-6) if isinstance(self.default, Epsilon) else 1e-6)
         return self.default
 
     def assign(self, model: torch.nn.Module) -> dict[torch.nn.Module, Rule]:

@@ -2,6 +2,9 @@
 import torch
 from torch import Tensor
 
+#: smallest stabilizer used in float16 (its reciprocal, 16384, leaves headroom below float16's maximum 65504)
+HALF_MIN_STABILIZER = 2.0 ** -14
+
 
 def stabilize(denominator: Tensor, epsilon: float) -> Tensor:
     """Return ``denominator + epsilon * sign(denominator)`` with ``sign(0) = +1``, safe to divide by.
@@ -12,13 +15,16 @@ def stabilize(denominator: Tensor, epsilon: float) -> Tensor:
         The pre-activations (or modified pre-activations) a rule divides by.
     epsilon : float
         Non-negative stabilizer. With ``epsilon == 0`` the zero entries become ``inf``, so that dividing by them
-        gives zero relevance instead of ``inf``/``NaN``.
+        gives zero relevance instead of ``inf``/``NaN``. In float16, whose largest value is 65504, a stabilizer
+        below ``2**-14`` is raised to it so that reciprocals stay finite.
 
     Returns
     -------
     Tensor
         A new tensor of the same shape: never zero, so ``x / stabilize(z, eps)`` is finite for finite ``x``.
     """
+    if denominator.dtype == torch.float16:
+        epsilon = max(epsilon, HALF_MIN_STABILIZER)
     if epsilon == 0:
         return denominator.masked_fill(denominator == 0, float("inf"))
     return denominator.abs().add_(epsilon).copysign_(denominator)

@@ -1,0 +1,65 @@
+"""Every rule against the formula written out on the dense layer matrix, on every conv hyperparameter."""
+import pytest
+import torch
+
+import torchlrp as lrp
+from torchlrp import rules
+
+from .layer_configs import CONFIGS
+from .reference import reference_relevance
+
+RULES = {
+    "epsilon": (lambda: rules.Epsilon(0.01), {"epsilon": 0.01}),
+    "zero": (rules.Zero, {"epsilon": 0.0}),
+    "gamma": (lambda: rules.Gamma(0.25), {"gamma": 0.25}),
+    "alpha2beta1": (lambda: rules.AlphaBeta(2, 1), {"alpha": 2.0, "beta": 1.0}),
+    "alpha1beta0_nobias": (lambda: rules.AlphaBeta(1, 0, ignore_bias=True), {"alpha": 1.0, "beta": 0.0,
+                                                                             "ignore_bias": True}),
+    "zplus": (rules.ZPlus, {}),
+    "zbox": (lambda: rules.ZBox(-3.0, 2.5), {"low": -3.0, "high": 2.5}),
+    "flat": (rules.Flat, {}),
+    "wsquare": (rules.WSquare, {}),
+    "zplus_ones": (rules.ZPlusOnes, {}),
+    "gradient": (rules.Gradient, {}),
+}
+REFERENCE_NAMES = {"alpha2beta1": "alphabeta", "alpha1beta0_nobias": "alphabeta"}
+
+
+def explain_layer(layer, rule, x, relevance, nonnegative):
+    layer.input_nonnegative = nonnegative
+    x = x.clone().requires_grad_(True)
+    output = layer(x, explain=True, rule=rule)
+    output.backward(relevance)
+    return output, x.grad
+
+
+@pytest.mark.parametrize("nonnegative", [False, True], ids=["mixed_input", "nonnegative_input"])
+@pytest.mark.parametrize("rule_name", list(RULES))
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_rule_matches_formula(config, rule_name, nonnegative):
+    make, shape = CONFIGS[config]
+    torch_layer = make().double()
+    layer = getattr(lrp, type(torch_layer).__name__).from_torch(torch_layer)
+    x = torch.randn(shape, dtype=torch.float64)
+    if nonnegative:
+        x = x.relu()
+    relevance = torch.randn_like(torch_layer(x))
+    make_rule, params = RULES[rule_name]
+    output, ours = explain_layer(layer, make_rule(), x, relevance, nonnegative)
+    assert torch.equal(output, torch_layer(x))
+    expected = reference_relevance(torch_layer, REFERENCE_NAMES.get(rule_name, rule_name), x, relevance, **params)
+    torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max()))
+
+
+def test_strided_conv_is_not_torchlrp_padding_bug():
+    """TorchLRP hard-coded padding=1 and ignored stride; a 5x5 stride-2 conv without padding catches that."""
+    torch_layer = torch.nn.Conv2d(1, 2, 5, stride=2).double()
+    layer = lrp.Conv2d.from_torch(torch_layer)
+    x = torch.rand(1, 1, 14, 14, dtype=torch.float64)
+    relevance = torch.rand_like(torch_layer(x))
+    _, ours = explain_layer(layer, rules.Epsilon(), x, relevance, True)
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, reference_relevance(torch_layer, "epsilon", x, relevance), rtol=1e-9, atol=1e-12)
+    # the bottom-right border is outside every receptive field of this stride: it must get no relevance
+    assert ours[..., 13, :].abs().sum() == 0 and ours[..., :, 13].abs().sum() == 0
+    assert ours[..., :13, :13].abs().sum() > 0
