@@ -15,12 +15,12 @@ def test_explain_leaves_no_trace_on_model_or_input():
     relevance = lrp.explain(model, x, rule="alpha2beta1")
     assert torch.equal(x, before) and not x.requires_grad and x.grad is None
     assert all(p.grad is None for p in model.parameters())
-    assert all(getattr(m, "lrp_rule", None) is None for m in model.modules())
+    assert lrp.context.current() is None
     assert relevance.shape == x.shape
     # a failing explanation also restores the model
     with pytest.raises(ValueError):
         lrp.explain(model, x, target=99)
-    assert all(getattr(m, "lrp_rule", None) is None for m in model.modules())
+    assert lrp.context.current() is None
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
 
 
@@ -112,8 +112,9 @@ def test_composite_equals_manual_rules():
     x = torch.rand(2, 2, 16, 16, dtype=torch.float64, requires_grad=True)
     composite = lrp.EpsilonPlusFlat()
     expected = lrp.explain(model, x, rule=composite)
-    with lrp.rules_applied(model, composite):
-        assert isinstance(model[0].lrp_rule, rules.Flat) and isinstance(model[3].lrp_rule, rules.ZPlus)
-        assert isinstance(model[7].lrp_rule, rules.Epsilon)
-        model(x)[:, 0].sum()
+    with lrp.rules_applied(model, composite) as state:
+        assert isinstance(state.rules[model[0]], rules.Flat) and isinstance(state.rules[model[3]], rules.ZPlus)
+        assert isinstance(state.rules[model[7]], rules.Epsilon)
+        model(x)[:, 0].sum().backward()
+    torch.testing.assert_close(x.grad, lrp.explain(model, x, target=0, rule=composite))
     torch.testing.assert_close(lrp.explain(model, x, rule=composite), expected)

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import fold_batchnorm
 from .composites import MIXING_TYPES
-from .context import _RECTIFIERS, _SIGN_PRESERVING, final_softmax
+from .context import RECTIFIERS, SIGN_PRESERVING, final_softmax
 from .modules.affine import Conv1d, Conv2d, Conv3d, ExplainableAffine, Linear
 from .modules.residual import Add
 from .modules.sequential import Sequential
@@ -71,7 +71,7 @@ _SIGN_METHODS = ("flatten", "view", "reshape", "contiguous", "squeeze", "unsquee
 
 
 def _supported_module(module: torch.nn.Module) -> bool:
-    return isinstance(module, (ExplainableAffine, Add, *MIXING_TYPES, *_SIGN_PRESERVING, *_RECTIFIERS))
+    return isinstance(module, (ExplainableAffine, Add, *MIXING_TYPES, *SIGN_PRESERVING, *RECTIFIERS))
 
 
 def _analyse(model: torch.nn.Module, allowed: set[str]) -> list[tuple[str, str]]:
@@ -97,10 +97,10 @@ def _analyse(model: torch.nn.Module, allowed: set[str]) -> list[tuple[str, str]]
                 layer.bias = torch.nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
                 _replace(model, node.target, torch.nn.Identity())
                 continue
-            if isinstance(module, _RECTIFIERS):
+            if isinstance(module, RECTIFIERS):
                 nonnegative.add(node)
                 module.inplace = False
-            elif isinstance(module, _SIGN_PRESERVING) and first in nonnegative:
+            elif isinstance(module, SIGN_PRESERVING) and first in nonnegative:
                 nonnegative.add(node)
             elif isinstance(module, Add) and all(a in nonnegative for a in args):
                 nonnegative.add(node)
@@ -131,7 +131,7 @@ def _check_leaves(model: torch.nn.Module, allowed: set[str]) -> list[tuple[str, 
     """Module-only check for models that torch.fx cannot trace."""
     unsupported = []
     softmax = final_softmax(model)
-    folded = set()
+    folded: set[torch.nn.Module] = set()
     for container in model.modules():
         if isinstance(container, torch.nn.Sequential):
             children = list(container)
@@ -140,7 +140,7 @@ def _check_leaves(model: torch.nn.Module, allowed: set[str]) -> list[tuple[str, 
     for name, module in model.named_modules():
         if next(module.children(), None) is not None or isinstance(module, ExplainableAffine):
             continue
-        if isinstance(module, _RECTIFIERS):
+        if isinstance(module, RECTIFIERS):
             module.inplace = False
         if not (_supported_module(module) or module is softmax or module in folded or _is_allowed(name, allowed)):
             unsupported.append((name, type(module).__name__))

@@ -16,6 +16,7 @@ from ..functional.affine import AffineOp
 from ..functional.relevance import AffineRelevance
 from ..legacy import watch
 from ..rules import Rule, resolve
+from ..state import ExplainState, current
 
 if TYPE_CHECKING:
     from ..composites import Composite
@@ -24,15 +25,12 @@ if TYPE_CHECKING:
 class ExplainableAffine:
     """Mixin giving an affine torch layer its explain mode.
 
-    Attributes set by :func:`torchlrp.context.rules_applied` (and restored when it ends):
-    ``lrp_rule`` (the layer's rule, or None when not explaining), ``lrp_pattern`` (its PatternNet pattern) and
-    ``lrp_batchnorm`` (a batch norm right after it, folded in while explaining). ``input_nonnegative`` marks a
-    layer whose input is known to be non-negative (it follows a ReLU); rules then skip negative-input terms.
+    While :func:`torchlrp.context.rules_applied` is active (in this thread), the layer finds its rule, pattern and
+    any batch norm to fold in the active :class:`~torchlrp.state.ExplainState`. ``input_nonnegative`` marks a
+    layer whose input is known to be non-negative (it follows a ReLU; set by :func:`torchlrp.convert`); rules then
+    skip their negative-input terms.
     """
 
-    lrp_rule: Rule | None = None
-    lrp_pattern: Tensor | None = None
-    lrp_batchnorm: torch.nn.Module | None = None
     input_nonnegative: bool = False
 
     def forward(self, input: Tensor, explain: bool | None = None, rule: "str | Rule | Composite | None" = None,
@@ -44,8 +42,8 @@ class ExplainableAffine:
         input : Tensor
             The layer input.
         explain : bool or None
-            True: explain mode; False: exactly the torch layer; None (default): explain mode while a rule is set on
-            the layer (by :func:`torchlrp.explain`, :class:`torchlrp.Sequential` or
+            True: explain mode; False: exactly the torch layer; None (default): explain mode while an explanation
+            of a model holding this layer is active (:func:`torchlrp.explain`, :class:`torchlrp.Sequential` or
             :func:`torchlrp.context.rules_applied`).
         rule : str, Rule, Composite or None
             The rule; None uses the rule set on the layer, else ``"epsilon"`` (TorchLRP's default).
@@ -57,17 +55,19 @@ class ExplainableAffine:
         Tensor
             The layer output (identical to the torch layer's).
         """
+        state = current()
+        active = state is not None and self in state.rules
         if explain is None:
-            explain = self.lrp_rule is not None
+            explain = active
         if not explain:
             return super().forward(input)
-        return AffineRelevance.apply(watch(input), self.affine_op(pattern), self._explain_rule(rule))
+        return AffineRelevance.apply(watch(input), self.affine_op(pattern), self._explain_rule(rule, state))
 
-    def _explain_rule(self, rule: "str | Rule | Composite | None") -> Rule:
+    def _explain_rule(self, rule: "str | Rule | Composite | None", state: ExplainState | None) -> Rule:
         from ..composites import Composite
 
         if rule is None:
-            return self.lrp_rule if self.lrp_rule is not None else resolve("epsilon")
+            return state.rules[self] if state is not None and self in state.rules else resolve("epsilon")
         if isinstance(rule, Composite):
             return rule.rule_for("", self, is_first=True)
         return resolve(rule)
@@ -80,9 +80,15 @@ class ExplainableAffine:
         tuple
             ``(weight, bias)``.
         """
-        if self.lrp_batchnorm is None:
+        state = current()
+        batchnorm = None if state is None else state.batchnorms.get(self)
+        if batchnorm is None:
             return self.weight, self.bias
-        return fold_batchnorm(self.weight, self.bias, self.lrp_batchnorm)
+        return fold_batchnorm(self.weight, self.bias, batchnorm)
+
+    def _input_nonnegative(self) -> bool:
+        state = current()
+        return self.input_nonnegative or (state is not None and self in state.nonnegative)
 
     def affine_op(self, pattern: Tensor | None = None) -> AffineOp:
         """Return the layer's map and transpose as an :class:`~torchlrp.functional.AffineOp`.
@@ -90,7 +96,7 @@ class ExplainableAffine:
         Parameters
         ----------
         pattern : Tensor or None
-            Pattern to attach (defaults to ``lrp_pattern``).
+            Pattern to attach (defaults to the active explanation's pattern for this layer).
 
         Returns
         -------
@@ -132,7 +138,9 @@ class ExplainableAffine:
         raise NotImplementedError
 
     def _pattern(self, pattern: Tensor | None) -> Tensor | None:
-        pattern = self.lrp_pattern if pattern is None else pattern
+        if pattern is None:
+            state = current()
+            pattern = None if state is None else state.patterns.get(self)
         if pattern is not None and pattern.shape != self.weight.shape:
             raise ValueError(f"pattern of shape {tuple(pattern.shape)} does not match the weight shape "
                              f"{tuple(self.weight.shape)} of {type(self).__name__}")
@@ -144,7 +152,7 @@ class Linear(ExplainableAffine, torch.nn.Linear):
 
     def affine_op(self, pattern: Tensor | None = None) -> AffineOp:  # noqa: D102
         weight, bias = self.explain_parameters()
-        return AffineOp(weight, bias, input_nonnegative=self.input_nonnegative, pattern=self._pattern(pattern))
+        return AffineOp(weight, bias, input_nonnegative=self._input_nonnegative(), pattern=self._pattern(pattern))
 
     @staticmethod
     def _constructor_arguments(module: torch.nn.Linear) -> dict[str, Any]:
@@ -167,7 +175,7 @@ class _ExplainableConv(ExplainableAffine):
             if not any(explicit):
                 explicit = None
         return AffineOp(weight, bias, n, tuple(self.stride), conv_padding, tuple(self.dilation), self.groups,
-                        explicit, mode, self.input_nonnegative, self._pattern(pattern))
+                        explicit, mode, self._input_nonnegative(), self._pattern(pattern))
 
     @staticmethod
     def _constructor_arguments(module: torch.nn.Module) -> dict[str, Any]:

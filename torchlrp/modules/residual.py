@@ -5,19 +5,17 @@ import torch
 from torch import Tensor
 
 from ..functional.relevance import sum_relevance
-from ..rules import Rule
+from ..state import current
 
 
 class Add(torch.nn.Module):
     """Sum of tensors of one shape (a skip connection), explainable.
 
-    In explain mode (``lrp_rule`` set by :func:`torchlrp.context.rules_applied`) each summand receives relevance in
+    While an explanation of its model is active (:func:`torchlrp.context.rules_applied`) each summand receives relevance in
     proportion to its contribution, ``R_i = x_i R / stab(sum_j x_j)``; without it (or for gradient-type rules) this
     is the plain sum. A plain ``a + b`` in a model would send the full relevance down both branches and double it
     at every block.
     """
-
-    lrp_rule: Rule | None = None
 
     def forward(self, *inputs: Tensor) -> Tensor:
         """Sum ``inputs``.
@@ -32,7 +30,8 @@ class Add(torch.nn.Module):
         Tensor
             Their sum.
         """
-        rule = self.lrp_rule
+        state = current()
+        rule = None if state is None else state.rules.get(self)
         if rule is None or rule.propagates_gradient:
             output = inputs[0]
             for summand in inputs[1:]:

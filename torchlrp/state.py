@@ -1,0 +1,52 @@
+"""The explanation in progress, kept per thread and per context (never on the modules).
+
+:func:`torchlrp.context.rules_applied` activates an :class:`ExplainState` in a :class:`contextvars.ContextVar`;
+the torchlrp modules read it in their forward, in the caller's thread. Two threads (or asyncio tasks) explaining
+the same model with different rules therefore never see each other's rules, and nothing is left on the model
+when the context ends.
+"""
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .rules import Rule
+
+
+@dataclass(eq=False)
+class ExplainState:
+    """What one active explanation has decided for the modules of its model.
+
+    Attributes
+    ----------
+    rules : dict
+        Module to rule, for every torchlrp layer and mixing layer being explained.
+    patterns : dict
+        Layer to PatternNet pattern.
+    batchnorms : dict
+        Layer to the batch norm right after it, folded into it while explaining.
+    nonnegative : set
+        Layers whose input is known to be non-negative in this model.
+    """
+
+    rules: dict[torch.nn.Module, Rule] = field(default_factory=dict)
+    patterns: dict[torch.nn.Module, Tensor] = field(default_factory=dict)
+    batchnorms: dict[torch.nn.Module, torch.nn.Module] = field(default_factory=dict)
+    nonnegative: set[torch.nn.Module] = field(default_factory=set)
+
+
+ACTIVE: ContextVar[ExplainState | None] = ContextVar("torchlrp_explain_state", default=None)
+
+
+def current() -> ExplainState | None:
+    """Return the explanation active in this thread/context, or None.
+
+    Returns
+    -------
+    ExplainState or None
+        The active state.
+    """
+    return ACTIVE.get()
