@@ -1,0 +1,143 @@
+"""Train a small CNN on handwritten digits and explain it with every rule (the README's main example).
+
+Data: torchvision's MNIST when it is on disk under ``--data-dir``; otherwise the handwritten digits that ship
+inside scikit-learn (``sklearn.datasets.load_digits``, 8x8 pixels upsampled to 28x28; no download). Writes
+``mnist_explanations.png`` (input digits, one heatmap column per rule) and ``mnist_classes.png`` (the heatmap of
+every class for one digit) to ``--out`` (default ``examples/plots``).
+
+    python examples/explain_mnist.py            # about a minute on a laptop CPU
+    python examples/explain_mnist.py --quick    # a few seconds (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import torchlrp as lrp
+from torchlrp import image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RULES = [("epsilon", "epsilon"), ("gamma", "gamma"), ("alpha1beta0", "alpha1beta0"), ("alpha2beta1", "alpha2beta1"),
+         ("zplus", "zplus"), ("EpsilonPlusFlat", lrp.EpsilonPlusFlat()), ("patternnet", "patternnet"),
+         ("patternattribution", "patternattribution")]
+
+
+def load_digits(data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """Return train/test images (N, 1, 28, 28) in [0, 1], labels, and the data set's name."""
+    if data_dir is not None:
+        try:
+            import torchvision
+
+            train = torchvision.datasets.MNIST(data_dir, train=True, download=False)
+            test = torchvision.datasets.MNIST(data_dir, train=False, download=False)
+            scale = 1 / 255.0
+            return (train.data[:, None].float() * scale, train.targets, test.data[:, None].float() * scale,
+                    test.targets, f"MNIST from {data_dir}")
+        except (RuntimeError, OSError):
+            print(f"no MNIST under {data_dir}; using scikit-learn's handwritten digits instead")
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    images = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
+    labels = torch.tensor(digits.target)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    images, labels = images[order], labels[order]
+    split = int(0.8 * len(images))
+    return images[:split], labels[:split], images[split:], labels[split:], "scikit-learn digits (8x8 -> 28x28)"
+
+
+def make_model() -> lrp.Sequential:
+    """TorchLRP's MNIST network, built from torchlrp layers."""
+    return lrp.Sequential(
+        lrp.Conv2d(1, 32, 3, 1, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2, 2),
+        lrp.Conv2d(32, 64, 3, 1, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2, 2),
+        torch.nn.Flatten(), lrp.Linear(7 * 7 * 64, 128), torch.nn.ReLU(), lrp.Linear(128, 10))
+
+
+def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int) -> None:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(images), 64):
+            index = order[start:start + 64]
+            optimizer.zero_grad()
+            F.cross_entropy(model(images[index]), labels[index]).backward()
+            optimizer.step()
+    model.eval()
+
+
+def ink_fraction(relevance: torch.Tensor, digits: torch.Tensor, threshold: float = 0.25) -> float:
+    """Mean share of the positive relevance that lies on pixels with ink (value above ``threshold``)."""
+    positive = relevance.clamp(min=0).flatten(1)
+    ink = (digits.flatten(1) > threshold).float()
+    return float(((positive * ink).sum(1) / positive.sum(1).clamp(min=1e-12)).mean())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=None, help="directory holding torchvision's MNIST (no download)")
+    parser.add_argument("--out", default=os.path.join(HERE, "plots"), help="where to write the figures")
+    parser.add_argument("--weights", default=os.path.join(HERE, "models", "mnist_cnn.pt"),
+                        help="trained weights: loaded if present, written after training")
+    parser.add_argument("--retrain", action="store_true", help="train even if the weights file exists")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="2 epochs, for a smoke test")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    start = time.time()
+
+    train_x, train_y, test_x, test_y, source = load_digits(args.data_dir)
+    print(f"data: {source}; {len(train_x)} training and {len(test_x)} test images")
+    model = make_model()
+    if os.path.isfile(args.weights) and not args.retrain and not args.quick:
+        model.load_state_dict(torch.load(args.weights, weights_only=True))
+        model.eval()
+        print(f"loaded weights from {args.weights} (--retrain to train again)")
+    else:
+        train(model, train_x, train_y, 2 if args.quick else args.epochs)
+        if not args.quick:
+            os.makedirs(os.path.dirname(args.weights), exist_ok=True)
+            torch.save(model.state_dict(), args.weights)
+            print(f"saved weights to {args.weights}")
+    with torch.no_grad():
+        accuracy = float((model(test_x).argmax(1) == test_y).float().mean())
+    print(f"test accuracy: {accuracy:.2%}")
+
+    loader = [train_x[i:i + 256] for i in range(0, len(train_x), 256)]
+    patterns = lrp.patterns.fit_patternnet_positive(model, loader)
+    digits = torch.stack([test_x[(test_y == d).nonzero()[0, 0]] for d in range(0, 10, 2)])
+    columns, fractions = [image.as_image(digits)], {}
+    for name, rule in RULES:
+        pattern = patterns if name.startswith("pattern") else None
+        relevance = lrp.explain(model, digits, rule=rule, pattern=pattern)
+        columns.append(image.heatmap(relevance, percentile=99.5))
+        fractions[name] = ink_fraction(relevance, digits)
+    os.makedirs(args.out, exist_ok=True)
+    rows = [[column[i] for column in columns] for i in range(len(digits))]
+    explanations = os.path.join(args.out, "mnist_explanations.png")
+    image.save_grid(explanations, rows, ["input"] + [name for name, _ in RULES],
+                    title=f"torchlrp on {source.split(' (')[0]} (test accuracy {accuracy:.1%}); red: for, blue: against")
+    full_relevance = {name: lrp.explain(model, test_x[:200], rule=rule) for name, rule in RULES[:5]}
+    for name, relevance in full_relevance.items():
+        print(f"positive relevance on ink pixels ({name}, 200 test digits): "
+              f"{ink_fraction(relevance, test_x[:200]):.1%}")
+
+    digit = test_x[(test_y == 3).nonzero()[0, 0]][None]
+    per_class = lrp.explain(model, digit, target=torch.arange(10)[None], rule="epsilon")[0]
+    classes = os.path.join(args.out, "mnist_classes.png")
+    image.save_grid(classes, [[image.as_image(digit)[0], *image.heatmap(per_class, percentile=99.5)]],
+                    ["input"] + [f"class {c}" for c in range(10)], title="epsilon relevance for every class")
+    print(f"wrote {explanations} and {classes} in {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Heatmaps people can look at: relevance to RGB, overlays and grid figures (numpy and matplotlib only).
+
+Relevance is shown with a diverging colormap centred on zero (red positive, blue negative, white zero), scaled
+symmetrically per sample by its largest absolute value or a percentile of it. Colour-channel relevance is either
+summed (a grayscale-input map) or shown per channel as an RGB image (the blog post of seed 004 shows both).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+CHANNEL_MODES = ("sum", "rgb")
+
+
+def _as_numpy(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(tensor, torch.Tensor):
+        return tensor.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(tensor, dtype=np.float32)
+
+
+def normalize(relevance: torch.Tensor | np.ndarray, percentile: float | None = None) -> np.ndarray:
+    """Scale each sample of ``relevance`` symmetrically into ``[-1, 1]``.
+
+    Parameters
+    ----------
+    relevance : Tensor or ndarray
+        Shape ``(N, ...)``.
+    percentile : float, optional
+        Scale by this percentile of ``|R|`` (e.g. 99.5, clipping outliers) instead of the maximum.
+
+    Returns
+    -------
+    ndarray
+        Float32 array of the same shape in ``[-1, 1]``; all-zero samples stay zero.
+
+    Raises
+    ------
+    ValueError
+        For a percentile outside ``(0, 100]``.
+    """
+    values = _as_numpy(relevance)
+    flat = np.abs(values.reshape(len(values), -1))
+    if percentile is None:
+        scale = flat.max(axis=1)
+    else:
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        scale = np.percentile(flat, percentile, axis=1)
+    scale = np.where(scale > 0, scale, 1.0).reshape(-1, *([1] * (values.ndim - 1)))
+    return np.clip(values / scale, -1.0, 1.0)
+
+
+def heatmap(relevance: torch.Tensor | np.ndarray, channels: str = "sum", percentile: float | None = None,
+            cmap: str = "bwr") -> np.ndarray:
+    """Turn relevance into RGB heatmaps.
+
+    Parameters
+    ----------
+    relevance : Tensor or ndarray
+        ``(N, C, H, W)`` or ``(N, H, W)`` relevance (CUDA tensors are moved to the CPU).
+    channels : {"sum", "rgb"}
+        ``"sum"``: sum over colour channels, colour by ``cmap``; ``"rgb"``: per-channel relevance as an RGB image
+        (grey is zero; needs 3 channels).
+    percentile : float, optional
+        Normalize by this percentile of ``|R|`` per sample instead of the maximum.
+    cmap : str
+        Diverging matplotlib colormap for ``"sum"`` (centre = zero).
+
+    Returns
+    -------
+    ndarray
+        ``(N, H, W, 3)`` float32 RGB values in ``[0, 1]``.
+
+    Raises
+    ------
+    ValueError
+        For a bad shape or channel mode.
+    """
+    import matplotlib
+
+    values = _as_numpy(relevance)
+    if channels not in CHANNEL_MODES:
+        raise ValueError(f"channels must be one of {CHANNEL_MODES}, got {channels!r}")
+    if values.ndim == 3:
+        values = values[:, None]
+    if values.ndim != 4:
+        raise ValueError(f"relevance must have shape (N, C, H, W) or (N, H, W), got {values.shape}")
+    if channels == "rgb":
+        if values.shape[1] != 3:
+            raise ValueError(f"channels='rgb' needs 3 colour channels, got {values.shape[1]}")
+        return (0.5 + 0.5 * normalize(values, percentile)).transpose(0, 2, 3, 1).astype(np.float32)
+    summed = normalize(values.sum(axis=1), percentile)
+    colormap = matplotlib.colormaps[cmap]
+    return colormap((summed + 1.0) / 2.0)[..., :3].astype(np.float32)
+
+
+def as_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Turn an image batch ``(N, C, H, W)`` (C = 1 or 3) into displayable ``(N, H, W, 3)`` values in [0, 1].
+
+    Parameters
+    ----------
+    image : Tensor or ndarray
+        Images, scaled per sample to ``[0, 1]`` for display.
+
+    Returns
+    -------
+    ndarray
+        RGB float32 array.
+    """
+    values = _as_numpy(image)
+    if values.ndim == 3:
+        values = values[:, None]
+    low = values.reshape(len(values), -1).min(1).reshape(-1, 1, 1, 1)
+    high = values.reshape(len(values), -1).max(1).reshape(-1, 1, 1, 1)
+    values = (values - low) / np.where(high > low, high - low, 1.0)
+    if values.shape[1] == 1:
+        values = np.repeat(values, 3, axis=1)
+    return values.transpose(0, 2, 3, 1).astype(np.float32)
+
+
+def overlay(image: torch.Tensor | np.ndarray, relevance: torch.Tensor | np.ndarray, alpha: float = 0.6,
+            percentile: float | None = 99.5) -> np.ndarray:
+    """Blend relevance heatmaps over grayscale versions of their images.
+
+    Parameters
+    ----------
+    image : Tensor or ndarray
+        ``(N, C, H, W)`` images.
+    relevance : Tensor or ndarray
+        Their relevance, same ``N, H, W``.
+    alpha : float
+        Weight of the heatmap, in ``[0, 1]``.
+    percentile : float, optional
+        Normalization percentile of the heatmap.
+
+    Returns
+    -------
+    ndarray
+        ``(N, H, W, 3)`` RGB values in ``[0, 1]``.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    gray = as_image(image).mean(axis=3, keepdims=True)
+    return (1 - alpha) * gray + alpha * heatmap(relevance, percentile=percentile)
+
+
+def save_grid(path: str, rows: Sequence[Sequence[np.ndarray]], column_titles: Sequence[str] | None = None,
+              row_titles: Sequence[str] | None = None, cell_size: float = 1.6, title: str | None = None) -> None:
+    """Save a grid of RGB images as a PNG figure (rows = inputs, columns = rules or classes).
+
+    Parameters
+    ----------
+    path : str
+        Output file (``.png``).
+    rows : sequence of sequences of ndarray
+        ``rows[i][j]`` is an ``(H, W, 3)`` image.
+    column_titles, row_titles : sequence of str, optional
+        Titles above the columns / left of the rows.
+    cell_size : float
+        Size of one cell in inches.
+    title : str, optional
+        Figure title.
+
+    Raises
+    ------
+    ValueError
+        If rows are empty or of unequal length, or titles do not match the grid.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows or len({len(r) for r in rows}) != 1 or not rows[0]:
+        raise ValueError("rows must be a non-empty list of equally long, non-empty lists of images")
+    n_rows, n_cols = len(rows), len(rows[0])
+    if column_titles is not None and len(column_titles) != n_cols:
+        raise ValueError(f"{len(column_titles)} column titles for {n_cols} columns")
+    if row_titles is not None and len(row_titles) != n_rows:
+        raise ValueError(f"{len(row_titles)} row titles for {n_rows} rows")
+    figure, axes = plt.subplots(n_rows, n_cols, figsize=(cell_size * n_cols, cell_size * n_rows + 0.4),
+                                squeeze=False)
+    for i, row in enumerate(rows):
+        for j, cell in enumerate(row):
+            axis = axes[i][j]
+            axis.imshow(np.clip(cell, 0, 1), interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if i == 0 and column_titles is not None:
+                axis.set_title(column_titles[j], fontsize=9)
+            if j == 0 and row_titles is not None:
+                axis.set_ylabel(row_titles[i], fontsize=9)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
