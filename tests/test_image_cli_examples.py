@@ -1,0 +1,118 @@
+"""Rendering, the command line and the examples end to end (subprocesses, --quick)."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from torchlrp import image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_heatmap_colours_and_symmetric_scaling():
+    relevance = torch.tensor([[[[2.0, -2.0, 0.0, 1.0]]], [[[0.5, -0.25, 0.0, 0.0]]]])
+    maps = image.heatmap(relevance)
+    assert maps.shape == (2, 1, 4, 3) and maps.dtype == np.float32
+    red, blue, white = maps[0, 0, 0], maps[0, 0, 1], maps[0, 0, 2]
+    assert red[0] > 0.6 and red[2] < 0.1  # positive: red
+    assert blue[2] > 0.6 and blue[0] < 0.1  # negative: blue
+    assert white.min() > 0.95  # zero: white
+    np.testing.assert_allclose(maps[0, 0, 0], maps[1, 0, 0], atol=1e-6)  # each sample scaled by its own max |R|
+    clipped = image.normalize(torch.tensor([[1.0, 2.0, 100.0]]), percentile=50)
+    np.testing.assert_allclose(clipped, [[0.5, 1.0, 1.0]])
+    rgb = image.heatmap(torch.tensor([[[[1.0]], [[-1.0]], [[0.0]]]]), channels="rgb")
+    np.testing.assert_allclose(rgb[0, 0, 0], [1.0, 0.0, 0.5])
+    with pytest.raises(ValueError, match="channels must be"):
+        image.heatmap(relevance, channels="hsv")
+    with pytest.raises(ValueError, match="needs 3 colour channels"):
+        image.heatmap(relevance, channels="rgb")
+
+
+def test_grid_and_overlay(tmp_path):
+    pictures = torch.rand(2, 3, 8, 8)
+    relevance = torch.randn(2, 3, 8, 8)
+    blended = image.overlay(pictures, relevance)
+    assert blended.shape == (2, 8, 8, 3) and 0 <= blended.min() and blended.max() <= 1
+    path = tmp_path / "grid.png"
+    rows = [[image.as_image(pictures)[i], image.heatmap(relevance)[i], blended[i]] for i in range(2)]
+    image.save_grid(str(path), rows, ["input", "heatmap", "overlay"], cell_size=1.0)
+    import matplotlib.image
+
+    written = matplotlib.image.imread(str(path))
+    assert written.shape[0] == 240 and written.shape[1] == 300  # (2 * 1.0 + 0.4) x (3 * 1.0) inches at 100 dpi
+    with pytest.raises(ValueError, match="2 column titles for 3 columns"):
+        image.save_grid(str(path), rows, ["a", "b"])
+    if torch.cuda.is_available():
+        assert image.heatmap(relevance.cuda()).shape == (2, 8, 8, 3)
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_mnist_example_quick_and_ink_fraction(tmp_path):
+    result = run("examples/explain_mnist.py", "--quick", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "scikit-learn digits" in result.stdout and "test accuracy" in result.stdout
+    assert (tmp_path / "mnist_explanations.png").is_file() and (tmp_path / "mnist_classes.png").is_file()
+    fractions = dict(re.findall(r"ink pixels \((\w+), 200 test digits\): ([\d.]+)%", result.stdout))
+    # measured after 2 epochs: epsilon 0.95, alpha2beta1 0.95 (8 epochs: 0.96 / 0.96)
+    assert float(fractions["epsilon"]) > 85 and float(fractions["alpha2beta1"]) > 85
+
+
+def test_vgg_example_without_weights_says_how_to_get_them(tmp_path):
+    result = run("examples/explain_vgg.py", "--quick", "--out", str(tmp_path))
+    if "trained weights" in result.stdout:
+        pytest.skip("pretrained VGG16 weights are in this machine's torch cache")
+    assert result.returncode == 1 and "weights='DEFAULT'" in result.stderr and "--random-weights" in result.stderr
+    result = run("examples/explain_vgg.py", "--quick", "--random-weights", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "of |relevance| in the top 5% pixels" in result.stdout
+    assert (tmp_path / "vgg16_random_grayscale.png").is_file() and (tmp_path / "vgg16_random_rgb.png").is_file()
+
+
+@pytest.fixture
+def photo(tmp_path):
+    import skimage.data
+    from PIL import Image
+
+    path = tmp_path / "cat.png"
+    Image.fromarray(skimage.data.chelsea()).save(path)
+    return str(path)
+
+
+def test_cli_explains_images(tmp_path, photo):
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = tmp_path / "out"
+    result = run("-m", "torchlrp.cli", "explain", photo, photo, "--model", "resnet18", "--weights", str(weights),
+                 "--rule", "epsilon-plus", "--out", str(out), "--save-relevance", "--batch-size", "1", "--size", "64")
+    assert result.returncode == 0, result.stderr
+    assert (out / "cat_heatmap.png").is_file()
+    assert np.load(out / "cat_relevance.npy").shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.png"], "not found"),
+    (["BAD", "--random-weights", "--model", "resnet18"], "cannot read"),
+    (["PHOTO", "--model", "resnet18", "--weights", "nope.pth"], "does not exist"),
+    (["PHOTO", "--model", "resnet18", "--random-weights", "--rule", "bogus"], "unknown rule 'bogus'"),
+])
+def test_cli_errors(tmp_path, photo, args, message):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    args = [str(bad) if a == "BAD" else photo if a == "PHOTO" else a for a in args]
+    result = run("-m", "torchlrp.cli", "explain", *args, "--out", str(tmp_path))
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_cli_help_and_unknown_model():
+    result = run("-m", "torchlrp.cli", "explain", "--help")
+    assert result.returncode == 0 and "--save-relevance" in result.stdout and "--batch-size" in result.stdout
+    result = run("-m", "torchlrp.cli", "explain", "x.png", "--model", "lenet")
+    assert result.returncode == 2 and "invalid choice: 'lenet'" in result.stderr

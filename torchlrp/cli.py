@@ -1,0 +1,162 @@
+"""The ``torchlrp`` command line: explain images with a torchvision model.
+
+    torchlrp explain cat.jpg dog.png --model vgg16 --rule epsilon-gamma-box --out heatmaps/
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+from . import composites, image, imagenet
+from .convert import convert
+from .explain import explain
+from .models import ARCHITECTURES, cached_weights_available, torchvision_model
+from .rules import rule_names
+
+COMPOSITE_NAMES = ("epsilon-gamma-box", "epsilon-plus", "epsilon-alpha2-beta1", "epsilon-plus-flat")
+
+
+class CommandError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _rule(name: str):
+    low, high = imagenet.bounds()
+    presets = {
+        "epsilon-gamma-box": lambda: composites.EpsilonGammaBox(low, high),
+        "epsilon-plus": composites.EpsilonPlus,
+        "epsilon-alpha2-beta1": composites.EpsilonAlpha2Beta1,
+        "epsilon-plus-flat": composites.EpsilonPlusFlat,
+    }
+    if name in presets:
+        return presets[name]()
+    if name in rule_names() and not name.startswith("pattern"):
+        return name
+    raise CommandError(f"unknown rule {name!r}; choose one of {', '.join(COMPOSITE_NAMES)} or "
+                       f"{', '.join(n for n in rule_names() if not n.startswith('pattern'))}")
+
+
+def _model(name: str, weights: str | None, random_weights: bool) -> torch.nn.Module:
+    if random_weights:
+        return torchvision_model(name, None)
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise CommandError(f"weights file {weights!r} does not exist")
+        return torchvision_model(name, weights)
+    if not cached_weights_available(name):
+        raise CommandError(
+            f"no pretrained weights for {name} in the torch cache ({torch.hub.get_dir()}/checkpoints). Download them "
+            f"once with: python -c \"import torchvision; torchvision.models.{name}(weights='DEFAULT')\", or pass "
+            f"--weights FILE (a state_dict), or --random-weights for a smoke test")
+    return torchvision_model(name, "DEFAULT")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``torchlrp`` command.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser.
+    """
+    parser = argparse.ArgumentParser(prog="torchlrp", description="Layer-wise Relevance Propagation heatmaps.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "explain", help="explain images with a torchvision ImageNet classifier",
+        description="Explain the classifier's decision on each image; writes OUT/<image>_heatmap.png (red: evidence "
+                    "for the class, blue: against) and with --save-relevance OUT/<image>_relevance.npy (3x224x224).")
+    run.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    run.add_argument("--model", default="vgg16", choices=ARCHITECTURES, help="torchvision architecture (vgg16)")
+    run.add_argument("--weights", metavar="FILE", help="state_dict file (loaded with weights_only=True); default: "
+                     "torchvision's pretrained weights from the local torch cache")
+    run.add_argument("--random-weights", action="store_true", help="random weights (a smoke test, not an explanation)")
+    run.add_argument("--rule", default="epsilon-gamma-box", help=f"composite ({', '.join(COMPOSITE_NAMES)}) or "
+                     f"rule for every layer (epsilon, gamma, zplus, alpha2beta1, ...); default epsilon-gamma-box "
+                     f"with bounds from the ImageNet normalization")
+    run.add_argument("--target", type=int, help="class index to explain (default: each image's top class)")
+    run.add_argument("--out", default="heatmaps", metavar="DIR", help="output directory (heatmaps)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="torch device (default: cuda when available, else cpu)")
+    run.add_argument("--batch-size", type=int, default=8, help="images per backward (8)")
+    run.add_argument("--size", type=int, default=224, help="input side length after resize and crop (224)")
+    run.add_argument("--save-relevance", action="store_true", help="also write the raw relevance as .npy")
+    return parser
+
+
+def run_explain(args: argparse.Namespace) -> None:
+    """Execute ``torchlrp explain``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments.
+    """
+    from tqdm.auto import tqdm
+
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+    missing = [path for path in args.images if not os.path.isfile(path)]
+    if missing:
+        raise CommandError(f"image file(s) not found: {', '.join(missing)}")
+    if args.target is not None and not 0 <= args.target < 1000:
+        raise CommandError(f"--target must be an ImageNet class index 0..999, got {args.target}")
+    rule = _rule(args.rule)
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise CommandError(f"device {args.device!r} is not available: {error}") from None
+    model = convert(_model(args.model, args.weights, args.random_weights)).to(device)
+    names = imagenet.categories()
+    os.makedirs(args.out, exist_ok=True)
+    batches = [args.images[i:i + args.batch_size] for i in range(0, len(args.images), args.batch_size)]
+    for batch in tqdm(batches, desc="explaining", unit="batch", disable=len(batches) < 2):
+        try:
+            pictures = torch.stack([imagenet.load_image(path, args.size) for path in batch])
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        inputs = imagenet.normalize(pictures).to(device)
+        with torch.no_grad():
+            top = model(inputs).argmax(1)
+        target = top if args.target is None else args.target
+        relevance = explain(model, inputs, target=target, rule=rule).cpu()
+        maps = image.heatmap(relevance, percentile=99.5)
+        for index, path in enumerate(batch):
+            stem = os.path.splitext(os.path.basename(path))[0]
+            cls = int(top[index]) if args.target is None else args.target
+            output = os.path.join(args.out, f"{stem}_heatmap.png")
+            image.save_grid(output, [[image.as_image(pictures[index:index + 1])[0], maps[index]]],
+                            ["input", f"relevance for {names[cls]!r} ({cls})"], cell_size=3.0)
+            if args.save_relevance:
+                np.save(os.path.join(args.out, f"{stem}_relevance.npy"), relevance[index].numpy())
+            print(f"{path}: class {cls} ({names[cls]}) -> {output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``torchlrp`` console script.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 2 on a user error.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        run_explain(args)
+    except CommandError as error:
+        print(f"torchlrp: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
