@@ -4,7 +4,7 @@ Drop-in layers (:class:`Linear`, :class:`Conv2d`, ...) whose explain-mode backwa
 so ``y[target].sum().backward()`` leaves the heatmap in ``x.grad``; rules and composites; conversion of any torch
 model; tracing of intermediate relevances; heatmap rendering.
 """
-from . import composites, functional, patterns, rules, trace
+from . import composites, functional, imagenet, patterns, rules, trace
 from .composites import Composite, DeepTaylor, EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlus, EpsilonPlusFlat
 from .context import rules_applied
 from .convert import ConversionError, convert, convert_vgg

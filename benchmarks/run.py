@@ -1,0 +1,222 @@
+"""Benchmark torchlrp against the floor (the plain input gradient) and the peers (zennit, Captum).
+
+Times, in one process with interleaved repeats and medians, one explanation (forward + backward) per method on
+VGG16 and ResNet-50 at 224 px for several batch sizes, on the CPU and on CUDA when present (synchronized, warmed
+up; fp32 and bf16). Reports ratios to the input gradient of the same row, peak memory (CUDA: max allocated;
+CPU: peak RSS growth sampled during the call) and writes a markdown table and a CSV.
+
+    python benchmarks/run.py                       # full run (minutes on a CPU)
+    python benchmarks/run.py --smoke               # tiny model, one repeat (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import platform
+import statistics
+import threading
+import time
+from typing import Callable
+
+import torch
+import torchvision
+
+import torchlrp as lrp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; ``peak`` is the growth over the start value."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> "PeakRSS":
+        self.start = self.rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss() - self.start)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss() - self.start)
+
+
+def input_gradient(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    output = model(x)
+    (grad,) = torch.autograd.grad(output.gather(1, target[:, None]).sum(), x)
+    return grad
+
+
+def methods(name: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
+    """Return name -> function(x, target) for every method of one model."""
+    low, high = lrp.imagenet.bounds(dtype)
+    low, high = low.to(device), high.to(device)
+    converted = lrp.convert(model)
+    ours = {
+        "torchlrp Epsilon": lrp.rules.Epsilon(),
+        "torchlrp EpsilonPlus": lrp.EpsilonPlus(),
+        "torchlrp EpsilonGammaBox": lrp.EpsilonGammaBox(low, high),
+    }
+    table: dict[str, Callable] = {"input gradient": lambda x, t: input_gradient(model, x, t)}
+    for label, rule in ours.items():
+        table[label] = lambda x, t, rule=rule: lrp.explain(converted, x, target=t, rule=rule)
+    try:
+        from zennit import composites as zc
+        from zennit.canonizers import SequentialMergeBatchNorm
+        from zennit.torchvision import ResNetCanonizer
+
+        canonizers = [ResNetCanonizer()] if name.startswith("resnet") else [SequentialMergeBatchNorm()]
+        zennit_model = copy.deepcopy(model)
+        peers = {"zennit EpsilonPlus": lambda: zc.EpsilonPlus(canonizers=canonizers),
+                 "zennit EpsilonGammaBox": lambda: zc.EpsilonGammaBox(low, high, canonizers=canonizers)}
+
+        def zennit_run(make, x, t):
+            with make().context(zennit_model) as modified:
+                x = x.detach().requires_grad_(True)
+                output = modified(x)
+                (grad,) = torch.autograd.grad(output, x, torch.nn.functional.one_hot(t, output.shape[1]).to(output))
+            return grad
+
+        for label, make in peers.items():
+            table[label] = lambda x, t, make=make: zennit_run(make, x, t)
+    except ImportError:
+        pass
+    try:
+        from captum.attr import LRP
+
+        captum_model = copy.deepcopy(model)
+        for module in captum_model.modules():
+            if isinstance(module, torch.nn.ReLU):
+                module.inplace = False
+        table["Captum LRP (epsilon)"] = lambda x, t: LRP(captum_model).attribute(x, target=t)
+    except ImportError:
+        pass
+    return table
+
+
+def time_call(fn: Callable, x: torch.Tensor, target: torch.Tensor, device: torch.device) -> tuple[float, int]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        fn(x, target)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated() - base
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        fn(x, target)
+        elapsed = time.perf_counter() - start
+    return elapsed, peak.peak
+
+
+def benchmark(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for device_name in args.devices:
+        device = torch.device(device_name)
+        dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+        for model_name in args.models:
+            for dtype in dtypes:
+                if args.smoke:
+                    model = torchvision.models.resnet18(num_classes=10) if model_name.startswith("resnet") \
+                        else torchvision.models.vgg11(num_classes=10)
+                else:
+                    model = getattr(torchvision.models, model_name)()
+                model = model.eval().to(device, dtype)
+                for parameter in model.parameters():
+                    parameter.requires_grad_(False)
+                table = methods(model_name, model, device, dtype)
+                for batch in args.batch_sizes:
+                    x = torch.rand(batch, 3, args.size, args.size, device=device, dtype=dtype)
+                    target = torch.zeros(batch, dtype=torch.long, device=device)
+                    times: dict[str, list[float]] = {k: [] for k in table}
+                    memory: dict[str, int] = {k: 0 for k in table}
+                    errors: dict[str, str] = {}
+                    for label, fn in table.items():  # warm-up
+                        try:
+                            fn(x, target)
+                        except Exception as error:  # a peer that cannot explain this model
+                            errors[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:60]}"
+                    for _ in range(args.repeats):
+                        for label, fn in table.items():
+                            if label in errors:
+                                continue
+                            elapsed, peak = time_call(fn, x, target, device)
+                            times[label].append(elapsed)
+                            memory[label] = max(memory[label], peak)
+                    floor = statistics.median(times["input gradient"])
+                    for label in table:
+                        median = statistics.median(times[label]) if times[label] else float("nan")
+                        rows.append({"device": device_name, "model": model_name, "dtype": str(dtype).split(".")[-1],
+                                     "batch": batch, "method": label, "seconds": median,
+                                     "ratio_to_gradient": median / floor,
+                                     "peak_memory_mb": memory[label] / 2 ** 20,
+                                     "memory_ratio": memory[label] / max(memory["input gradient"], 1),
+                                     "error": errors.get(label, "")})
+                        print(f"{device_name} {model_name} {rows[-1]['dtype']} b={batch} {label:<26} "
+                              f"{median:8.3f} s  {median / floor:5.2f}x  {memory[label] / 2 ** 20:8.0f} MB "
+                              f"{errors.get(label, '')}", flush=True)
+    return rows
+
+
+def write(rows: list[dict], out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "latest.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name()}"
+    lines = [f"Machine: {machine}", "",
+             "| device | model | dtype | batch | method | seconds | x gradient | peak MB | x gradient memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['device']} | {r['model']} | {r['dtype']} | {r['batch']} | {r['method']} | "
+                         f"fails: {r['error']} | | | |")
+        else:
+            lines.append(f"| {r['device']} | {r['model']} | {r['dtype']} | {r['batch']} | {r['method']} | "
+                         f"{r['seconds']:.3f} | {r['ratio_to_gradient']:.2f} | {r['peak_memory_mb']:.0f} | "
+                         f"{r['memory_ratio']:.2f} |")
+    with open(os.path.join(out, "latest.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print(f"wrote {out}/latest.md and latest.csv")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["vgg16", "resnet50"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--smoke", action="store_true", help="tiny models at 32 px, one repeat (CI)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.size, args.repeats, args.batch_sizes = 32, 1, [1]
+    write(benchmark(args), args.out)
+
+
+if __name__ == "__main__":
+    main()
