@@ -15,7 +15,6 @@ from .modules.affine import ExplainableAffine
 from .modules.residual import Add
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, ZBox, ZPlus, resolve
 
-RuleLike = "str | Rule"
 
 MIXING_TYPES = (
     Add,
