@@ -229,11 +229,13 @@ class AlphaBeta(Rule):
             inv_neg = self.beta / stabilize(negative, self.stabilizer)
             return output, (input, inv_pos.add_(inv_neg), inv_neg, weight_pos)
         weight_neg = weight.clamp(max=0)
-        bias_neg = None if self.ignore_bias else _negative(bias)
         input_pos, input_neg = input.clamp(min=0), input.clamp(max=0)
         positive = op(input_pos, weight_pos, bias_pos) + op(input_neg, weight_neg)
-        negative = op(input_pos, weight_neg, bias_neg) + op(input_neg, weight_pos)
         inv_pos = self.alpha / stabilize(positive, self.stabilizer)
+        if self.beta == 0:
+            return output, (input_pos, input_neg, inv_pos, weight_pos, weight_neg)
+        bias_neg = None if self.ignore_bias else _negative(bias)
+        negative = op(input_pos, weight_neg, bias_neg) + op(input_neg, weight_pos)
         inv_neg = self.beta / stabilize(negative, self.stabilizer)
         return output, (input_pos, input_neg, inv_pos, inv_neg, weight_pos, weight_neg)
 
@@ -247,6 +249,11 @@ class AlphaBeta(Rule):
             transposed = op.transpose(relevance * coefficient_pos, input_shape, weight_pos)
             transposed -= op.transpose(relevance * inv_neg, input_shape, op.weight)
             return input * transposed
+        if self.beta == 0:
+            input_pos, input_neg, inv_pos, weight_pos, weight_neg = saved
+            signal_pos = relevance * inv_pos
+            return (input_pos * op.transpose(signal_pos, input_shape, weight_pos)
+                    + input_neg * op.transpose(signal_pos, input_shape, weight_neg))
         input_pos, input_neg, inv_pos, inv_neg, weight_pos, weight_neg = saved
         signal_pos, signal_neg = relevance * inv_pos, relevance * inv_neg
         result = input_pos * (op.transpose(signal_pos, input_shape, weight_pos)
@@ -325,7 +332,8 @@ class ZBox(Rule):
         output = op(input, weight, op.bias)
         low, high = self._bound("low", self.low, input), self._bound("high", self.high, input)
         weight_pos, weight_neg = weight.clamp(min=0), weight.clamp(max=0)
-        denominator = op(input, weight) - op(low, weight_pos) - op(high, weight_neg)
+        unbiased = output if op.bias is None else output - _view_bias(op.bias, output, op)
+        denominator = unbiased - op(low, weight_pos) - op(high, weight_neg)
         inverse = stabilize(denominator, self.stabilizer).reciprocal_()
         return output, (input, inverse, low, high, weight_pos, weight_neg)
 
