@@ -20,3 +20,16 @@ CONFIGS = {
     "conv2d_same_reflect": (lambda: torch.nn.Conv2d(2, 3, 4, padding="same", padding_mode="reflect"), (2, 2, 6, 6)),
     "conv3d": (lambda: torch.nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=1), (2, 2, 4, 5, 4)),
 }
+
+
+def make_case(config, nonnegative):
+    """Return (torch layer, torchlrp twin, float64 input, random output relevance) for a configuration."""
+    import torchlrp as lrp
+
+    make, shape = CONFIGS[config]
+    torch_layer = make().double()
+    layer = getattr(lrp, type(torch_layer).__name__).from_torch(torch_layer)
+    x = torch.randn(shape, dtype=torch.float64)
+    if nonnegative:
+        x = x.relu()
+    return torch_layer, layer, x, torch.randn_like(torch_layer(x))

@@ -5,7 +5,7 @@ import torch
 import torchlrp as lrp
 from torchlrp import rules
 
-from .layer_configs import CONFIGS
+from .layer_configs import CONFIGS, make_case
 from .reference import reference_relevance
 
 RULES = {
@@ -37,13 +37,7 @@ def explain_layer(layer, rule, x, relevance, nonnegative):
 @pytest.mark.parametrize("rule_name", list(RULES))
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_rule_matches_formula(config, rule_name, nonnegative):
-    make, shape = CONFIGS[config]
-    torch_layer = make().double()
-    layer = getattr(lrp, type(torch_layer).__name__).from_torch(torch_layer)
-    x = torch.randn(shape, dtype=torch.float64)
-    if nonnegative:
-        x = x.relu()
-    relevance = torch.randn_like(torch_layer(x))
+    torch_layer, layer, x, relevance = make_case(config, nonnegative)
     make_rule, params = RULES[rule_name]
     output, ours = explain_layer(layer, make_rule(), x, relevance, nonnegative)
     assert torch.equal(output, torch_layer(x))

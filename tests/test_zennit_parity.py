@@ -3,10 +3,10 @@ import pytest
 import torch
 import zennit.rules as zrules
 
-import torchlrp as lrp
 from torchlrp import rules
 
-from .layer_configs import CONFIGS
+from .layer_configs import CONFIGS, make_case
+from .test_rules_reference import explain_layer
 
 PAIRS = {
     "epsilon": (lambda: rules.Epsilon(1e-3), lambda: zrules.Epsilon(1e-3)),
@@ -36,16 +36,8 @@ def zennit_relevance(layer, hook, x, relevance):
 @pytest.mark.parametrize("rule_name", list(PAIRS))
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_layer_matches_zennit(config, rule_name, nonnegative):
-    make, shape = CONFIGS[config]
-    torch_layer = make().double()
-    layer = getattr(lrp, type(torch_layer).__name__).from_torch(torch_layer)
-    layer.input_nonnegative = nonnegative
-    x = torch.randn(shape, dtype=torch.float64)
-    if nonnegative:
-        x = x.relu()
-    relevance = torch.randn_like(torch_layer(x))
+    torch_layer, layer, x, relevance = make_case(config, nonnegative)
     ours_rule, zennit_rule = PAIRS[rule_name]
-    xg = x.clone().requires_grad_(True)
-    layer(xg, explain=True, rule=ours_rule()).backward(relevance)
+    _, ours = explain_layer(layer, ours_rule(), x, relevance, nonnegative)
     expected = zennit_relevance(torch_layer, zennit_rule(), x, relevance)
-    torch.testing.assert_close(xg.grad, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))

@@ -83,8 +83,9 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
     if start not in _STARTS:
         raise ValueError(f"start must be one of {_STARTS}, got {start!r}")
     batch = input.shape[0]
-    multi = target is not None and not isinstance(target, int) and torch.as_tensor(target).dim() == 2
-    per_sample = torch.as_tensor(target).shape[1] if multi else 1
+    target_shape = () if target is None or isinstance(target, int) else torch.as_tensor(target).shape
+    multi = len(target_shape) == 2
+    per_sample = target_shape[1] if multi else 1
     carrier = input.detach()
     if per_sample > 1:
         carrier = carrier.repeat_interleave(per_sample, dim=0)

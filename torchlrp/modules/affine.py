@@ -61,7 +61,7 @@ class ExplainableAffine:
             explain = active
         if not explain:
             return super().forward(input)
-        return AffineRelevance.apply(watch(input), self.affine_op(pattern), self._explain_rule(rule, state))
+        return AffineRelevance.apply(watch(input), self._operator(pattern, state), self._explain_rule(rule, state))
 
     def _explain_rule(self, rule: "str | Rule | Composite | None", state: ExplainState | None) -> Rule:
         from ..composites import Composite
@@ -72,26 +72,11 @@ class ExplainableAffine:
             return rule.rule_for("", self, is_first=True)
         return resolve(rule)
 
-    def explain_parameters(self) -> tuple[Tensor, Tensor | None]:
-        """Return the weight and bias used for explaining (with a following batch norm folded in, if set).
-
-        Returns
-        -------
-        tuple
-            ``(weight, bias)``.
-        """
-        state = current()
-        batchnorm = None if state is None else state.batchnorms.get(self)
-        if batchnorm is None:
-            return self.weight, self.bias
-        return fold_batchnorm(self.weight, self.bias, batchnorm)
-
-    def _input_nonnegative(self) -> bool:
-        state = current()
-        return self.input_nonnegative or (state is not None and self in state.nonnegative)
-
     def affine_op(self, pattern: Tensor | None = None) -> AffineOp:
         """Return the layer's map and transpose as an :class:`~torchlrp.functional.AffineOp`.
+
+        The active explanation (if any) is read once: a batch norm to fold, the layer's pattern and whether its
+        input is non-negative.
 
         Parameters
         ----------
@@ -102,8 +87,31 @@ class ExplainableAffine:
         -------
         AffineOp
             The operator.
+
+        Raises
+        ------
+        ValueError
+            If the pattern does not have the weight's shape.
         """
-        raise NotImplementedError
+        return self._operator(pattern, current())
+
+    def _operator(self, pattern: Tensor | None, state: ExplainState | None) -> AffineOp:
+        weight, bias = self.weight, self.bias
+        nonnegative = self.input_nonnegative
+        if state is not None:
+            batchnorm = state.batchnorms.get(self)
+            if batchnorm is not None:
+                weight, bias = fold_batchnorm(weight, bias, batchnorm)
+            pattern = state.patterns.get(self) if pattern is None else pattern
+            nonnegative = nonnegative or self in state.nonnegative
+        if pattern is not None and pattern.shape != self.weight.shape:
+            raise ValueError(f"pattern of shape {tuple(pattern.shape)} does not match the weight shape "
+                             f"{tuple(self.weight.shape)} of {type(self).__name__}")
+        return AffineOp(weight, bias, input_nonnegative=nonnegative, pattern=pattern, **self._geometry())
+
+    def _geometry(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`AffineOp` describing the map (none for a linear layer)."""
+        return {}
 
     @classmethod
     def from_torch(cls, module: torch.nn.Module) -> "ExplainableAffine":
@@ -137,22 +145,9 @@ class ExplainableAffine:
     def _constructor_arguments(module: torch.nn.Module) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _pattern(self, pattern: Tensor | None) -> Tensor | None:
-        if pattern is None:
-            state = current()
-            pattern = None if state is None else state.patterns.get(self)
-        if pattern is not None and pattern.shape != self.weight.shape:
-            raise ValueError(f"pattern of shape {tuple(pattern.shape)} does not match the weight shape "
-                             f"{tuple(self.weight.shape)} of {type(self).__name__}")
-        return pattern
-
 
 class Linear(ExplainableAffine, torch.nn.Linear):
     """``torch.nn.Linear`` with an explain mode (see :class:`ExplainableAffine`)."""
-
-    def affine_op(self, pattern: Tensor | None = None) -> AffineOp:  # noqa: D102
-        weight, bias = self.explain_parameters()
-        return AffineOp(weight, bias, input_nonnegative=self._input_nonnegative(), pattern=self._pattern(pattern))
 
     @staticmethod
     def _constructor_arguments(module: torch.nn.Linear) -> dict[str, Any]:
@@ -163,8 +158,7 @@ class Linear(ExplainableAffine, torch.nn.Linear):
 class _ExplainableConv(ExplainableAffine):
     """Convolution twins: the padding is split into what the convolution does and what must be padded first."""
 
-    def affine_op(self, pattern: Tensor | None = None) -> AffineOp:  # noqa: D102
-        weight, bias = self.explain_parameters()
+    def _geometry(self) -> dict[str, Any]:
         n = len(self.kernel_size)
         if self.padding_mode == "zeros" and not isinstance(self.padding, str):
             conv_padding, explicit, mode = tuple(self.padding), None, "constant"
@@ -174,8 +168,9 @@ class _ExplainableConv(ExplainableAffine):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             if not any(explicit):
                 explicit = None
-        return AffineOp(weight, bias, n, tuple(self.stride), conv_padding, tuple(self.dilation), self.groups,
-                        explicit, mode, self._input_nonnegative(), self._pattern(pattern))
+        return {"spatial_dims": n, "stride": tuple(self.stride), "padding": conv_padding,
+                "dilation": tuple(self.dilation), "groups": self.groups, "explicit_padding": explicit,
+                "padding_mode": mode}
 
     @staticmethod
     def _constructor_arguments(module: torch.nn.Module) -> dict[str, Any]:
