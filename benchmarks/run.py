@@ -3,7 +3,7 @@
 Times, in one process with interleaved repeats and medians, one explanation (forward + backward) per method on
 VGG16 and ResNet-50 at 224 px for several batch sizes, on the CPU and on CUDA when present (synchronized, warmed
 up; fp32 and bf16). Reports ratios to the input gradient of the same row, peak memory (CUDA: max allocated;
-CPU: peak RSS growth sampled during the call) and writes a markdown table and a CSV.
+CPU: tensor allocations recorded by the profiler in a separate, untimed call) and writes a markdown table and a CSV.
 
     python benchmarks/run.py                       # full run (minutes on a CPU)
     python benchmarks/run.py --smoke               # tiny model, one repeat (CI)
@@ -16,7 +16,6 @@ import csv
 import os
 import platform
 import statistics
-import threading
 import time
 from typing import Callable
 
@@ -28,32 +27,28 @@ import torchlrp as lrp
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class PeakRSS:
-    """Samples this process's resident memory in a thread; ``peak`` is the growth over the start value."""
+def peak_tensor_bytes(fn: Callable, x: torch.Tensor, target: torch.Tensor, device: torch.device) -> int:
+    """Peak growth of tensor memory during one call of ``fn`` (untimed).
 
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> "PeakRSS":
-        self.start = self.rss()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss() - self.start)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss() - self.start)
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the allocations and frees the profiler records
+    (``profile_memory=True``), summed in time order -- the tensor memory the call holds at its peak, independent of
+    how the C allocator returns memory to the system.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(x, target)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(x, target)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
 
 
 def input_gradient(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -69,13 +64,16 @@ def methods(name: str, model: torch.nn.Module, device: torch.device, dtype: torc
     low, high = low.to(device), high.to(device)
     converted = lrp.convert(model)
     ours = {
-        "torchlrp Epsilon": lrp.rules.Epsilon(),
-        "torchlrp EpsilonPlus": lrp.EpsilonPlus(),
-        "torchlrp EpsilonGammaBox": lrp.EpsilonGammaBox(low, high),
+        "Epsilon": lrp.rules.Epsilon(),
+        "EpsilonPlus": lrp.EpsilonPlus(),
+        "EpsilonGammaBox": lrp.EpsilonGammaBox(low, high),
     }
     table: dict[str, Callable] = {"input gradient": lambda x, t: input_gradient(model, x, t)}
-    for label, rule in ours.items():
-        table[label] = lambda x, t, rule=rule: lrp.explain(converted, x, target=t, rule=rule)
+    for fused in (False, True):
+        for label, rule in ours.items():
+            name = f"torchlrp {label}" + (" (fused)" if fused else "")
+            table[name] = lambda x, t, rule=rule, fused=fused: lrp.explain(converted, x, target=t, rule=rule,
+                                                                             fused=fused)
     try:
         from zennit import composites as zc
         from zennit.canonizers import SequentialMergeBatchNorm
@@ -110,20 +108,15 @@ def methods(name: str, model: torch.nn.Module, device: torch.device, dtype: torc
     return table
 
 
-def time_call(fn: Callable, x: torch.Tensor, target: torch.Tensor, device: torch.device) -> tuple[float, int]:
+def time_call(fn: Callable, x: torch.Tensor, target: torch.Tensor, device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes (CUDA: synchronized before and after)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        fn(x, target)
+    start = time.perf_counter()
+    fn(x, target)
+    if device.type == "cuda":
         torch.cuda.synchronize()
-        return time.perf_counter() - start, torch.cuda.max_memory_allocated() - base
-    with PeakRSS() as peak:
-        start = time.perf_counter()
-        fn(x, target)
-        elapsed = time.perf_counter() - start
-    return elapsed, peak.peak
+    return time.perf_counter() - start
 
 
 def benchmark(args: argparse.Namespace) -> list[dict]:
@@ -148,18 +141,16 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
                     times: dict[str, list[float]] = {k: [] for k in table}
                     memory: dict[str, int] = {k: 0 for k in table}
                     errors: dict[str, str] = {}
-                    for label, fn in table.items():  # warm-up
+                    for label, fn in table.items():  # warm-up (compiles the fused kernels), then memory
                         try:
                             fn(x, target)
+                            memory[label] = peak_tensor_bytes(fn, x, target, device)
                         except Exception as error:  # a peer that cannot explain this model
                             errors[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:60]}"
                     for _ in range(args.repeats):
                         for label, fn in table.items():
-                            if label in errors:
-                                continue
-                            elapsed, peak = time_call(fn, x, target, device)
-                            times[label].append(elapsed)
-                            memory[label] = max(memory[label], peak)
+                            if label not in errors:
+                                times[label].append(time_call(fn, x, target, device))
                     floor = statistics.median(times["input gradient"])
                     for label in table:
                         median = statistics.median(times[label]) if times[label] else float("nan")

@@ -97,12 +97,12 @@ def _skip(module: torch.nn.Module, input: Tensor, output: Tensor) -> Tensor:
 
 
 def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilon",
-                pattern: PatternsLike | None = None) -> ExplainState:
+                pattern: PatternsLike | None = None, fused: bool = False) -> ExplainState:
     """Decide rules, patterns, batch-norm folds and non-negative inputs for explaining ``model``.
 
     Parameters
     ----------
-    model, rule, pattern
+    model, rule, pattern, fused
         As in :func:`rules_applied`.
 
     Returns
@@ -115,7 +115,7 @@ def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilo
     ValueError
         As in :func:`rules_applied`.
     """
-    state = ExplainState(rules=as_composite(rule).assign(model))
+    state = ExplainState(rules=as_composite(rule).assign(model), fused=bool(fused))
     layers = [m for m in state.rules if isinstance(m, ExplainableAffine)]
     if not layers:
         raise ValueError(f"{type(model).__name__} contains no torchlrp layer to explain; build it from "
@@ -135,7 +135,7 @@ def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilo
 
 @contextmanager
 def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilon",
-                  pattern: PatternsLike | None = None) -> Iterator[ExplainState]:
+                  pattern: PatternsLike | None = None, fused: bool = False) -> Iterator[ExplainState]:
     """Put ``model`` in explain mode with ``rule`` while the context is active (in this thread).
 
     Parameters
@@ -146,6 +146,9 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
         One rule for every layer, or a composite choosing per layer.
     pattern : dict, list or None
         PatternNet patterns (see :mod:`torchlrp.patterns`), required by the pattern rules.
+    fused : bool
+        Run the rules' elementwise work as ``torch.compile``'d kernels (one pass each instead of one per
+        operation; compiled on first use, see :mod:`torchlrp.functional.kernels`). Same results.
 
     Yields
     ------
@@ -158,7 +161,7 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
         If the model has no torchlrp layer, a rule is invalid, a batch norm to fold is in training mode, or a
         pattern rule lacks patterns.
     """
-    state = build_state(model, rule, pattern)
+    state = build_state(model, rule, pattern, fused)
     handles = []
     token = ACTIVE.set(state)
     try:

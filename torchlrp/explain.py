@@ -41,7 +41,7 @@ def _targets(target: int | Sequence[int] | Tensor | None, output: Tensor, batch:
 
 def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] | Tensor | None = None,
             rule: "str | Rule | Composite" = "epsilon", pattern: PatternsLike | None = None, start: str = "one",
-            output_relevance: Tensor | None = None) -> Tensor:
+            output_relevance: Tensor | None = None, fused: bool = False) -> Tensor:
     """Explain ``model``'s decision on ``input``: return the input relevance.
 
     Relevance starts at the target logit of each sample (1 there, 0 elsewhere; ``start="logit"`` starts it at the
@@ -67,6 +67,9 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
     output_relevance : Tensor, optional
         Start relevance of the model output's shape; replaces ``target``/``start`` (needed for models whose
         output is not ``(batch, classes)``).
+    fused : bool
+        Run the rules' elementwise work as ``torch.compile``'d kernels (faster; the first call compiles them, which
+        takes seconds and needs a C++ compiler on the CPU or Triton on CUDA). Same results.
 
     Returns
     -------
@@ -90,7 +93,7 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
     if per_sample > 1:
         carrier = carrier.repeat_interleave(per_sample, dim=0)
     carrier.requires_grad_(True)
-    with rules_applied(model, rule, pattern), torch.enable_grad():
+    with rules_applied(model, rule, pattern, fused), torch.enable_grad():
         output = model(carrier)
     if output_relevance is None:
         if output.dim() != 2:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .functional.affine import AffineOp
+from .functional.kernels import kernels
 from .functional.stabilize import masked_reciprocal, stabilize
 
 Saved = tuple[Tensor, ...]
@@ -111,7 +112,7 @@ class Epsilon(Rule):
 
     def forward(self, op: AffineOp, input: Tensor) -> tuple[Tensor, Saved]:  # noqa: D102
         output = op(input, op.weight, op.bias)
-        return output, (input, stabilize(output, self.epsilon))
+        return output, (input, kernels(op.fused).stabilize(output, self.epsilon))
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
         input, denominator = saved
@@ -150,15 +151,15 @@ class Gamma(Rule):
     def forward(self, op: AffineOp, input: Tensor) -> tuple[Tensor, Saved]:  # noqa: D102
         weight, bias, gamma = op.weight, op.bias, self.gamma
         output = op(input, weight, bias)
-        weight_pos = weight.clamp(min=0)
         if op.input_nonnegative:
-            # z_pos = z + gamma p and z_neg = (1 + gamma) z - gamma p with p = W+ x + b+ (linearity: one extra map)
-            positive = op(input, weight_pos, _positive(bias)).mul_(gamma)
-            inv_pos = masked_reciprocal(stabilize(output + positive, self.stabilizer), output > 0)
-            inv_neg = masked_reciprocal(stabilize(output * (1 + gamma) - positive, self.stabilizer), output < 0)
-            coefficient_pos = (inv_pos - inv_neg).mul_(gamma)
-            coefficient = inv_neg.mul_(1 + gamma).add_(inv_pos)
-            return output, (input, coefficient, coefficient_pos, weight_pos)
+            # z + gamma p and (1 + gamma) z - gamma p with p = W+ x + b+: one extra map (linearity)
+            stacked = _stack_with_positive(weight, input, op)
+            weight_pos = weight.clamp(min=0) if stacked is None else stacked[weight.shape[0]:]
+            positive = op(input, weight_pos, _positive(bias))
+            channels = op.channel_dim(output.dim())
+            coefficients = kernels(op.fused).gamma_coefficients(output, positive, gamma, self.stabilizer, channels)
+            return output, (input, coefficients, weight_pos if stacked is None else stacked)
+        weight_pos = weight.clamp(min=0)
         weight_up = weight + gamma * weight_pos
         weight_down = weight + gamma * weight.clamp(max=0)
         bias_up = None if bias is None else bias + gamma * bias.clamp(min=0)
@@ -172,9 +173,13 @@ class Gamma(Rule):
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
         if op.input_nonnegative:
-            input, coefficient, coefficient_pos, weight_pos = saved
-            transposed = op.transpose(relevance * coefficient, input_shape, op.weight)
-            transposed += op.transpose(relevance * coefficient_pos, input_shape, weight_pos)
+            input, coefficients, weights = saved
+            channels = op.channel_dim(relevance.dim())
+            signal = relevance.unsqueeze(channels) * coefficients
+            if weights.shape[0] != op.weight.shape[0]:  # [W; W+]: one transposed map of the stacked signal
+                return input * op.transpose(signal.flatten(channels, channels + 1), input_shape, weights)
+            transposed = op.transpose(signal.select(channels, 0), input_shape, op.weight)
+            transposed += op.transpose(signal.select(channels, 1), input_shape, weights)
             return input * transposed
         input_pos, input_neg, inv_pos, inv_neg, weight_up, weight_down = saved
         signal_pos, signal_neg = relevance * inv_pos, relevance * inv_neg
@@ -218,25 +223,26 @@ class AlphaBeta(Rule):
         output = op(input, weight, bias)
         weight_pos = weight.clamp(min=0)
         bias_pos = None if self.ignore_bias else _positive(bias)
+        reciprocal = kernels(op.fused).reciprocal
         if op.input_nonnegative:
             positive = op(input, weight_pos, bias_pos)
-            inv_pos = self.alpha / stabilize(positive, self.stabilizer)
+            inv_pos = reciprocal(positive, self.stabilizer, self.alpha)
             if self.beta == 0:
                 return output, (input, inv_pos, weight_pos)
             negative = output - positive
             if self.ignore_bias and bias is not None:
                 negative -= _view_bias(bias, output, op)
-            inv_neg = self.beta / stabilize(negative, self.stabilizer)
+            inv_neg = reciprocal(negative, self.stabilizer, self.beta)
             return output, (input, inv_pos.add_(inv_neg), inv_neg, weight_pos)
         weight_neg = weight.clamp(max=0)
         input_pos, input_neg = input.clamp(min=0), input.clamp(max=0)
         positive = op(input_pos, weight_pos, bias_pos) + op(input_neg, weight_neg)
-        inv_pos = self.alpha / stabilize(positive, self.stabilizer)
+        inv_pos = reciprocal(positive, self.stabilizer, self.alpha)
         if self.beta == 0:
             return output, (input_pos, input_neg, inv_pos, weight_pos, weight_neg)
         bias_neg = None if self.ignore_bias else _negative(bias)
         negative = op(input_pos, weight_neg, bias_neg) + op(input_neg, weight_pos)
-        inv_neg = self.beta / stabilize(negative, self.stabilizer)
+        inv_neg = reciprocal(negative, self.stabilizer, self.beta)
         return output, (input_pos, input_neg, inv_pos, inv_neg, weight_pos, weight_neg)
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
@@ -261,6 +267,21 @@ class AlphaBeta(Rule):
         result += input_neg * (op.transpose(signal_pos, input_shape, weight_neg)
                                - op.transpose(signal_neg, input_shape, weight_pos))
         return result
+
+
+def _stack_with_positive(weight: Tensor, input: Tensor, op: AffineOp) -> Tensor | None:
+    """Return ``[W; W+]`` stacked on the output channels, or None where two transposed maps are cheaper.
+
+    Stacking lets a backward apply ``W^T s + W+^T s+`` as one transposed map (no sum pass over the input) but costs
+    a copy of the weight: it is done when the weight is not larger than the input, and only for ``groups == 1``
+    (grouped convolutions order their output channels by group).
+    """
+    if op.groups != 1 or weight.numel() > input.numel():
+        return None
+    stacked = weight.new_empty((2 * weight.shape[0], *weight.shape[1:]))
+    stacked[:weight.shape[0]].copy_(weight)
+    torch.clamp(weight, min=0, out=stacked[weight.shape[0]:])
+    return stacked
 
 
 def _view_bias(bias: Tensor, output: Tensor, op: AffineOp) -> Tensor:
@@ -334,7 +355,7 @@ class ZBox(Rule):
         weight_pos, weight_neg = weight.clamp(min=0), weight.clamp(max=0)
         unbiased = output if op.bias is None else output - _view_bias(op.bias, output, op)
         denominator = unbiased - op(low, weight_pos) - op(high, weight_neg)
-        inverse = stabilize(denominator, self.stabilizer).reciprocal_()
+        inverse = kernels(op.fused).reciprocal(denominator, self.stabilizer)
         return output, (input, inverse, low, high, weight_pos, weight_neg)
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
@@ -360,7 +381,7 @@ class _UnitInput(Rule):
         output = op(input, op.weight, op.bias)
         weight, bias = self._parameters(op)
         ones = input.new_ones((1, *input.shape[1:]))
-        inverse = stabilize(op(ones, weight, bias), self.stabilizer).reciprocal_()
+        inverse = kernels(op.fused).reciprocal(op(ones, weight, bias), self.stabilizer)
         return output, (inverse, weight)
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102

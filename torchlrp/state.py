@@ -30,12 +30,15 @@ class ExplainState:
         Layer to the batch norm right after it, folded into it while explaining.
     nonnegative : set
         Layers whose input is known to be non-negative in this model.
+    fused : bool
+        Run the rules' elementwise work fused by ``torch.compile`` (see :mod:`torchlrp.functional.kernels`).
     """
 
     rules: dict[torch.nn.Module, Rule] = field(default_factory=dict)
     patterns: dict[torch.nn.Module, Tensor] = field(default_factory=dict)
     batchnorms: dict[torch.nn.Module, torch.nn.Module] = field(default_factory=dict)
     nonnegative: set[torch.nn.Module] = field(default_factory=set)
+    fused: bool = False
 
 
 ACTIVE: ContextVar[ExplainState | None] = ContextVar("torchlrp_explain_state", default=None)

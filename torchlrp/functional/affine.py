@@ -42,6 +42,8 @@ class AffineOp:
         rules then skip their negative-input terms.
     pattern : Tensor or None
         The layer's signal pattern (weight shape), for the PatternNet/PatternAttribution rules.
+    fused : bool
+        Run the rule's elementwise work fused by ``torch.compile`` (see :mod:`torchlrp.functional.kernels`).
     """
 
     weight: Tensor
@@ -55,6 +57,22 @@ class AffineOp:
     padding_mode: str = "constant"
     input_nonnegative: bool = False
     pattern: Tensor | None = None
+    fused: bool = False
+
+    def channel_dim(self, ndim: int) -> int:
+        """Return the channel (feature) dimension of a layer output with ``ndim`` dimensions.
+
+        Parameters
+        ----------
+        ndim : int
+            Number of dimensions of the output.
+
+        Returns
+        -------
+        int
+            1 for a convolution (``(N, C, ...)``), ``ndim - 1`` for a linear layer (``(..., features)``).
+        """
+        return 1 if self.spatial_dims else ndim - 1
 
     def __call__(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """Apply the layer's map to ``input`` with the given parameters.

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .affine import AffineOp
+from .kernels import kernels
 from .stabilize import stabilize
 
 if TYPE_CHECKING:
@@ -62,18 +63,16 @@ class SumRelevance(torch.autograd.Function):
     """Relevance through ``sum(inputs)``: each summand gets ``x_i * R / stabilize(sum)``."""
 
     @staticmethod
-    def forward(ctx, epsilon: float, *inputs: Tensor) -> Tensor:  # noqa: D102
-        output = inputs[0]
-        for summand in inputs[1:]:
-            output = output + summand
-        ctx.save_for_backward(stabilize(output, epsilon), *inputs)
+    def forward(ctx, epsilon: float, fused: bool, *inputs: Tensor) -> Tensor:  # noqa: D102
+        ctx.kernels, ctx.epsilon = kernels(fused), epsilon
+        output = ctx.kernels.sum_forward(*inputs)
+        ctx.save_for_backward(output, *inputs[1:])
         return output
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
-        denominator, *inputs = ctx.saved_tensors
-        signal = relevance / denominator
-        return (None, *(summand * signal for summand in inputs))
+        output, *others = ctx.saved_tensors
+        return (None, None, *ctx.kernels.sum_backward(relevance, output, ctx.epsilon, *others))
 
 
 def proportional(input: Tensor, fn: Callable[[Tensor], Tensor], epsilon: float = 1e-6) -> Tensor:
@@ -96,7 +95,7 @@ def proportional(input: Tensor, fn: Callable[[Tensor], Tensor], epsilon: float =
     return ProportionalRelevance.apply(input, fn, epsilon)
 
 
-def sum_relevance(inputs: tuple[Tensor, ...] | list[Tensor], epsilon: float = 1e-6) -> Tensor:
+def sum_relevance(inputs: tuple[Tensor, ...] | list[Tensor], epsilon: float = 1e-6, fused: bool = False) -> Tensor:
     """Sum tensors of one shape, redistributing relevance in proportion to each summand.
 
     Parameters
@@ -105,6 +104,8 @@ def sum_relevance(inputs: tuple[Tensor, ...] | list[Tensor], epsilon: float = 1e
         Summands, all of the same shape.
     epsilon : float
         Stabilizer of the denominator.
+    fused : bool
+        Run the elementwise work fused by ``torch.compile`` (see :mod:`torchlrp.functional.kernels`).
 
     Returns
     -------
@@ -121,4 +122,4 @@ def sum_relevance(inputs: tuple[Tensor, ...] | list[Tensor], epsilon: float = 1e
     shapes = {tuple(t.shape) for t in inputs}
     if len(shapes) != 1:
         raise ValueError(f"sum_relevance needs tensors of one shape, got shapes {sorted(shapes)}")
-    return SumRelevance.apply(epsilon, *inputs)
+    return SumRelevance.apply(epsilon, fused, *inputs)

@@ -27,7 +27,7 @@ def stabilize(denominator: Tensor, epsilon: float) -> Tensor:
         epsilon = max(epsilon, HALF_MIN_STABILIZER)
     if epsilon == 0:
         return denominator.masked_fill(denominator == 0, float("inf"))
-    return denominator.abs().add_(epsilon).copysign_(denominator)
+    return torch.copysign(denominator.new_full((), epsilon), denominator).add_(denominator)
 
 
 def masked_reciprocal(denominator: Tensor, mask: Tensor) -> Tensor:

@@ -97,8 +97,9 @@ class ExplainableAffine:
 
     def _operator(self, pattern: Tensor | None, state: ExplainState | None) -> AffineOp:
         weight, bias = self.weight, self.bias
-        nonnegative = self.input_nonnegative
+        nonnegative, fused = self.input_nonnegative, False
         if state is not None:
+            fused = state.fused
             batchnorm = state.batchnorms.get(self)
             if batchnorm is not None:
                 weight, bias = fold_batchnorm(weight, bias, batchnorm)
@@ -107,7 +108,7 @@ class ExplainableAffine:
         if pattern is not None and pattern.shape != self.weight.shape:
             raise ValueError(f"pattern of shape {tuple(pattern.shape)} does not match the weight shape "
                              f"{tuple(self.weight.shape)} of {type(self).__name__}")
-        return AffineOp(weight, bias, input_nonnegative=nonnegative, pattern=pattern, **self._geometry())
+        return AffineOp(weight, bias, input_nonnegative=nonnegative, pattern=pattern, fused=fused, **self._geometry())
 
     def _geometry(self) -> dict[str, Any]:
         """Keyword arguments of :class:`AffineOp` describing the map (none for a linear layer)."""

@@ -37,4 +37,4 @@ class Add(torch.nn.Module):
             for summand in inputs[1:]:
                 output = output + summand
             return output
-        return sum_relevance(inputs, rule.epsilon)
+        return sum_relevance(inputs, rule.epsilon, fused=state.fused)

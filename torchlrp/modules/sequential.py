@@ -23,7 +23,7 @@ class Sequential(torch.nn.Sequential):
     """
 
     def forward(self, input: Tensor, explain: bool = False, rule: "str | Rule | Composite" = "epsilon",
-                pattern: "PatternsLike | None" = None) -> Tensor:
+                pattern: "PatternsLike | None" = None, fused: bool = False) -> Tensor:
         """Run the modules in order, in explain mode if asked.
 
         Parameters
@@ -36,6 +36,8 @@ class Sequential(torch.nn.Sequential):
             Rule(s) for the torchlrp layers (default ``"epsilon"``).
         pattern : dict, list or None
             Patterns for ``"patternnet"``/``"patternattribution"`` (see :mod:`torchlrp.patterns`).
+        fused : bool
+            Fuse the rules' elementwise work with ``torch.compile`` (see :func:`torchlrp.rules_applied`).
 
         Returns
         -------
@@ -46,5 +48,5 @@ class Sequential(torch.nn.Sequential):
             return super().forward(input)
         from ..context import rules_applied
 
-        with rules_applied(self, rule, pattern):
+        with rules_applied(self, rule, pattern, fused):
             return super().forward(input)
