@@ -356,14 +356,22 @@ class ZBox(Rule):
         unbiased = output if op.bias is None else output - _view_bias(op.bias, output, op)
         denominator = unbiased - op(low, weight_pos) - op(high, weight_neg)
         inverse = kernels(op.fused).reciprocal(denominator, self.stabilizer)
-        return output, (input, inverse, low, high, weight_pos, weight_neg)
+        if op.groups == 1:  # [W, W+, W-] on the input channels: the backward is one transposed map
+            return output, (input, inverse, low, high, torch.cat((weight, weight_pos, weight_neg), dim=1))
+        return output, (input, inverse, low, high, weight, weight_pos, weight_neg)
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
-        input, inverse, low, high, weight_pos, weight_neg = saved
+        input, inverse, low, high, *weights = saved
         signal = relevance * inverse
-        result = input * op.transpose(signal, input_shape, op.weight)
-        result -= low * op.transpose(signal, input_shape, weight_pos)
-        result -= high * op.transpose(signal, input_shape, weight_neg)
+        if len(weights) == 1:
+            channels = op.channel_dim(len(input_shape))
+            stacked_shape = (*input_shape[:channels], 3 * input_shape[channels], *input_shape[channels + 1:])
+            transposed = op.transpose(signal, torch.Size(stacked_shape), weights[0]).chunk(3, dim=channels)
+        else:
+            transposed = [op.transpose(signal, input_shape, weight) for weight in weights]
+        result = input * transposed[0]
+        result -= low * transposed[1]
+        result -= high * transposed[2]
         return result
 
 
