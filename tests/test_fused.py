@@ -73,3 +73,17 @@ def test_reference_configs_cover_both_gamma_backwards(config, stacked):
     _, layer, x, _ = make_case(config, nonnegative=True)
     with torch.no_grad():  # as inside the rule's forward
         assert (_stack_with_positive(layer.weight, x, layer.affine_op()) is not None) == stacked
+
+
+def test_fused_kernel_that_cannot_compile_says_what_to_do(monkeypatch):
+    """Without a working C++ compiler the fused path raises an error naming the fix, not an inductor trace."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+
+    def shifted_cube(tensor):
+        return tensor * tensor * tensor + 0.123
+
+    with pytest.raises(RuntimeError, match="fused=True could not compile torchlrp's shifted_cube kernel.*fused=False"):
+        K._compiled(shifted_cube)(torch.rand(3))

@@ -4,6 +4,7 @@ The autograd Functions in this subpackage compute a rule's relevance in their ``
 reaches their output *is* the output relevance, and what they return is the input relevance.
 """
 from .affine import AffineOp
+from . import kernels
 from .relevance import AffineRelevance, ProportionalRelevance, SumRelevance, proportional, sum_relevance
 from .stabilize import stabilize
 
@@ -12,6 +13,7 @@ __all__ = [
     "AffineRelevance",
     "ProportionalRelevance",
     "SumRelevance",
+    "kernels",
     "proportional",
     "stabilize",
     "sum_relevance",

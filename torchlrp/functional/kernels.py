@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -126,7 +126,19 @@ def sum_backward(relevance: Tensor, total: Tensor, epsilon: float, *others: Tens
 
 @dataclass(frozen=True)
 class Kernels:
-    """The elementwise functions a rule calls (see the module docstring); eager or fused."""
+    """The elementwise functions the rules call; eager or fused (see :func:`kernels`).
+
+    Attributes
+    ----------
+    stabilize : callable
+        :func:`torchlrp.functional.stabilize`.
+    reciprocal : callable
+        :func:`reciprocal`.
+    gamma_coefficients : callable
+        :func:`gamma_coefficients`.
+    sum_forward, sum_backward : callable
+        :func:`sum_forward`, :func:`sum_backward`.
+    """
 
     stabilize: Callable[[Tensor, float], Tensor]
     reciprocal: Callable[[Tensor, float, float], Tensor]
@@ -138,12 +150,25 @@ class Kernels:
 EAGER = Kernels(stabilize, reciprocal, gamma_coefficients, sum_forward, sum_backward)
 
 
+def _compiled(function: Callable) -> Callable:
+    """``torch.compile`` ``function``; a failure to compile becomes an error that says how to do without."""
+    fused = torch.compile(function, dynamic=True)
+
+    @functools.wraps(function)
+    def call(*args: Any) -> Any:
+        try:
+            return fused(*args)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            raise RuntimeError(f"fused=True could not compile torchlrp's {function.__name__} kernel with "
+                               f"torch.compile ({type(error).__name__}); it needs a C++ compiler on the CPU or "
+                               f"Triton on CUDA -- install one or explain with fused=False") from error
+
+    return call
+
+
 @functools.cache
 def _fused() -> Kernels:
-    def compiled(function: Callable) -> Callable:
-        return torch.compile(function, dynamic=True)
-
-    return Kernels(*(compiled(getattr(EAGER, name)) for name in Kernels.__dataclass_fields__))
+    return Kernels(*(_compiled(getattr(EAGER, name)) for name in Kernels.__dataclass_fields__))
 
 
 def kernels(fused: bool = False) -> Kernels:
@@ -158,6 +183,6 @@ def kernels(fused: bool = False) -> Kernels:
     Returns
     -------
     Kernels
-        The functions.
+        The functions. A fused function that cannot be compiled raises a ``RuntimeError`` naming what is missing.
     """
     return _fused() if fused else EAGER
