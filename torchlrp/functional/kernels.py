@@ -16,11 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .stabilize import HALF_MIN_STABILIZER, stabilize
-
-
-def _stabilizer(dtype: torch.dtype, epsilon: float) -> float:
-    return max(epsilon, HALF_MIN_STABILIZER) if dtype == torch.float16 else epsilon
+from .stabilize import effective_epsilon, stabilize
 
 
 def gamma_coefficients(output: Tensor, positive: Tensor, gamma: float, stabilizer: float, stack_dim: int) -> Tensor:
@@ -48,7 +44,7 @@ def gamma_coefficients(output: Tensor, positive: Tensor, gamma: float, stabilize
     Tensor
         ``c`` and ``c+`` stacked at ``stack_dim`` (for a ``(N, C, ...)`` output: ``(N, 2, C, ...)``).
     """
-    stabilizer = _stabilizer(output.dtype, stabilizer)
+    stabilizer = effective_epsilon(output.dtype, stabilizer)
     above, below = output > 0, output < 0
     magnitude = torch.where(above, output, output * -(1.0 + gamma)) + gamma * positive + stabilizer
     inverse = torch.where(above | below, magnitude.reciprocal(), 0.0)

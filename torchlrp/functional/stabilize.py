@@ -6,6 +6,24 @@ from torch import Tensor
 HALF_MIN_STABILIZER = 2.0 ** -14
 
 
+def effective_epsilon(dtype: torch.dtype, epsilon: float) -> float:
+    """Return the stabilizer used for ``dtype``: ``epsilon``, raised to ``2**-14`` in float16.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        Dtype of the denominator.
+    epsilon : float
+        Requested stabilizer.
+
+    Returns
+    -------
+    float
+        The stabilizer actually added.
+    """
+    return max(epsilon, HALF_MIN_STABILIZER) if dtype == torch.float16 else epsilon
+
+
 def stabilize(denominator: Tensor, epsilon: float) -> Tensor:
     """Return ``denominator + epsilon * sign(denominator)`` with ``sign(0) = +1``, safe to divide by.
 
@@ -23,8 +41,7 @@ def stabilize(denominator: Tensor, epsilon: float) -> Tensor:
     Tensor
         A new tensor of the same shape: never zero, so ``x / stabilize(z, eps)`` is finite for finite ``x``.
     """
-    if denominator.dtype == torch.float16:
-        epsilon = max(epsilon, HALF_MIN_STABILIZER)
+    epsilon = effective_epsilon(denominator.dtype, epsilon)
     if epsilon == 0:
         return denominator.masked_fill(denominator == 0, float("inf"))
     return torch.copysign(denominator.new_full((), epsilon), denominator).add_(denominator)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..functional.kernels import sum_forward
 from ..functional.relevance import sum_relevance
 from ..state import current
 
@@ -33,8 +34,5 @@ class Add(torch.nn.Module):
         state = current()
         rule = None if state is None else state.rules.get(self)
         if rule is None or rule.propagates_gradient:
-            output = inputs[0]
-            for summand in inputs[1:]:
-                output = output + summand
-            return output
+            return sum_forward(*inputs)
         return sum_relevance(inputs, rule.epsilon, fused=state.fused)
