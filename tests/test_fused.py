@@ -39,18 +39,33 @@ def test_fused_explanations_equal_eager(device):
         assert ((fused - eager).abs().amax() / scale) < 1e-5, name
 
 
-def test_gamma_coefficients_formula(device):
-    """Eager and fused gamma coefficients against the rule's two denominators written out (zeros included)."""
+@pytest.mark.parametrize("eps", [1e-3, 0.0])
+def test_gamma_kernels_formula(device, eps):
+    """Eager and fused gamma inverse + signal against the rule's two denominators written out (zeros included)."""
     output = torch.tensor([[2.0, -1.0, 0.0, 0.5], [-3.0, 0.0, 1.0, -0.25]], device=device)
     positive = torch.tensor([[1.0, 2.0, 3.0, 0.0], [0.5, 0.0, 4.0, 1.0]], device=device)
-    gamma, eps = 0.5, 1e-3
+    relevance = torch.tensor([[0.3, -2.0, 1.0, 4.0], [1.5, 7.0, -0.5, 2.0]], device=device)
+    gamma = 0.5
     up = output + gamma * positive + eps
     down = (1 + gamma) * output - gamma * positive - eps
-    expected = torch.stack((torch.where(output > 0, 1 / up, torch.where(output < 0, (1 + gamma) / down, 0.0)),
-                            torch.where(output > 0, gamma / up, torch.where(output < 0, -gamma / down, 0.0))), 1)
+    coefficients = torch.stack((torch.where(output > 0, 1 / up, torch.where(output < 0, (1 + gamma) / down, 0.0)),
+                                torch.where(output > 0, gamma / up, torch.where(output < 0, -gamma / down, 0.0))), 1)
     for fused in (False, True):
-        got = K.kernels(fused).gamma_coefficients(output, positive, gamma, eps, 1)
-        torch.testing.assert_close(got, expected)
+        kernel = K.kernels(fused)
+        signal = kernel.gamma_signal(relevance, kernel.gamma_inverse(output, positive, gamma, eps), gamma, 1)
+        torch.testing.assert_close(signal, relevance.unsqueeze(1) * coefficients)
+
+
+def test_rectified_quotient_formula(device):
+    """Relevance over the stabilized denominator where the rectified output is positive, zero elsewhere."""
+    output = torch.tensor([[2.0, 0.0, 0.5, 0.0]], device=device)
+    denominator = torch.tensor([[3.0, 0.0, 0.5, -1.0]], device=device)
+    relevance = torch.tensor([[1.0, 5.0, -2.0, 3.0]], device=device)
+    for fused in (False, True):
+        for eps in (1e-2, 0.0):
+            got = K.kernels(fused).rectified_quotient(relevance, output, denominator, eps)
+            expected = torch.tensor([[1.0 / (3.0 + eps), 0.0, -2.0 / (0.5 + eps), 0.0]], device=device)
+            torch.testing.assert_close(got, expected)
 
 
 def test_sum_kernels(device):
@@ -62,9 +77,14 @@ def test_sum_kernels(device):
         total = kernel.sum_forward(a, b)
         torch.testing.assert_close(total, a + b)
         denominator = torch.where(total >= 0, total + 1e-6, total - 1e-6)
-        share_a, share_b = kernel.sum_backward(relevance, total, 1e-6, b)
+        share_a, share_b = kernel.sum_backward(relevance, total, 1e-6, False, b)
         torch.testing.assert_close(share_a, a * relevance / denominator)
         torch.testing.assert_close(share_b, b * relevance / denominator)
+        rectified = total.clamp(min=0)
+        share_a, share_b = kernel.sum_backward(relevance, rectified, 1e-6, True, b)
+        signal = torch.where(total > 0, relevance / denominator, 0.0)
+        torch.testing.assert_close(share_a, a * signal)
+        torch.testing.assert_close(share_b, b * signal)
 
 
 @pytest.mark.parametrize("config, stacked", [("linear", False), ("conv2d_groups", False), ("conv2d_3x3", True)])

@@ -9,13 +9,13 @@ from .composites import Composite, DeepTaylor, EpsilonAlpha2Beta1, EpsilonGammaB
 from .context import rules_applied
 from .convert import ConversionError, convert, convert_vgg
 from .explain import explain
-from .modules import Add, Conv1d, Conv2d, Conv3d, Linear, Sequential
+from .modules import Add, Conv1d, Conv2d, Conv3d, Linear, ReLU, Sequential
 from .trace import conservation
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Add", "Composite", "ConversionError", "Conv1d", "Conv2d", "Conv3d", "DeepTaylor", "EpsilonAlpha2Beta1",
-    "EpsilonGammaBox", "EpsilonPlus", "EpsilonPlusFlat", "Linear", "Sequential", "composites", "conservation",
+    "EpsilonGammaBox", "EpsilonPlus", "EpsilonPlusFlat", "Linear", "ReLU", "Sequential", "composites", "conservation",
     "convert", "convert_vgg", "explain", "functional", "patterns", "rules", "rules_applied", "trace",
 ]

@@ -20,6 +20,7 @@ from .batchnorm import check_foldable
 from .composites import MIXING_TYPES, Composite, as_composite
 from .functional.relevance import proportional
 from .modules.affine import ExplainableAffine
+from .modules.rectifier import ReLU
 from .modules.residual import Add
 from .patterns import PatternsLike, patterns_by_module
 from .rules import Rule
@@ -58,17 +59,20 @@ def final_softmax(model: torch.nn.Module) -> torch.nn.Module | None:
 
 def _scan_sequential(container: torch.nn.Sequential, names: dict[torch.nn.Module, str],
                      state: ExplainState) -> None:
-    """Record batch norms after torchlrp layers and layers that follow a ReLU, inside one Sequential."""
+    """Record, inside one Sequential, batch norms after torchlrp layers, layers that follow a ReLU and layers that
+    feed a :class:`torchlrp.ReLU` (possibly through a batch norm to fold)."""
     children = list(container)
     nonnegative = False
     for index, child in enumerate(children):
         if isinstance(child, ExplainableAffine):
             if nonnegative:
                 state.nonnegative.add(child)
-            following = children[index + 1] if index + 1 < len(children) else None
-            if isinstance(following, _BatchNorm):
-                check_foldable(following, names.get(following, ""))
-                state.batchnorms[child] = following
+            following = children[index + 1:index + 3]
+            if following and isinstance(following[0], _BatchNorm):
+                check_foldable(following[0], names.get(following[0], ""))
+                state.batchnorms[child] = following.pop(0)
+            if following and type(following[0]) is ReLU:
+                state.feeds_rectifier.add(child)
             nonnegative = False
         elif isinstance(child, RECTIFIERS):
             nonnegative = True

@@ -21,6 +21,7 @@ from .batchnorm import fold_batchnorm
 from .composites import MIXING_TYPES
 from .context import RECTIFIERS, SIGN_PRESERVING, final_softmax
 from .modules.affine import Conv1d, Conv2d, Conv3d, ExplainableAffine, Linear
+from .modules.rectifier import ReLU
 from .modules.residual import Add
 from .modules.sequential import Sequential
 
@@ -44,9 +45,9 @@ class ConversionError(ValueError):
             f"its plain gradient, name it: convert(model, allow_gradient=['path', 'glob.*'])")
 
 
-def _twin(module: torch.nn.Module) -> type[ExplainableAffine] | None:
+def _twin(module: torch.nn.Module) -> type[torch.nn.Module] | None:
     for base, twin in ((torch.nn.Linear, Linear), (torch.nn.Conv1d, Conv1d), (torch.nn.Conv2d, Conv2d),
-                       (torch.nn.Conv3d, Conv3d)):
+                       (torch.nn.Conv3d, Conv3d), (torch.nn.ReLU, ReLU)):
         if type(module) is base:
             return twin
     return None
@@ -61,7 +62,7 @@ class _LeafTracer(torch.fx.Tracer):
     """Keeps torch.nn leaves and torchlrp layers opaque."""
 
     def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (ExplainableAffine, Add)) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, (ExplainableAffine, Add, ReLU)) or super().is_leaf_module(module, qualified_name)
 
 
 _NEUTRAL_FUNCTIONS = (torch.flatten, torch.relu, F.relu, F.dropout, torch.reshape, operator.getitem, getattr)
@@ -116,7 +117,32 @@ def _analyse(model: torch.nn.Module, allowed: set[str]) -> list[tuple[str, str]]
             tensor_args = [a for a in args if a.op != "get_attr"]
             if not neutral and tensor_args and not _is_allowed(node.name, allowed):
                 unsupported.append((node.name, f"operation {name}"))
+    _mark_rectifier_feeds(graph, dict(model.named_modules()), users)
     return unsupported
+
+
+def _mark_rectifier_feeds(graph: torch.fx.Graph, modules: dict[str, torch.nn.Module],
+                          users: dict[torch.fx.Node, list[torch.fx.Node]]) -> None:
+    """Mark the layers and sums whose every call feeds, through identities only, a torchlrp ``ReLU``.
+
+    Batch norms are already folded (they are ``Identity`` modules in ``modules``). The folded layer keeps the
+    ReLU's output for its backward, as the ReLU's own backward does: a model that modifies it in place cannot be
+    differentiated with or without folding.
+    """
+    feeds: dict[torch.nn.Module, bool] = {}
+    for node in graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, (ExplainableAffine, Add)):
+            continue
+        follower = node
+        while len(users[follower]) == 1 and users[follower][0].op == "call_module" \
+                and isinstance(modules[users[follower][0].target], torch.nn.Identity):
+            follower = users[follower][0]
+        after = users[follower]
+        rectified = len(after) == 1 and after[0].op == "call_module" and type(modules[after[0].target]) is ReLU
+        feeds[layer] = feeds.get(layer, True) and rectified
+    for layer, rectified in feeds.items():
+        layer.feeds_rectifier = rectified
 
 
 def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -153,8 +179,10 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
     Every ``torch.nn.Linear``/``Conv1d``/``Conv2d``/``Conv3d`` becomes its torchlrp twin (same parameters), the
     residual additions of torchvision ResNet blocks become :class:`~torchlrp.Add` modules, batch norms fed by a
     linear/conv layer are folded into it (the batch norm becomes an ``Identity``; eval-mode outputs are unchanged,
-    so convert a trained model in eval mode), in-place ReLUs become out-of-place, and layers that follow a ReLU are
-    marked as having non-negative input. The model's own ``forward`` is kept.
+    so convert a trained model in eval mode), ``ReLU`` modules become (out-of-place) :class:`torchlrp.ReLU`, layers
+    that follow a ReLU are marked as having non-negative input and layers that feed one directly are marked to be
+    explained together with it (fewer tensors kept from forward to backward; same relevance). The model's own
+    ``forward`` is kept.
 
     Parameters
     ----------

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .functional.affine import AffineOp
 from .functional.kernels import kernels
+from .functional.rectified import RectifiedForm, Term
 from .functional.stabilize import masked_reciprocal, stabilize
 
 Saved = tuple[Tensor, ...]
@@ -49,6 +50,10 @@ class Rule(abc.ABC):
     the rule propagates a (modified) gradient rather than relevance; parameter-free mixing layers (average pooling,
     residual sums) then pass the plain gradient instead of splitting proportionally. ``needs_pattern`` marks the
     rules that need a layer pattern (:mod:`torchlrp.patterns`).
+
+    Rules that can take in a ReLU directly following their layer answer True to :meth:`folds_rectifier` and give
+    their form on the units the ReLU lets through by :meth:`rectified_form`; the engine then explains layer and
+    ReLU together (:mod:`torchlrp.functional.rectified`), keeping less from the forward.
     """
 
     propagates_gradient: bool = False
@@ -92,6 +97,60 @@ class Rule(abc.ABC):
             Relevance of the layer input.
         """
 
+    def folds_rectifier(self, op: AffineOp) -> bool:
+        """Whether a ReLU directly following the layer can be explained together with it.
+
+        Parameters
+        ----------
+        op : AffineOp
+            The layer's map.
+
+        Returns
+        -------
+        bool
+            False by default; True where :meth:`rectified_form` is implemented for ``op``.
+        """
+        return False
+
+    def forward_rectified(self, op: AffineOp, input: Tensor) -> Tensor:
+        """Return ``relu(z)`` for a layer whose following ReLU is folded into it (see :meth:`folds_rectifier`).
+
+        Parameters
+        ----------
+        op : AffineOp
+            The layer's map.
+        input : Tensor
+            The layer input.
+
+        Returns
+        -------
+        Tensor
+            The rectified output; the engine keeps it and the input for the backward, nothing else.
+        """
+        return op(input, op.weight, op.bias).relu_()
+
+    def rectified_form(self, op: AffineOp, input: Tensor) -> RectifiedForm:
+        """Return the rule's form on the units a following ReLU lets through (``z > 0``); called in the backward.
+
+        Parameters
+        ----------
+        op : AffineOp
+            The layer's map.
+        input : Tensor
+            The layer input.
+
+        Returns
+        -------
+        RectifiedForm
+            The modified map and stabilizer (see :mod:`torchlrp.functional.rectified`).
+
+        Raises
+        ------
+        NotImplementedError
+            For a rule whose :meth:`folds_rectifier` is False.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot fold a following ReLU")
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({params})"
@@ -117,6 +176,13 @@ class Epsilon(Rule):
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
         input, denominator = saved
         return input * op.transpose(relevance / denominator, input_shape, op.weight)
+
+    def folds_rectifier(self, op: AffineOp) -> bool:  # noqa: D102
+        return True
+
+    def rectified_form(self, op: AffineOp, input: Tensor) -> RectifiedForm:
+        """Where ``z > 0``: the layer's own map, and ``z`` itself as the denominator."""
+        return RectifiedForm((Term("all", op.weight, op.bias),), self.epsilon, denominator_is_output=True)
 
 
 class Zero(Epsilon):
@@ -153,39 +219,60 @@ class Gamma(Rule):
         output = op(input, weight, bias)
         if op.input_nonnegative:
             # z + gamma p and (1 + gamma) z - gamma p with p = W+ x + b+: one extra map (linearity)
-            stacked = _stack_with_positive(weight, input, op)
-            weight_pos = weight.clamp(min=0) if stacked is None else stacked[weight.shape[0]:]
-            positive = op(input, weight_pos, _positive(bias))
-            channels = op.channel_dim(output.dim())
-            coefficients = kernels(op.fused).gamma_coefficients(output, positive, gamma, self.stabilizer, channels)
-            return output, (input, coefficients, weight_pos if stacked is None else stacked)
-        weight_pos = weight.clamp(min=0)
-        weight_up = weight + gamma * weight_pos
-        weight_down = weight + gamma * weight.clamp(max=0)
-        bias_up = None if bias is None else bias + gamma * bias.clamp(min=0)
-        bias_down = None if bias is None else bias + gamma * bias.clamp(max=0)
+            positive = op(input, weight.clamp(min=0), _positive(bias))
+            return output, (input, kernels(op.fused).gamma_inverse(output, positive, gamma, self.stabilizer))
+        weight_up, bias_up, weight_down, bias_down = self._favouring(op)
         input_pos, input_neg = input.clamp(min=0), input.clamp(max=0)
         favour_pos = op(input_pos, weight_up, bias_up) + op(input_neg, weight_down)
         favour_neg = op(input_pos, weight_down, bias_down) + op(input_neg, weight_up)
         inv_pos = masked_reciprocal(stabilize(favour_pos, self.stabilizer), output > 0)
         inv_neg = masked_reciprocal(stabilize(favour_neg, self.stabilizer), output < 0)
-        return output, (input_pos, input_neg, inv_pos, inv_neg, weight_up, weight_down)
+        return output, (input, inv_pos, inv_neg)
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
         if op.input_nonnegative:
-            input, coefficients, weights = saved
+            input, inverse = saved
             channels = op.channel_dim(relevance.dim())
-            signal = relevance.unsqueeze(channels) * coefficients
-            if weights.shape[0] != op.weight.shape[0]:  # [W; W+]: one transposed map of the stacked signal
-                return input * op.transpose(signal.flatten(channels, channels + 1), input_shape, weights)
+            signal = kernels(op.fused).gamma_signal(relevance, inverse, self.gamma, channels)
+            stacked = _stack_with_positive(op.weight, input, op)
+            if stacked is not None:  # [W; W+]: one transposed map of the stacked signal
+                return input * op.transpose(signal.flatten(channels, channels + 1), input_shape, stacked)
             transposed = op.transpose(signal.select(channels, 0), input_shape, op.weight)
-            transposed += op.transpose(signal.select(channels, 1), input_shape, weights)
+            transposed += op.transpose(signal.select(channels, 1), input_shape, op.weight.clamp(min=0))
             return input * transposed
-        input_pos, input_neg, inv_pos, inv_neg, weight_up, weight_down = saved
+        input, inv_pos, inv_neg = saved
+        weight_up, _, weight_down, _ = self._favouring(op)
         signal_pos, signal_neg = relevance * inv_pos, relevance * inv_neg
         to_pos = op.transpose(signal_pos, input_shape, weight_up) + op.transpose(signal_neg, input_shape, weight_down)
         to_neg = op.transpose(signal_pos, input_shape, weight_down) + op.transpose(signal_neg, input_shape, weight_up)
-        return input_pos * to_pos + input_neg * to_neg
+        return input.clamp(min=0) * to_pos + input.clamp(max=0) * to_neg
+
+    def _favouring(self, op: AffineOp) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """``W + gamma W+``, ``b + gamma b+``, ``W + gamma W-``, ``b + gamma b-`` (built where needed, not kept)."""
+        weight, bias, gamma = op.weight, op.bias, self.gamma
+        weight_up = torch.add(weight, weight.clamp(min=0), alpha=gamma)
+        weight_down = torch.add(weight, weight.clamp(max=0), alpha=gamma)
+        bias_up = None if bias is None else torch.add(bias, bias.clamp(min=0), alpha=gamma)
+        bias_down = None if bias is None else torch.add(bias, bias.clamp(max=0), alpha=gamma)
+        return weight_up, bias_up, weight_down, bias_down
+
+    def folds_rectifier(self, op: AffineOp) -> bool:  # noqa: D102
+        return True
+
+    def rectified_form(self, op: AffineOp, input: Tensor) -> RectifiedForm:
+        """Where ``z > 0``: ``W + gamma W+`` on ``x+`` (with ``b + gamma b+``) and ``W + gamma W-`` on ``x-``.
+
+        On a non-negative input this is one map, ``W + gamma W+``: one transposed map in the backward instead of
+        the two of ``[W; W+]``.
+        """
+        if op.input_nonnegative:
+            weight, bias, gamma = op.weight, op.bias, self.gamma
+            weight_up = torch.add(weight, weight.clamp(min=0), alpha=gamma)
+            bias_up = None if bias is None else torch.add(bias, bias.clamp(min=0), alpha=gamma)
+            return RectifiedForm((Term("all", weight_up, bias_up),), self.stabilizer)
+        weight_up, bias_up, weight_down, _ = self._favouring(op)
+        return RectifiedForm((Term("positive", weight_up, bias_up), Term("negative", weight_down, None)),
+                             self.stabilizer)
 
 
 class AlphaBeta(Rule):
@@ -228,45 +315,61 @@ class AlphaBeta(Rule):
             positive = op(input, weight_pos, bias_pos)
             inv_pos = reciprocal(positive, self.stabilizer, self.alpha)
             if self.beta == 0:
-                return output, (input, inv_pos, weight_pos)
+                return output, (input, inv_pos)
             negative = output - positive
             if self.ignore_bias and bias is not None:
                 negative -= _view_bias(bias, output, op)
             inv_neg = reciprocal(negative, self.stabilizer, self.beta)
-            return output, (input, inv_pos.add_(inv_neg), inv_neg, weight_pos)
+            return output, (input, inv_pos.add_(inv_neg), inv_neg)
         weight_neg = weight.clamp(max=0)
         input_pos, input_neg = input.clamp(min=0), input.clamp(max=0)
         positive = op(input_pos, weight_pos, bias_pos) + op(input_neg, weight_neg)
         inv_pos = reciprocal(positive, self.stabilizer, self.alpha)
         if self.beta == 0:
-            return output, (input_pos, input_neg, inv_pos, weight_pos, weight_neg)
+            return output, (input, inv_pos)
         bias_neg = None if self.ignore_bias else _negative(bias)
         negative = op(input_pos, weight_neg, bias_neg) + op(input_neg, weight_pos)
         inv_neg = reciprocal(negative, self.stabilizer, self.beta)
-        return output, (input_pos, input_neg, inv_pos, inv_neg, weight_pos, weight_neg)
+        return output, (input, inv_pos, inv_neg)
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
+        weight_pos = op.weight.clamp(min=0)  # modified weights are built here, not kept from the forward
         if op.input_nonnegative:
             if self.beta == 0:
-                input, inv_pos, weight_pos = saved
+                input, inv_pos = saved
                 return input * op.transpose(relevance * inv_pos, input_shape, weight_pos)
             # alpha W+^T s_pos - beta W-^T s_neg = W+^T (s_pos + s_neg) - W^T s_neg  (W- = W - W+)
-            input, coefficient_pos, inv_neg, weight_pos = saved
+            input, coefficient_pos, inv_neg = saved
             transposed = op.transpose(relevance * coefficient_pos, input_shape, weight_pos)
             transposed -= op.transpose(relevance * inv_neg, input_shape, op.weight)
             return input * transposed
+        weight_neg = op.weight.clamp(max=0)
+        input, inv_pos, *inv_neg = saved
+        input_pos, input_neg = input.clamp(min=0), input.clamp(max=0)
+        signal_pos = relevance * inv_pos
         if self.beta == 0:
-            input_pos, input_neg, inv_pos, weight_pos, weight_neg = saved
-            signal_pos = relevance * inv_pos
             return (input_pos * op.transpose(signal_pos, input_shape, weight_pos)
                     + input_neg * op.transpose(signal_pos, input_shape, weight_neg))
-        input_pos, input_neg, inv_pos, inv_neg, weight_pos, weight_neg = saved
-        signal_pos, signal_neg = relevance * inv_pos, relevance * inv_neg
+        signal_neg = relevance * inv_neg[0]
         result = input_pos * (op.transpose(signal_pos, input_shape, weight_pos)
                               - op.transpose(signal_neg, input_shape, weight_neg))
         result += input_neg * (op.transpose(signal_pos, input_shape, weight_neg)
                                - op.transpose(signal_neg, input_shape, weight_pos))
         return result
+
+    def folds_rectifier(self, op: AffineOp) -> bool:
+        """True for ``beta == 0`` (z+); with ``beta > 0`` the negative contributions need their own denominator."""
+        return self.beta == 0
+
+    def rectified_form(self, op: AffineOp, input: Tensor) -> RectifiedForm:
+        """With ``beta == 0``, where ``z > 0``: ``W+`` on ``x+`` (with ``b+`` unless ignored) and ``W-`` on ``x-``."""
+        if self.beta != 0:
+            raise NotImplementedError("AlphaBeta with beta > 0 cannot fold a following ReLU")
+        weight, bias = op.weight, None if self.ignore_bias else _positive(op.bias)
+        if op.input_nonnegative:
+            return RectifiedForm((Term("all", weight.clamp(min=0), bias),), self.stabilizer)
+        return RectifiedForm((Term("positive", weight.clamp(min=0), bias), Term("negative", weight.clamp(max=0), None)),
+                             self.stabilizer)
 
 
 def _stack_with_positive(weight: Tensor, input: Tensor, op: AffineOp) -> Tensor | None:
@@ -359,6 +462,22 @@ class ZBox(Rule):
         if op.groups == 1:  # [W, W+, W-] on the input channels: the backward is one transposed map
             return output, (input, inverse, low, high, torch.cat((weight, weight_pos, weight_neg), dim=1))
         return output, (input, inverse, low, high, weight, weight_pos, weight_neg)
+
+    def folds_rectifier(self, op: AffineOp) -> bool:  # noqa: D102
+        return True
+
+    def forward_rectified(self, op: AffineOp, input: Tensor) -> Tensor:
+        """``relu(z)``, after checking that the bounds broadcast to the input."""
+        self._bound("low", self.low, input)
+        self._bound("high", self.high, input)
+        return super().forward_rectified(op, input)
+
+    def rectified_form(self, op: AffineOp, input: Tensor) -> RectifiedForm:
+        """``W`` on the input, ``-W+`` on ``low`` and ``-W-`` on ``high``, without bias (it cancels)."""
+        weight = op.weight
+        low, high = self._bound("low", self.low, input), self._bound("high", self.high, input)
+        return RectifiedForm((Term("all", weight), Term(low, weight.clamp(min=0), sign=-1.0),
+                              Term(high, weight.clamp(max=0), sign=-1.0)), self.stabilizer)
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
         input, inverse, low, high, *weights = saved

@@ -30,6 +30,9 @@ class ExplainState:
         Layer to the batch norm right after it, folded into it while explaining.
     nonnegative : set
         Layers whose input is known to be non-negative in this model.
+    feeds_rectifier : set
+        Layers whose output goes straight into a :class:`torchlrp.ReLU` (besides those marked by
+        :func:`torchlrp.convert`): explained together with it where the rule can.
     fused : bool
         Run the rules' elementwise work fused by ``torch.compile`` (see :mod:`torchlrp.functional.kernels`).
     """
@@ -38,6 +41,7 @@ class ExplainState:
     patterns: dict[torch.nn.Module, Tensor] = field(default_factory=dict)
     batchnorms: dict[torch.nn.Module, torch.nn.Module] = field(default_factory=dict)
     nonnegative: set[torch.nn.Module] = field(default_factory=set)
+    feeds_rectifier: set[torch.nn.Module] = field(default_factory=set)
     fused: bool = False
 
 

@@ -44,6 +44,9 @@ class AffineOp:
         The layer's signal pattern (weight shape), for the PatternNet/PatternAttribution rules.
     fused : bool
         Run the rule's elementwise work fused by ``torch.compile`` (see :mod:`torchlrp.functional.kernels`).
+    rectified : bool
+        The layer's output goes straight into a ReLU that is folded into it: the explain-mode forward returns
+        ``relu(z)`` and the rule works from that (see :meth:`torchlrp.rules.Rule.forward_rectified`).
     """
 
     weight: Tensor
@@ -58,6 +61,7 @@ class AffineOp:
     input_nonnegative: bool = False
     pattern: Tensor | None = None
     fused: bool = False
+    rectified: bool = False
 
     def channel_dim(self, ndim: int) -> int:
         """Return the channel (feature) dimension of a layer output with ``ndim`` dimensions.
@@ -118,7 +122,7 @@ class AffineOp:
         if self.spatial_dims == 0:
             return signal.matmul(weight)
         padded_shape = self._padded_shape(input_shape)
-        shape_carrier = signal.new_empty(1).expand(padded_shape)
+        shape_carrier = signal.new_empty(padded_shape)  # never read; an expanded one would be copied
         n = self.spatial_dims
         transposed = torch.ops.aten.convolution_backward(
             signal, shape_carrier, weight, None, self.stride, self.padding, self.dilation,

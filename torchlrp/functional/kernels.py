@@ -19,14 +19,13 @@ from torch import Tensor
 from .stabilize import effective_epsilon, stabilize
 
 
-def gamma_coefficients(output: Tensor, positive: Tensor, gamma: float, stabilizer: float, stack_dim: int) -> Tensor:
-    """Per-unit coefficients of the generalized gamma rule on a non-negative input.
+def gamma_inverse(output: Tensor, positive: Tensor, gamma: float, stabilizer: float) -> Tensor:
+    """The signed inverse denominator of the generalized gamma rule on a non-negative input.
 
     With ``z = Wx + b`` and ``p = W+ x + b+`` the denominator is ``z + gamma p`` where ``z > 0`` and
     ``(1 + gamma) z - gamma p`` where ``z < 0``; both have ``z``'s sign, so the stabilizer is added to their
-    magnitude ``u``. The input relevance is then ``x * (W^T (R c) + W+^T (R c+))`` with ``c = 1/(u + eps)`` and
-    ``c+ = gamma / (u + eps)`` where ``z > 0``, ``c = -(1 + gamma)/(u + eps)`` and ``c+ = gamma / (u + eps)`` where
-    ``z < 0``, and both zero where ``z == 0``.
+    magnitude ``u``. This returns ``sign(z) / (u + eps)`` (zero where ``z == 0``): one tensor from which
+    :func:`gamma_signal` rebuilds both coefficients in the backward.
 
     Parameters
     ----------
@@ -36,20 +35,46 @@ def gamma_coefficients(output: Tensor, positive: Tensor, gamma: float, stabilize
         ``p``, the output with the positive parts of weight and bias.
     gamma, stabilizer : float
         The rule's parameters.
-    stack_dim : int
-        Where to stack ``c`` and ``c+``: the output's channel dimension (1 for a convolution, the last for linear).
 
     Returns
     -------
     Tensor
-        ``c`` and ``c+`` stacked at ``stack_dim`` (for a ``(N, C, ...)`` output: ``(N, 2, C, ...)``).
+        ``sign(z) / (u + eps)``.
     """
     stabilizer = effective_epsilon(output.dtype, stabilizer)
-    above, below = output > 0, output < 0
+    above = output > 0
     magnitude = torch.where(above, output, output * -(1.0 + gamma)) + gamma * positive + stabilizer
-    inverse = torch.where(above | below, magnitude.reciprocal(), 0.0)
-    coefficient = torch.where(above, inverse, inverse * -(1.0 + gamma))
-    return torch.stack((coefficient, inverse * gamma), dim=stack_dim)
+    return magnitude.reciprocal_().mul_(output.sign()).masked_fill_(output == 0, 0.0)
+
+
+def gamma_signal(relevance: Tensor, inverse: Tensor, gamma: float, stack_dim: int) -> Tensor:
+    """The backward signals of the generalized gamma rule on a non-negative input, for ``W`` and ``W+``.
+
+    The input relevance is ``x * (W^T (R c) + W+^T (R c+))`` with, for ``v`` from :func:`gamma_inverse`,
+    ``c = v`` and ``c+ = gamma v`` where ``z > 0`` (``v > 0``), ``c = (1 + gamma) v`` and ``c+ = -gamma v``
+    where ``z < 0``, and both zero where ``z == 0``.
+
+    Parameters
+    ----------
+    relevance : Tensor
+        ``R``, the output relevance.
+    inverse : Tensor
+        ``v``, from :func:`gamma_inverse`.
+    gamma : float
+        The rule's gamma.
+    stack_dim : int
+        Where to stack ``R c`` and ``R c+``: the output's channel dimension (1 for a convolution, the last for
+        linear).
+
+    Returns
+    -------
+    Tensor
+        ``R c`` and ``R c+`` stacked at ``stack_dim`` (for a ``(N, C, ...)`` output: ``(N, 2, C, ...)``).
+    """
+    signal = relevance * inverse
+    above = inverse > 0
+    return torch.stack((torch.where(above, signal, signal * (1.0 + gamma)),
+                        torch.where(above, signal, -signal) * gamma), dim=stack_dim)
 
 
 def reciprocal(denominator: Tensor, epsilon: float, scale: float = 1.0) -> Tensor:
@@ -72,6 +97,31 @@ def reciprocal(denominator: Tensor, epsilon: float, scale: float = 1.0) -> Tenso
     return scale / stabilize(denominator, epsilon)
 
 
+def rectified_quotient(relevance: Tensor, output: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
+    """Return ``R / stabilize(d)`` where the rectified output is positive, zero elsewhere.
+
+    The signal of a layer whose following ReLU is folded into it: the ReLU passes relevance only where
+    ``relu(z) > 0``, and there ``z`` equals the rectified output, so ``d`` may be that output itself.
+
+    Parameters
+    ----------
+    relevance : Tensor
+        Relevance of the rectified output.
+    output : Tensor
+        The rectified output ``relu(z)``.
+    denominator : Tensor
+        The rule's denominator (the same tensor as ``output`` for the epsilon rule).
+    epsilon : float
+        Stabilizer (see :func:`~torchlrp.functional.stabilize`).
+
+    Returns
+    -------
+    Tensor
+        The signal, finite everywhere.
+    """
+    return torch.ops.aten.threshold_backward(relevance, output, 0).div_(stabilize(denominator, epsilon))
+
+
 def sum_forward(*summands: Tensor) -> Tensor:
     """Return the sum of ``summands`` (tensors of one shape).
 
@@ -91,7 +141,8 @@ def sum_forward(*summands: Tensor) -> Tensor:
     return total
 
 
-def sum_backward(relevance: Tensor, total: Tensor, epsilon: float, *others: Tensor) -> tuple[Tensor, ...]:
+def sum_backward(relevance: Tensor, total: Tensor, epsilon: float, rectified: bool,
+                 *others: Tensor) -> tuple[Tensor, ...]:
     """Split ``relevance`` of a sum between its summands: ``x_i * R / stabilize(total)``.
 
     Only the summands after the first are kept from the forward (they are usually alive anyway); the first is
@@ -100,11 +151,14 @@ def sum_backward(relevance: Tensor, total: Tensor, epsilon: float, *others: Tens
     Parameters
     ----------
     relevance : Tensor
-        Relevance of the sum.
+        Relevance of the sum (of ``relu(sum)`` if ``rectified``).
     total : Tensor
-        The sum.
+        The sum, or ``relu(sum)`` if ``rectified``.
     epsilon : float
         Stabilizer of the denominator.
+    rectified : bool
+        A ReLU after the sum is folded in: relevance passes only where ``total > 0``, and there ``relu(sum)`` is the
+        sum (see :func:`rectified_quotient`).
     *others : Tensor
         The summands after the first.
 
@@ -113,7 +167,10 @@ def sum_backward(relevance: Tensor, total: Tensor, epsilon: float, *others: Tens
     tuple of Tensor
         One relevance per summand, the first first.
     """
-    signal = relevance / stabilize(total, epsilon)
+    if rectified:
+        signal = rectified_quotient(relevance, total, total, epsilon)
+    else:
+        signal = relevance / stabilize(total, epsilon)
     first = total
     for summand in others:
         first = first - summand
@@ -130,20 +187,24 @@ class Kernels:
         :func:`torchlrp.functional.stabilize`.
     reciprocal : callable
         :func:`reciprocal`.
-    gamma_coefficients : callable
-        :func:`gamma_coefficients`.
+    gamma_inverse, gamma_signal : callable
+        :func:`gamma_inverse`, :func:`gamma_signal`.
+    rectified_quotient : callable
+        :func:`rectified_quotient`.
     sum_forward, sum_backward : callable
         :func:`sum_forward`, :func:`sum_backward`.
     """
 
     stabilize: Callable[[Tensor, float], Tensor]
     reciprocal: Callable[[Tensor, float, float], Tensor]
-    gamma_coefficients: Callable[[Tensor, Tensor, float, float, int], Tensor]
+    gamma_inverse: Callable[[Tensor, Tensor, float, float], Tensor]
+    gamma_signal: Callable[[Tensor, Tensor, float, int], Tensor]
+    rectified_quotient: Callable[[Tensor, Tensor, Tensor, float], Tensor]
     sum_forward: Callable[..., Tensor]
     sum_backward: Callable[..., tuple[Tensor, ...]]
 
 
-EAGER = Kernels(stabilize, reciprocal, gamma_coefficients, sum_forward, sum_backward)
+EAGER = Kernels(stabilize, reciprocal, gamma_inverse, gamma_signal, rectified_quotient, sum_forward, sum_backward)
 
 
 def _compiled(function: Callable) -> Callable:

@@ -1,6 +1,7 @@
 """The autograd Functions whose backward computes relevance.
 
-* :class:`AffineRelevance` -- a linear or convolutional layer explained by a rule from :mod:`torchlrp.rules`.
+* :class:`AffineRelevance` -- a linear or convolutional layer explained by a rule from :mod:`torchlrp.rules`,
+  optionally together with the ReLU after it (``op.rectified``, see :mod:`torchlrp.functional.rectified`).
 * :class:`ProportionalRelevance` -- a parameter-free linear map (average pooling): each input receives relevance in
   proportion to its contribution to the output (the epsilon rule with a small stabilizer).
 * :class:`SumRelevance` -- the sum of several tensors (a residual connection), split the same way between them.
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from .affine import AffineOp
 from .kernels import kernels
+from .rectified import rectified_relevance
 from .stabilize import stabilize
 
 if TYPE_CHECKING:
@@ -24,19 +26,32 @@ if TYPE_CHECKING:
 
 
 class AffineRelevance(torch.autograd.Function):
-    """Forward: the layer's output. Backward: the input relevance by ``rule``."""
+    """Forward: the layer's output. Backward: the input relevance by ``rule``.
+
+    With ``op.rectified`` the forward returns ``relu(z)`` and keeps only the input and that output; the rule's
+    :meth:`~torchlrp.rules.Rule.rectified_form` (modified weights) is built in the backward, so that no
+    weight-sized copy waits from forward to backward. The output's ``grad_fn`` carries ``output_rectified = True``
+    so that :class:`torchlrp.ReLU` passes it on untouched.
+    """
 
     @staticmethod
     def forward(ctx, input: Tensor, op: AffineOp, rule: "Rule") -> Tensor:  # noqa: D102
-        output, saved = rule.forward(op, input)
-        ctx.op = op
-        ctx.rule = rule
-        ctx.input_shape = input.shape
+        ctx.op, ctx.rule, ctx.input_shape = op, rule, input.shape
+        if op.rectified:
+            ctx.output_rectified = True
+            output = rule.forward_rectified(op, input)
+            saved = (input, output)
+        else:
+            output, saved = rule.forward(op, input)
         ctx.save_for_backward(*saved)
         return output
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        if ctx.op.rectified:
+            input, output = ctx.saved_tensors
+            form = ctx.rule.rectified_form(ctx.op, input)
+            return rectified_relevance(ctx.op, form, relevance, input, output, ctx.input_shape), None, None
         return ctx.rule.backward(ctx.op, relevance, ctx.saved_tensors, ctx.input_shape), None, None
 
 
@@ -60,19 +75,26 @@ class ProportionalRelevance(torch.autograd.Function):
 
 
 class SumRelevance(torch.autograd.Function):
-    """Relevance through ``sum(inputs)``: each summand gets ``x_i * R / stabilize(sum)``."""
+    """Relevance through ``sum(inputs)``: each summand gets ``x_i * R / stabilize(sum)``.
+
+    With ``rectified`` the forward returns ``relu(sum)`` (a following :class:`torchlrp.ReLU` folded in, as for
+    :class:`AffineRelevance`) and keeps that instead of the sum.
+    """
 
     @staticmethod
-    def forward(ctx, epsilon: float, fused: bool, *inputs: Tensor) -> Tensor:  # noqa: D102
-        ctx.kernels, ctx.epsilon = kernels(fused), epsilon
+    def forward(ctx, epsilon: float, fused: bool, rectified: bool, *inputs: Tensor) -> Tensor:  # noqa: D102
+        ctx.kernels, ctx.epsilon, ctx.rectified = kernels(fused), epsilon, rectified
         output = ctx.kernels.sum_forward(*inputs)
+        if rectified:
+            output = output.relu_()
+            ctx.output_rectified = True
         ctx.save_for_backward(output, *inputs[1:])
         return output
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         output, *others = ctx.saved_tensors
-        return (None, None, *ctx.kernels.sum_backward(relevance, output, ctx.epsilon, *others))
+        return (None, None, None, *ctx.kernels.sum_backward(relevance, output, ctx.epsilon, ctx.rectified, *others))
 
 
 def proportional(input: Tensor, fn: Callable[[Tensor], Tensor], epsilon: float = 1e-6) -> Tensor:
@@ -95,7 +117,8 @@ def proportional(input: Tensor, fn: Callable[[Tensor], Tensor], epsilon: float =
     return ProportionalRelevance.apply(input, fn, epsilon)
 
 
-def sum_relevance(inputs: tuple[Tensor, ...] | list[Tensor], epsilon: float = 1e-6, fused: bool = False) -> Tensor:
+def sum_relevance(inputs: tuple[Tensor, ...] | list[Tensor], epsilon: float = 1e-6, fused: bool = False,
+                  rectified: bool = False) -> Tensor:
     """Sum tensors of one shape, redistributing relevance in proportion to each summand.
 
     Parameters
@@ -106,11 +129,13 @@ def sum_relevance(inputs: tuple[Tensor, ...] | list[Tensor], epsilon: float = 1e
         Stabilizer of the denominator.
     fused : bool
         Run the elementwise work fused by ``torch.compile`` (see :mod:`torchlrp.functional.kernels`).
+    rectified : bool
+        Return ``relu(sum)``, explaining sum and ReLU together (the sum's relevance is that of the ReLU output).
 
     Returns
     -------
     Tensor
-        The sum.
+        The sum (rectified if asked).
 
     Raises
     ------
@@ -122,4 +147,4 @@ def sum_relevance(inputs: tuple[Tensor, ...] | list[Tensor], epsilon: float = 1e
     shapes = {tuple(t.shape) for t in inputs}
     if len(shapes) != 1:
         raise ValueError(f"sum_relevance needs tensors of one shape, got shapes {sorted(shapes)}")
-    return SumRelevance.apply(epsilon, fused, *inputs)
+    return SumRelevance.apply(epsilon, fused, rectified, *inputs)

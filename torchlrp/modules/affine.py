@@ -6,6 +6,7 @@ by a rule through :class:`~torchlrp.functional.AffineRelevance`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,10 +29,13 @@ class ExplainableAffine:
     While :func:`torchlrp.context.rules_applied` is active (in this thread), the layer finds its rule, pattern and
     any batch norm to fold in the active :class:`~torchlrp.state.ExplainState`. ``input_nonnegative`` marks a
     layer whose input is known to be non-negative (it follows a ReLU; set by :func:`torchlrp.convert`); rules then
-    skip their negative-input terms.
+    skip their negative-input terms. ``feeds_rectifier`` marks a layer whose output goes straight (through nothing
+    but a folded batch norm) into a :class:`torchlrp.ReLU` (set by :func:`torchlrp.convert`): while explaining, a
+    rule that can (:meth:`~torchlrp.rules.Rule.folds_rectifier`) explains layer and ReLU together.
     """
 
     input_nonnegative: bool = False
+    feeds_rectifier: bool = False
 
     def forward(self, input: Tensor, explain: bool | None = None, rule: "str | Rule | Composite | None" = None,
                 pattern: Tensor | None = None) -> Tensor:
@@ -61,7 +65,11 @@ class ExplainableAffine:
             explain = active
         if not explain:
             return super().forward(input)
-        return AffineRelevance.apply(watch(input), self._operator(pattern, state), self._explain_rule(rule, state))
+        rule = self._explain_rule(rule, state)
+        op = self._operator(pattern, state)
+        if active and (self.feeds_rectifier or self in state.feeds_rectifier) and rule.folds_rectifier(op):
+            op = dataclasses.replace(op, rectified=True)
+        return AffineRelevance.apply(watch(input), op, rule)
 
     def _explain_rule(self, rule: "str | Rule | Composite | None", state: ExplainState | None) -> Rule:
         from ..composites import Composite

@@ -15,8 +15,11 @@ class Add(torch.nn.Module):
     While an explanation of its model is active (:func:`torchlrp.context.rules_applied`) each summand receives relevance in
     proportion to its contribution, ``R_i = x_i R / stab(sum_j x_j)``; without it (or for gradient-type rules) this
     is the plain sum. A plain ``a + b`` in a model would send the full relevance down both branches and double it
-    at every block.
+    at every block. ``feeds_rectifier`` (set by :func:`torchlrp.convert`) marks a sum that goes straight into a
+    :class:`torchlrp.ReLU`: while explaining, the ReLU is applied here and explained together with the sum.
     """
+
+    feeds_rectifier: bool = False
 
     def forward(self, *inputs: Tensor) -> Tensor:
         """Sum ``inputs``.
@@ -35,4 +38,5 @@ class Add(torch.nn.Module):
         rule = None if state is None else state.rules.get(self)
         if rule is None or rule.propagates_gradient:
             return sum_forward(*inputs)
-        return sum_relevance(inputs, rule.epsilon, fused=state.fused)
+        rectified = self.feeds_rectifier or self in state.feeds_rectifier
+        return sum_relevance(inputs, rule.epsilon, fused=state.fused, rectified=rectified)
