@@ -55,9 +55,9 @@ def load_digits(data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor, torch
 def make_model() -> lrp.Sequential:
     """TorchLRP's MNIST network, built from torchlrp layers."""
     return lrp.Sequential(
-        lrp.Conv2d(1, 32, 3, 1, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2, 2),
-        lrp.Conv2d(32, 64, 3, 1, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2, 2),
-        torch.nn.Flatten(), lrp.Linear(7 * 7 * 64, 128), torch.nn.ReLU(), lrp.Linear(128, 10))
+        lrp.Conv2d(1, 32, 3, 1, 1), lrp.ReLU(), torch.nn.MaxPool2d(2, 2),
+        lrp.Conv2d(32, 64, 3, 1, 1), lrp.ReLU(), torch.nn.MaxPool2d(2, 2),
+        torch.nn.Flatten(), lrp.Linear(7 * 7 * 64, 128), lrp.ReLU(), lrp.Linear(128, 10))
 
 
 def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int) -> None:
