@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import math
 import os
 import platform
 import statistics
@@ -147,7 +148,9 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
                             memory[label] = peak_tensor_bytes(fn, x, target, device)
                         except Exception as error:  # a peer that cannot explain this model
                             errors[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:60]}"
-                    for _ in range(args.repeats):
+                    floor_estimate = time_call(table["input gradient"], x, target, device)
+                    repeats = max(args.repeats, min(args.max_repeats, math.ceil(args.floor_seconds / floor_estimate)))
+                    for _ in range(repeats):
                         for label, fn in table.items():
                             if label not in errors:
                                 times[label].append(time_call(fn, x, target, device))
@@ -155,7 +158,8 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
                     for label in table:
                         median = statistics.median(times[label]) if times[label] else float("nan")
                         rows.append({"device": device_name, "model": model_name, "dtype": str(dtype).split(".")[-1],
-                                     "batch": batch, "method": label, "seconds": median,
+                                     "batch": batch, "method": label, "repeats": len(times[label]),
+                                     "seconds": median, "images_per_second": batch / median,
                                      "ratio_to_gradient": median / floor,
                                      "peak_memory_mb": memory[label] / 2 ** 20,
                                      "memory_ratio": memory[label] / max(memory["input gradient"], 1),
@@ -176,15 +180,17 @@ def write(rows: list[dict], out: str) -> None:
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name()}"
     lines = [f"Machine: {machine}", "",
-             "| device | model | dtype | batch | method | seconds | x gradient | peak MB | x gradient memory |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| device | model | dtype | batch | method | repeats | seconds | images/s | x gradient | peak MB "
+             "| x gradient memory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["error"]:
             lines.append(f"| {r['device']} | {r['model']} | {r['dtype']} | {r['batch']} | {r['method']} | "
-                         f"fails: {r['error']} | | | |")
+                         f"{r['repeats']} | fails: {r['error']} | | | | |")
         else:
             lines.append(f"| {r['device']} | {r['model']} | {r['dtype']} | {r['batch']} | {r['method']} | "
-                         f"{r['seconds']:.3f} | {r['ratio_to_gradient']:.2f} | {r['peak_memory_mb']:.0f} | "
+                         f"{r['repeats']} | {r['seconds']:.3f} | {r['images_per_second']:.1f} | "
+                         f"{r['ratio_to_gradient']:.2f} | {r['peak_memory_mb']:.0f} | "
                          f"{r['memory_ratio']:.2f} |")
     with open(os.path.join(out, "latest.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -197,7 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per row (at least)")
+    parser.add_argument("--floor-seconds", type=float, default=3.0,
+                        help="repeat a row until its input gradients add up to this many seconds ...")
+    parser.add_argument("--max-repeats", type=int, default=15, help="... but at most this many times")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--smoke", action="store_true", help="tiny models at 32 px, one repeat (CI)")
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
-        args.size, args.repeats, args.batch_sizes = 32, 1, [1]
+        args.size, args.repeats, args.max_repeats, args.batch_sizes = 32, 1, 1, [1]
     write(benchmark(args), args.out)
 
 

@@ -145,20 +145,20 @@ def _saved_bytes(function, model):
 
 
 @pytest.mark.parametrize("name", ["vgg11", "resnet18"])
-def test_explanation_keeps_no_more_than_the_gradient(name):
+def test_explanation_keeps_no_more_than_the_gradient(name, device):
     """Layers explained with their ReLU keep from forward to backward about what the plain gradient keeps."""
-    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    model = getattr(torchvision.models, name)(num_classes=10).eval().to(device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     converted = lrp.convert(model)
-    x = torch.rand(2, 3, 64, 64)
+    x = torch.rand(2, 3, 64, 64, device=device)
 
     def gradient():
         carrier = x.clone().requires_grad_(True)
         model(carrier)[:, 0].sum().backward()
 
     floor = _saved_bytes(gradient, model)
-    low, high = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    low, high = torch.zeros(1, 3, 1, 1, device=device), torch.ones(1, 3, 1, 1, device=device)
     for rule in (lrp.rules.Epsilon(), lrp.EpsilonPlus(), lrp.EpsilonGammaBox(low, high)):
         kept = _saved_bytes(lambda: lrp.explain(converted, x, target=0, rule=rule), converted)
         assert kept <= 1.1 * floor, (rule, kept / floor)

@@ -182,7 +182,7 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
     so convert a trained model in eval mode), ``ReLU`` modules become (out-of-place) :class:`torchlrp.ReLU`, layers
     that follow a ReLU are marked as having non-negative input and layers that feed one directly are marked to be
     explained together with it (fewer tensors kept from forward to backward; same relevance). The model's own
-    ``forward`` is kept.
+    ``forward`` is kept. These marks describe the model as converted: after changing its modules, convert it again.
 
     Parameters
     ----------

@@ -247,14 +247,17 @@ class Gamma(Rule):
         to_neg = op.transpose(signal_pos, input_shape, weight_down) + op.transpose(signal_neg, input_shape, weight_up)
         return input.clamp(min=0) * to_pos + input.clamp(max=0) * to_neg
 
+    def _up(self, tensor: Tensor | None) -> Tensor | None:
+        """``t + gamma t+`` (None for None)."""
+        return None if tensor is None else torch.add(tensor, tensor.clamp(min=0), alpha=self.gamma)
+
+    def _down(self, tensor: Tensor | None) -> Tensor | None:
+        """``t + gamma t-`` (None for None)."""
+        return None if tensor is None else torch.add(tensor, tensor.clamp(max=0), alpha=self.gamma)
+
     def _favouring(self, op: AffineOp) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """``W + gamma W+``, ``b + gamma b+``, ``W + gamma W-``, ``b + gamma b-`` (built where needed, not kept)."""
-        weight, bias, gamma = op.weight, op.bias, self.gamma
-        weight_up = torch.add(weight, weight.clamp(min=0), alpha=gamma)
-        weight_down = torch.add(weight, weight.clamp(max=0), alpha=gamma)
-        bias_up = None if bias is None else torch.add(bias, bias.clamp(min=0), alpha=gamma)
-        bias_down = None if bias is None else torch.add(bias, bias.clamp(max=0), alpha=gamma)
-        return weight_up, bias_up, weight_down, bias_down
+        return self._up(op.weight), self._up(op.bias), self._down(op.weight), self._down(op.bias)
 
     def folds_rectifier(self, op: AffineOp) -> bool:  # noqa: D102
         return True
@@ -265,13 +268,10 @@ class Gamma(Rule):
         On a non-negative input this is one map, ``W + gamma W+``: one transposed map in the backward instead of
         the two of ``[W; W+]``.
         """
+        weight_up, bias_up = self._up(op.weight), self._up(op.bias)
         if op.input_nonnegative:
-            weight, bias, gamma = op.weight, op.bias, self.gamma
-            weight_up = torch.add(weight, weight.clamp(min=0), alpha=gamma)
-            bias_up = None if bias is None else torch.add(bias, bias.clamp(min=0), alpha=gamma)
             return RectifiedForm((Term("all", weight_up, bias_up),), self.stabilizer)
-        weight_up, bias_up, weight_down, _ = self._favouring(op)
-        return RectifiedForm((Term("positive", weight_up, bias_up), Term("negative", weight_down, None)),
+        return RectifiedForm((Term("positive", weight_up, bias_up), Term("negative", self._down(op.weight))),
                              self.stabilizer)
 
 
@@ -365,10 +365,10 @@ class AlphaBeta(Rule):
         """With ``beta == 0``, where ``z > 0``: ``W+`` on ``x+`` (with ``b+`` unless ignored) and ``W-`` on ``x-``."""
         if self.beta != 0:
             raise NotImplementedError("AlphaBeta with beta > 0 cannot fold a following ReLU")
-        weight, bias = op.weight, None if self.ignore_bias else _positive(op.bias)
+        weight_pos, bias = op.weight.clamp(min=0), None if self.ignore_bias else _positive(op.bias)
         if op.input_nonnegative:
-            return RectifiedForm((Term("all", weight.clamp(min=0), bias),), self.stabilizer)
-        return RectifiedForm((Term("positive", weight.clamp(min=0), bias), Term("negative", weight.clamp(max=0), None)),
+            return RectifiedForm((Term("all", weight_pos, bias),), self.stabilizer)
+        return RectifiedForm((Term("positive", weight_pos, bias), Term("negative", op.weight.clamp(max=0))),
                              self.stabilizer)
 
 

@@ -1,12 +1,13 @@
 """Relevance through an affine layer together with the ReLU that follows it.
 
 A ReLU passes relevance only where ``z > 0``, and there ``z`` equals the rectified output ``relu(z)``. On those
-units the epsilon, gamma and z+ rules share one form (:class:`RectifiedForm`): ``R_x = sum_k x_k * M_k^T s`` with
-``s = R [z > 0] / stab(d)`` and ``d = sum_k (M_k x_k + c_k)``. A layer explained in this form keeps from the forward
-only its input and its rectified output -- tensors the model keeps anyway (the next layer's input, the ReLU's
-mask) -- and rebuilds ``d`` in the backward: from the output itself for epsilon, by one map for gamma and z+.
-The backward then costs what the unfolded rule costs, without a denominator per layer held from forward to
-backward.
+units the epsilon, gamma, z+ and z^B rules share one form (:class:`RectifiedForm`):
+``R_x = sum_k sign_k x_k * M_k^T s`` with ``s = R [z > 0] / stab(d)`` and ``d = sum_k sign_k (M_k x_k + c_k)``,
+where ``x_k`` is the input, its positive or negative part, or a bound (z^B). A layer explained in this form keeps
+from the forward only its input and its rectified output -- tensors the model keeps anyway (the next layer's
+input, the ReLU's mask) -- and rebuilds ``d`` and the modified weights in the backward: ``d`` is the output itself
+for epsilon, one map for gamma and z+ on a non-negative input. The backward then costs what the unfolded rule
+costs, without a denominator per layer held from forward to backward.
 """
 from __future__ import annotations
 
