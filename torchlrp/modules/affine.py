@@ -1,8 +1,9 @@
 """``Linear`` and ``Conv1d/2d/3d`` with an explain mode.
 
 Each class subclasses its torch layer (same constructor, same ``state_dict``). With ``explain=False`` the forward
-*is* the torch layer's; with ``explain=True`` the output is the same, and the backward computes the input relevance
-by a rule through :class:`~torchlrp.functional.AffineRelevance`.
+*is* the torch layer's; with ``explain=True`` the output is the same (or, for a layer explained together with the
+ReLU after it, already rectified), and the backward computes the input relevance by a rule through
+:class:`~torchlrp.functional.AffineRelevance`.
 """
 from __future__ import annotations
 
@@ -57,7 +58,9 @@ class ExplainableAffine:
         Returns
         -------
         Tensor
-            The layer output (identical to the torch layer's).
+            The layer output (identical to the torch layer's), or its ReLU where the layer is explained together
+            with the ``torchlrp.ReLU`` after it (``feeds_rectifier``; that ReLU then passes it on unchanged, so the
+            model's output is the same). Forward hooks on the layer see that rectified output.
         """
         state = current()
         active = state is not None and self in state.rules

@@ -32,7 +32,8 @@ class Add(torch.nn.Module):
         Returns
         -------
         Tensor
-            Their sum.
+            Their sum (while explaining a sum marked ``feeds_rectifier``: its ReLU, which the following
+            ``torchlrp.ReLU`` passes on unchanged).
         """
         state = current()
         rule = None if state is None else state.rules.get(self)
