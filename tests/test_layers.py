@@ -5,7 +5,7 @@ import torch
 import torchlrp as lrp
 from torchlrp import rules
 
-from .layer_configs import CONFIGS
+from .layer_configs import CONFIGS, make_case
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -157,3 +157,16 @@ def test_half_precision_is_finite(device, dtype):
     for rule in ("epsilon", "gamma", "alpha2beta1", lrp.EpsilonGammaBox(0.0, 1.0)):
         relevance = lrp.explain(model, x, rule=rule)
         assert relevance.dtype == dtype and torch.isfinite(relevance).all()
+
+
+@pytest.mark.parametrize("config", ["linear", "conv2d_3x3", "conv2d_groups", "conv2d_reflect", "conv3d"])
+def test_transpose_each_matches_one_map_per_weight(config, device):
+    """Stacked (small weights, groups == 1) or not, each result is that weight's own transposed map."""
+    _, layer, x, relevance = make_case(config, nonnegative=False)
+    layer, x, relevance = layer.to(device), x.to(device), relevance.to(device)
+    op = layer.affine_op()
+    weights = [op.weight, op.weight.clamp(min=0), op.weight.clamp(max=0)]
+    stacked = op.groups == 1 and sum(w.numel() for w in weights) <= relevance.numel()
+    assert stacked == (config in ("conv2d_reflect", "conv3d"))
+    for got, weight in zip(op.transpose_each(relevance, x.shape, weights), weights):
+        torch.testing.assert_close(got, op.transpose(relevance, x.shape, weight))

@@ -458,10 +458,7 @@ class ZBox(Rule):
         weight_pos, weight_neg = weight.clamp(min=0), weight.clamp(max=0)
         unbiased = output if op.bias is None else output - _view_bias(op.bias, output, op)
         denominator = unbiased - op(low, weight_pos) - op(high, weight_neg)
-        inverse = kernels(op.fused).reciprocal(denominator, self.stabilizer)
-        if op.groups == 1:  # [W, W+, W-] on the input channels: the backward is one transposed map
-            return output, (input, inverse, low, high, torch.cat((weight, weight_pos, weight_neg), dim=1))
-        return output, (input, inverse, low, high, weight, weight_pos, weight_neg)
+        return output, (input, kernels(op.fused).reciprocal(denominator, self.stabilizer), low, high)
 
     def folds_rectifier(self, op: AffineOp) -> bool:  # noqa: D102
         return True
@@ -480,14 +477,9 @@ class ZBox(Rule):
                               Term(high, weight.clamp(max=0), sign=-1.0)), self.stabilizer)
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
-        input, inverse, low, high, *weights = saved
-        signal = relevance * inverse
-        if len(weights) == 1:
-            channels = op.channel_dim(len(input_shape))
-            stacked_shape = (*input_shape[:channels], 3 * input_shape[channels], *input_shape[channels + 1:])
-            transposed = op.transpose(signal, torch.Size(stacked_shape), weights[0]).chunk(3, dim=channels)
-        else:
-            transposed = [op.transpose(signal, input_shape, weight) for weight in weights]
+        input, inverse, low, high = saved
+        weights = [op.weight, op.weight.clamp(min=0), op.weight.clamp(max=0)]
+        transposed = op.transpose_each(relevance * inverse, input_shape, weights)
         result = input * transposed[0]
         result -= low * transposed[1]
         result -= high * transposed[2]

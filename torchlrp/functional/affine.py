@@ -132,6 +132,35 @@ class AffineOp:
             return transposed
         return self._fold_padding(transposed, input_shape)
 
+    def transpose_each(self, signal: Tensor, input_shape: torch.Size, weights: list[Tensor]) -> list[Tensor]:
+        """Send ``signal`` back through the transposed map of each of ``weights``.
+
+        Where the weights are small (``groups == 1`` and together not larger than the signal, e.g. the first
+        layer of an image model, whose 3-channel transposed maps are inefficient one by one) this is one transposed
+        map of the weights stacked on the input channels, split afterwards.
+
+        Parameters
+        ----------
+        signal : Tensor
+            Tensor of the output's shape.
+        input_shape : torch.Size
+            Shape of the (unpadded) input.
+        weights : list of Tensor
+            Weights of the layer's weight shape.
+
+        Returns
+        -------
+        list of Tensor
+            ``W^T signal`` for each weight, each of ``input_shape``.
+        """
+        if len(weights) == 1 or self.groups != 1 or sum(w.numel() for w in weights) > signal.numel():
+            return [self.transpose(signal, input_shape, weight) for weight in weights]
+        channels = self.channel_dim(len(input_shape))
+        shape = list(input_shape)
+        shape[channels] *= len(weights)
+        stacked = self.transpose(signal, torch.Size(shape), torch.cat(weights, dim=1))
+        return list(stacked.chunk(len(weights), dim=channels))
+
     def _padded_shape(self, input_shape: torch.Size) -> tuple[int, ...]:
         if self.explicit_padding is None:
             return tuple(input_shape)

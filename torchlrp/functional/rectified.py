@@ -64,19 +64,6 @@ def _input_part(input: Tensor, part: str | Tensor) -> Tensor:
     return input
 
 
-def _transposed(op: AffineOp, signal: Tensor, input_shape: torch.Size, weights: list[Tensor]) -> list[Tensor]:
-    """``M_k^T signal`` for each weight; one transposed map of the weights stacked on the input channels where the
-    weights are small (``groups == 1``; the first layer of an image model: three 3-channel maps cost more than one
-    9-channel map)."""
-    if len(weights) == 1 or op.groups != 1 or sum(w.numel() for w in weights) > signal.numel():
-        return [op.transpose(signal, input_shape, weight) for weight in weights]
-    channels = op.channel_dim(len(input_shape))
-    shape = list(input_shape)
-    shape[channels] *= len(weights)
-    stacked = op.transpose(signal, torch.Size(shape), torch.cat(weights, dim=1))
-    return list(stacked.chunk(len(weights), dim=channels))
-
-
 def rectified_relevance(op: AffineOp, form: RectifiedForm, relevance: Tensor, input: Tensor, output: Tensor,
                         input_shape: torch.Size) -> Tensor:
     """Return the input relevance of an affine layer and the ReLU folded into it.
@@ -108,7 +95,7 @@ def rectified_relevance(op: AffineOp, form: RectifiedForm, relevance: Tensor, in
         denominator = _signed_sum([op(part, term.weight, term.bias) for part, term in zip(parts, form.terms)],
                                   form.terms)
     signal = kernels(op.fused).rectified_quotient(relevance, output, denominator, form.stabilizer)
-    transposed = _transposed(op, signal, input_shape, [term.weight for term in form.terms])
+    transposed = op.transpose_each(signal, input_shape, [term.weight for term in form.terms])
     return _signed_sum([mapped.mul_(part) for part, mapped in zip(parts, transposed)], form.terms)
 
 
