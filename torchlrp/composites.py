@@ -1,8 +1,10 @@
 """Per-layer rules: composites map each layer of a model to a rule.
 
-Precedence: ``by_name`` > ``first`` > ``by_type`` > ``default``. Parameter-free mixing layers (average pooling and
-:class:`~torchlrp.Add`) split relevance proportionally (``Epsilon(1e-6)``, zennit's ``Norm``; ``Epsilon(0)`` under
-LRP-0, which then conserves exactly) unless the default rule propagates a gradient; ``by_name``/``by_type`` may give them another ``Epsilon`` or ``Gradient``.
+Precedence: ``by_name`` > ``first`` > ``by_type`` > ``default``. Parameter-free operations (average pooling, sums,
+means, interpolation, normalizations, gates, activations: the :class:`~torchlrp.modules.operation.Operation`
+modules) split relevance proportionally (``Epsilon(1e-6)``, zennit's ``Norm``; ``Epsilon(0)`` under LRP-0, which
+then conserves exactly) unless the default rule propagates a gradient; ``by_name``/``by_type`` may give them another
+``Epsilon`` or ``Gradient``.
 """
 from __future__ import annotations
 
@@ -12,16 +14,18 @@ from typing import Mapping
 import torch
 
 from .modules.affine import ExplainableAffine
-from .modules.residual import Add
+from .modules.operation import Operation
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, ZBox, ZPlus, resolve
 
-
-MIXING_TYPES = (
-    Add,
+#: torch modules explained by the proportional split (through forward hooks while explaining)
+PROPORTIONAL_MODULES = (
     torch.nn.AvgPool1d, torch.nn.AvgPool2d, torch.nn.AvgPool3d,
-    torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d,
+    torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d, torch.nn.Upsample,
 )
-CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+#: parameter-free (or per-channel) operations: they take ``Epsilon`` (proportional split) or a gradient-type rule
+MIXING_TYPES = (Operation, *PROPORTIONAL_MODULES)
+CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
 
 class Composite:
@@ -35,7 +39,9 @@ class Composite:
     by_type : mapping of type (or tuple of types) to rule, optional
         Layer classes to rules (``isinstance``; torch classes match their torchlrp twins).
     first : rule, optional
-        Rule of the first torchlrp layer the input meets (the first in registration order).
+        Rule of the first torchlrp layer the input meets: in a model made by :func:`torchlrp.convert`, the first
+        layer called in its forward (at that call only, if the layer is called again); otherwise the first layer
+        registered.
     default : rule, optional
         Rule of every other layer (``Epsilon()`` when omitted).
 
@@ -85,13 +91,16 @@ class Composite:
             return Epsilon(min(self.default.epsilon, 1e-6) if isinstance(self.default, Epsilon) else 1e-6)
         return self.default
 
-    def assign(self, model: torch.nn.Module) -> dict[torch.nn.Module, Rule]:
-        """Map every torchlrp layer and mixing layer of ``model`` to its rule.
+    def assign(self, model: torch.nn.Module, first_layer: torch.nn.Module | None = None) -> dict[torch.nn.Module, Rule]:
+        """Map every torchlrp layer and operation module of ``model`` to its rule.
 
         Parameters
         ----------
         model : torch.nn.Module
             The model.
+        first_layer : torch.nn.Module, optional
+            The first layer the input meets (found by :func:`torchlrp.convert` from the forward); default: the
+            first torchlrp layer registered.
 
         Returns
         -------
@@ -104,11 +113,11 @@ class Composite:
             If a mixing layer is given a rule other than ``Epsilon`` or a gradient-type rule.
         """
         assignment: dict[torch.nn.Module, Rule] = {}
-        first_seen = False
+        if first_layer is None:
+            first_layer = next((m for m in model.modules() if isinstance(m, ExplainableAffine)), None)
         for name, module in model.named_modules():
             if isinstance(module, ExplainableAffine):
-                assignment[module] = self.rule_for(name, module, is_first=not first_seen)
-                first_seen = True
+                assignment[module] = self.rule_for(name, module, is_first=module is first_layer)
             elif isinstance(module, MIXING_TYPES):
                 rule = self.rule_for(name, module)
                 if not (isinstance(rule, Epsilon) or rule.propagates_gradient):

@@ -17,11 +17,10 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import check_foldable
-from .composites import MIXING_TYPES, Composite, as_composite
+from .composites import PROPORTIONAL_MODULES, Composite, as_composite
 from .functional.relevance import proportional
 from .modules.affine import ExplainableAffine
 from .modules.rectifier import ReLU
-from .modules.residual import Add
 from .patterns import PatternsLike, patterns_by_module
 from .rules import Rule
 from .state import ACTIVE, ExplainState, current
@@ -50,8 +49,16 @@ def final_softmax(model: torch.nn.Module) -> torch.nn.Module | None:
     Returns
     -------
     torch.nn.Module or None
-        The last module if it is a ``Softmax``/``LogSoftmax`` (looking into nested ``Sequential`` containers).
+        The ``Softmax``/``LogSoftmax`` module whose output is the model's (the last module, looking into nested
+        ``Sequential`` containers; for a model made by :func:`torchlrp.convert`, the module its graph returns).
     """
+    graph = getattr(model, "graph", None)
+    if isinstance(graph, torch.fx.Graph):  # made by torchlrp.convert: the module that gives the output
+        value = next(node for node in graph.nodes if node.op == "output").args[0]
+        if isinstance(value, torch.fx.Node) and value.op == "call_module":
+            module = model.get_submodule(value.target)
+            return module if isinstance(module, OUTPUT_SOFTMAX) else None
+        return None
     while isinstance(model, torch.nn.Sequential) and len(model) > 0:
         model = model[-1]
     return model if isinstance(model, OUTPUT_SOFTMAX) else None
@@ -100,6 +107,19 @@ def _skip(module: torch.nn.Module, input: Tensor, output: Tensor) -> Tensor:
     return input
 
 
+def _first_layer(model: torch.nn.Module) -> tuple[torch.nn.Module | None, bool]:
+    """The first layer the input meets, where :func:`torchlrp.convert` marked its call, and whether it is called
+    again (later calls then take the layer's non-first rule); ``(None, False)`` for other models."""
+    graph = getattr(model, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return None, False
+    calls = [node for node in graph.nodes if node.op == "call_module" and "first" in node.kwargs]
+    first = next((node for node in calls if node.kwargs["first"]), None)
+    if first is None:
+        return None, False
+    return model.get_submodule(first.target), sum(node.target == first.target for node in calls) > 1
+
+
 def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilon",
                 pattern: PatternsLike | None = None, fused: bool = False) -> ExplainState:
     """Decide rules, patterns, batch-norm folds and non-negative inputs for explaining ``model``.
@@ -119,12 +139,17 @@ def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilo
     ValueError
         As in :func:`rules_applied`.
     """
-    state = ExplainState(rules=as_composite(rule).assign(model), fused=bool(fused))
+    composite = as_composite(rule)
+    first_layer, first_call_only = _first_layer(model)
+    state = ExplainState(rules=composite.assign(model, first_layer), fused=bool(fused))
     layers = [m for m in state.rules if isinstance(m, ExplainableAffine)]
     if not layers:
         raise ValueError(f"{type(model).__name__} contains no torchlrp layer to explain; build it from "
                          f"torchlrp.Linear/Conv2d/... or convert it with torchlrp.convert(model)")
     names = {module: name for name, module in model.named_modules()}
+    state.first_layer = first_layer if first_layer is not None else layers[0]
+    if first_call_only:
+        state.repeat_rule = composite.rule_for(names[state.first_layer], state.first_layer, is_first=False)
     if pattern is not None:
         state.patterns = patterns_by_module(model, pattern)
     for module in layers:
@@ -172,7 +197,7 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
         pooling = _when_active(state, _proportional_pool(state))
         skip = _when_active(state, _skip)
         for module in state.rules:
-            if isinstance(module, MIXING_TYPES) and not isinstance(module, Add):
+            if isinstance(module, PROPORTIONAL_MODULES):
                 handles.append(module.register_forward_hook(pooling))
         for batchnorm in state.batchnorms.values():
             handles.append(batchnorm.register_forward_hook(skip))

@@ -1,29 +1,48 @@
-"""Conversion of torch models into explainable ones.
+"""Conversion of torch models into explainable ones, operation by operation.
 
-:func:`convert` copies any module tree and swaps every ``Linear``/``Conv1d/2d/3d`` for its torchlrp twin while
-keeping the model's own ``forward`` (so ``torch.flatten`` in VGG or the residual additions of ResNet just work).
-A ``torch.fx`` trace of the model then finds what is needed for a faithful explanation: batch norms fed by an
-affine layer are folded into it (outputs unchanged), layers whose input follows a ReLU are marked non-negative, and
-anything whose relevance torchlrp cannot propagate is reported in one :class:`ConversionError`.
+:func:`convert` copies a model, swaps its layers for their torchlrp twins (``Linear``, convolutions, transposed
+convolutions, ``ReLU``, the other activations, normalizations) and traces it with ``torch.fx``. Every call in the
+trace through which relevance flows is looked up in the operation registry (:mod:`torchlrp.registry`): calls whose
+gradient already is their relevance rule (``cat``, ``view``, ``permute``, max pooling, dropout) stay; the others
+(``x + y``, ``x.mean(...)``, ``F.silu(x)``, ``gate * x``, ``F.layer_norm``) are replaced by operation modules
+registered inside the module whose forward made the call (``features.1.add``). The trace also decides, per call:
+batch norms fed by a linear/conv layer are folded into it, a layer's input is non-negative (it follows a ReLU), a
+layer or sum feeds a ReLU (explained together with it), and which layer the input meets first. The result is a
+``torch.fx.GraphModule`` that keeps the model's submodules and ``state_dict`` (folded batch norms aside) and
+computes the same outputs; anything unknown is reported in one :class:`ConversionError`.
 """
 from __future__ import annotations
 
 import copy
 import fnmatch
-import operator
-from typing import Iterable
+import warnings
+from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
+from torch.fx import Graph, GraphModule, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import fold_batchnorm
-from .composites import MIXING_TYPES
-from .context import RECTIFIERS, SIGN_PRESERVING, final_softmax
-from .modules.affine import Conv1d, Conv2d, Conv3d, ExplainableAffine, Linear
+from .modules.activation import ACTIVATION_TWINS
+from .modules.affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d,
+                             ExplainableAffine, Linear)
+from .modules.norm import NORM_TWINS
 from .modules.rectifier import ReLU
+from .modules.operation import Scale
 from .modules.residual import Add
 from .modules.sequential import Sequential
+from .registry import OperationEntry, OperationRegistry, Unsupported, default_registry
+
+#: torch layer class -> torchlrp twin (exact type match: subclasses of the torch layers are left alone)
+TWINS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
+    torch.nn.Linear: Linear, torch.nn.Conv1d: Conv1d, torch.nn.Conv2d: Conv2d, torch.nn.Conv3d: Conv3d,
+    torch.nn.ConvTranspose1d: ConvTranspose1d, torch.nn.ConvTranspose2d: ConvTranspose2d,
+    torch.nn.ConvTranspose3d: ConvTranspose3d, torch.nn.ReLU: ReLU, **ACTIVATION_TWINS, **NORM_TWINS,
+}
+
+_ACTIVATION, _CONSTANT, _SHAPE = "activation", "constant", "shape"
+_MARKS = {"input_nonnegative", "feeds_rectifier", "first"}
+_CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
 
 
 class ConversionError(ValueError):
@@ -32,7 +51,7 @@ class ConversionError(ValueError):
     Attributes
     ----------
     unsupported : list of tuple of str
-        ``(dotted path, type or operation)`` for each offending place.
+        ``(dotted path or fx node name, type or operation)`` for each offending place.
     """
 
     def __init__(self, unsupported: list[tuple[str, str]]) -> None:
@@ -40,189 +59,332 @@ class ConversionError(ValueError):
         lines = "\n".join(f"  {path}: {kind}" for path, kind in unsupported)
         super().__init__(
             f"cannot propagate relevance through {len(unsupported)} part(s) of the model:\n{lines}\n"
-            f"Supported: Linear/Conv1d/2d/3d, ReLU, max/average pooling, Flatten, Dropout, Identity, batch norm after "
-            f"a linear/conv layer, torchvision ResNet blocks and a final Softmax. To let a module pass relevance by "
-            f"its plain gradient, name it: convert(model, allow_gradient=['path', 'glob.*'])")
-
-
-def _twin(module: torch.nn.Module) -> type[torch.nn.Module] | None:
-    for base, twin in ((torch.nn.Linear, Linear), (torch.nn.Conv1d, Conv1d), (torch.nn.Conv2d, Conv2d),
-                       (torch.nn.Conv3d, Conv3d), (torch.nn.ReLU, ReLU)):
-        if type(module) is base:
-            return twin
-    return None
-
-
-def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-class _LeafTracer(torch.fx.Tracer):
-    """Keeps torch.nn leaves and torchlrp layers opaque."""
-
-    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (ExplainableAffine, Add, ReLU)) or super().is_leaf_module(module, qualified_name)
-
-
-_NEUTRAL_FUNCTIONS = (torch.flatten, torch.relu, F.relu, F.dropout, torch.reshape, operator.getitem, getattr)
-_NEUTRAL_METHODS = ("flatten", "view", "reshape", "relu", "size", "contiguous", "dim", "squeeze", "unsqueeze")
-_SIGN_FUNCTIONS = (torch.flatten, torch.reshape, F.dropout)
-_SIGN_METHODS = ("flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze")
-
-
-def _supported_module(module: torch.nn.Module) -> bool:
-    return isinstance(module, (ExplainableAffine, Add, *MIXING_TYPES, *SIGN_PRESERVING, *RECTIFIERS))
-
-
-def _analyse(model: torch.nn.Module, allowed: set[str]) -> list[tuple[str, str]]:
-    """Fold batch norms, mark non-negative inputs; return the unsupported places (fx-based)."""
-    graph = _LeafTracer().trace(model)
-    modules = dict(model.named_modules())
-    users = {node: list(node.users) for node in graph.nodes}
-    nonnegative: set[torch.fx.Node] = set()
-    unsupported: list[tuple[str, str]] = []
-    softmax = final_softmax(model)
-    for node in graph.nodes:
-        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
-        first = args[0] if args else None
-        if node.op == "call_module":
-            module = modules[node.target]
-            if isinstance(module, ExplainableAffine) and first in nonnegative:
-                module.input_nonnegative = True
-            if isinstance(module, _BatchNorm) and first is not None and first.op == "call_module" \
-                    and isinstance(modules[first.target], ExplainableAffine) and len(users[first]) == 1:
-                layer = modules[first.target]
-                weight, bias = fold_batchnorm(layer.weight.detach(), _detached(layer.bias), module)
-                layer.weight = torch.nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
-                layer.bias = torch.nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
-                _replace(model, node.target, torch.nn.Identity())
-                continue
-            if isinstance(module, RECTIFIERS):
-                nonnegative.add(node)
-                module.inplace = False
-            elif isinstance(module, SIGN_PRESERVING) and first in nonnegative:
-                nonnegative.add(node)
-            elif isinstance(module, Add) and all(a in nonnegative for a in args):
-                nonnegative.add(node)
-            if not (_supported_module(module) or module is softmax or _is_allowed(node.target, allowed)):
-                unsupported.append((node.target, type(module).__name__))
-        elif node.op in ("call_function", "call_method"):
-            name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
-            neutral = node.target in _NEUTRAL_FUNCTIONS if node.op == "call_function" else node.target in _NEUTRAL_METHODS
-            if node.target in (torch.relu, F.relu) or node.target == "relu":
-                nonnegative.add(node)
-            elif (node.target in _SIGN_FUNCTIONS or node.target in _SIGN_METHODS) and first in nonnegative:
-                nonnegative.add(node)
-            tensor_args = [a for a in args if a.op != "get_attr"]
-            if not neutral and tensor_args and not _is_allowed(node.name, allowed):
-                unsupported.append((node.name, f"operation {name}"))
-    _mark_rectifier_feeds(graph, dict(model.named_modules()), users)
-    return unsupported
-
-
-def _mark_rectifier_feeds(graph: torch.fx.Graph, modules: dict[str, torch.nn.Module],
-                          users: dict[torch.fx.Node, list[torch.fx.Node]]) -> None:
-    """Mark the layers and sums whose every call feeds, through identities only, a torchlrp ``ReLU``.
-
-    Batch norms are already folded (they are ``Identity`` modules in ``modules``). The folded layer keeps the
-    ReLU's output for its backward, as the ReLU's own backward does: a model that modifies it in place cannot be
-    differentiated with or without folding.
-    """
-    feeds: dict[torch.nn.Module, bool] = {}
-    for node in graph.nodes:
-        layer = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(layer, (ExplainableAffine, Add)):
-            continue
-        follower = node
-        while len(users[follower]) == 1 and users[follower][0].op == "call_module" \
-                and isinstance(modules[users[follower][0].target], torch.nn.Identity):
-            follower = users[follower][0]
-        after = users[follower]
-        rectified = len(after) == 1 and after[0].op == "call_module" and type(modules[after[0].target]) is ReLU
-        feeds[layer] = feeds.get(layer, True) and rectified
-    for layer, rectified in feeds.items():
-        layer.feeds_rectifier = rectified
-
-
-def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach()
+            f"Supported: the operations of torchlrp.default_registry() (linear/conv layers, sums, concatenations, "
+            f"index maps, pooling, means, gates, element-wise activations, normalizations; see the README's "
+            f"operation table). To let a part pass relevance by its plain gradient, name it: "
+            f"convert(model, allow_gradient=['path', 'glob.*']); to add an operation, register it: "
+            f"convert(model, registry=...)")
 
 
 def _is_allowed(path: str, allowed: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(path, pattern) for pattern in allowed)
 
 
-def _check_leaves(model: torch.nn.Module, allowed: set[str]) -> list[tuple[str, str]]:
+class _Tracer(torch.fx.Tracer):
+    """Keeps as leaves the registered module types and the modules allowed to pass their gradient."""
+
+    def __init__(self, registry: OperationRegistry, allowed: set[str]) -> None:
+        super().__init__()
+        self.registry, self.allowed = registry, allowed
+
+    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:  # noqa: D102
+        if self.registry.for_module(module) is not None or _is_allowed(qualified_name, self.allowed):
+            return True
+        return super().is_leaf_module(module, qualified_name)
+
+
+def _node_arguments(value: Any) -> list[Node]:
+    """Every node inside an argument (lists, tuples, dicts, slices)."""
+    found: list[Node] = []
+    torch.fx.node.map_arg(value, found.append)
+    return found
+
+
+class _Analysis:
+    """One pass over a traced graph: kinds, signs and gates of values, rewrites, folds and per-call marks."""
+
+    def __init__(self, model: torch.nn.Module, graph: Graph, registry: OperationRegistry, allowed: set[str]) -> None:
+        self.model, self.graph, self.registry, self.allowed = model, graph, registry, allowed
+        self.modules = dict(model.named_modules())
+        self.kind: dict[Node, str] = {}
+        self.nonnegative: set[Node] = set()
+        self.gates: set[Node] = set()
+        self.unsupported: list[tuple[str, str]] = []
+        self.insertions: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+        self.order = {node: index for index, node in enumerate(graph.nodes)}
+        self.output_values: set[Node] = set()
+        for node in graph.nodes:
+            if node.op == "output":
+                self.output_values.update(_node_arguments(node.args))
+
+    # -- GraphView (for the registry's builders)
+    def is_activation(self, argument: Any) -> bool:
+        return isinstance(argument, Node) and self.kind.get(argument) == _ACTIVATION
+
+    def is_gate(self, argument: Any) -> bool:
+        return isinstance(argument, Node) and argument in self.gates
+
+    def is_output(self, node: Node) -> bool:
+        return node in self.output_values
+
+    # -- the pass
+    def run(self) -> None:
+        for node in list(self.graph.nodes):
+            if node.op == "placeholder":
+                self.kind[node] = _ACTIVATION
+            elif node.op == "get_attr":
+                self.kind[node] = _CONSTANT
+            elif node.op in ("call_function", "call_method", "call_module"):
+                self._visit(node)
+        self._mark_calls()
+
+    def _label(self, node: Node) -> tuple[str, str]:
+        if node.op == "call_module":
+            return node.target, type(self.modules[node.target]).__name__
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+        return node.name, f"operation {name}"
+
+    def _visit(self, node: Node) -> None:
+        arguments = _node_arguments((node.args, node.kwargs))
+        active = [a for a in arguments if self.kind.get(a) == _ACTIVATION]
+        entry = self.registry.lookup(node, self.modules)
+        if entry is not None and (entry.shape or entry.constant):
+            self.kind[node] = _SHAPE if entry.shape else _CONSTANT
+            return
+        if not active:  # nothing derived from the input flows through: a constant or a size computation
+            self.kind[node] = _CONSTANT if any(self.kind.get(a) == _CONSTANT for a in arguments) else _SHAPE
+            return
+        self.kind[node] = _ACTIVATION
+        path, label = self._label(node)
+        if _is_allowed(path, self.allowed):
+            return
+        if entry is None:
+            self.unsupported.append((path, label))
+            return
+        if self._inplace(node, entry) and self._used_later(node):
+            self.unsupported.append((path, f"{label} in place on a tensor used again"))
+            return
+        if node.op == "call_module" and isinstance(self.modules[node.target], _BatchNorm) and self._fold(node):
+            return
+        if entry.build is not None:
+            try:
+                replacement = entry.build(node, self)
+            except Unsupported as reason:
+                self.unsupported.append((path, f"{label}: {reason}"))
+                return
+            if replacement is not None:
+                self._replace(node, replacement)
+        self._signs(node, entry, active)
+
+    def _inplace(self, node: Node, entry: OperationEntry) -> bool:
+        if node.op == "call_module":
+            return bool(getattr(self.modules[node.target], "inplace", False))
+        return entry.inplace or bool(node.kwargs.get("inplace", False))
+
+    def _used_later(self, node: Node) -> bool:
+        mutated = node.args[0] if node.args else None
+        if not isinstance(mutated, Node):
+            return False
+        return any(self.order[user] > self.order[node] for user in mutated.users if user is not node)
+
+    def _signs(self, node: Node, entry: OperationEntry, active: list[Node]) -> None:
+        if entry.gate or (entry.rule == "index map" and all(a in self.gates for a in active)):
+            self.gates.add(node)  # a reshaped gate is a gate
+        if entry.sign == "nonnegative" or (entry.sign == "preserve" and all(a in self.nonnegative for a in active)):
+            self.nonnegative.add(node)
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, Scale):  # non-negative features times a non-negative gate
+            signal, factor = node.args[module.signal_index], node.args[1 - module.signal_index]
+            if signal in self.nonnegative and factor in self.gates and factor in self.nonnegative:
+                self.nonnegative.add(node)
+        if module is not None and getattr(module, "inplace", False):
+            module.inplace = False  # safe: checked above that its input is not used again
+
+    def _container(self, node: Node) -> str:
+        """The dotted path of the module whose forward made the call (not a Sequential/ModuleList: their
+        ``forward`` or indexing would see a new child)."""
+        stack = node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        if node.op == "call_module" and path == node.target:  # a leaf module: its parent holds the replacement
+            path = node.target.rpartition(".")[0]
+        while path and isinstance(self.model.get_submodule(path), _CONTAINERS):
+            path = path.rpartition(".")[0]
+        return path
+
+    def _replace(self, node: Node, replacement: torch.nn.Module) -> None:
+        """Turn the call into a call of ``replacement``, to be registered in the module that made the call."""
+        path = self._container(node)
+        container = self.model.get_submodule(path) if path else self.model
+        base = (node.target if node.op == "call_method" else getattr(node.target, "__name__", "operation")
+                if node.op == "call_function" else node.target.rpartition(".")[2] + "_output")
+        base = base.strip("_") or "operation"
+        name, index = base, 0
+        target = f"{path}.{name}" if path else name
+        while hasattr(container, name) or target in self.modules:
+            index += 1
+            name = f"{base}_{index}"
+            target = f"{path}.{name}" if path else name
+        self.insertions.append((container, name, replacement))
+        self.modules[target] = replacement
+        node.op, node.target = "call_module", target
+        node.kwargs = {key: value for key, value in node.kwargs.items() if key != "inplace"}  # checked: not reused
+
+    def _fold(self, node: Node) -> bool:
+        """Fold an eval-statistics batch norm into the linear/conv layer whose only output it normalizes."""
+        batchnorm = self.modules[node.target]
+        layer_node = node.args[0] if node.args else None
+        if not (isinstance(layer_node, Node) and layer_node.op == "call_module"):
+            return False
+        layer = self.modules[layer_node.target]
+        if not isinstance(layer, ExplainableAffine) or getattr(layer, "transposed", False):
+            return False
+        if len(layer_node.users) != 1 or batchnorm.running_mean is None or len(node.args) != 1:
+            return False
+        calls = [n.target for n in self.graph.nodes if n.op == "call_module"]
+        if calls.count(layer_node.target) != 1 or calls.count(node.target) != 1:
+            return False  # a layer or norm called more than once keeps its own parameters
+        shared = [p for _, p in self.model.named_parameters(remove_duplicate=False) if p is layer.weight]
+        if len(shared) != 1:
+            return False  # weight tied to another module
+        weight, bias = fold_batchnorm(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
+                                      batchnorm)
+        layer.weight = torch.nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
+        layer.bias = torch.nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
+        parent, _, child = node.target.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, child, torch.nn.Identity())
+        node.replace_all_uses_with(layer_node)
+        self.graph.erase_node(node)
+        self.kind[layer_node] = _ACTIVATION
+        return True
+
+    def _mark_calls(self) -> None:
+        """Per call: non-negative input, feeds a ReLU, first layer (as keyword arguments of the call)."""
+        first = True
+        for node in self.graph.nodes:
+            module = self.modules.get(node.target) if node.op == "call_module" else None
+            if isinstance(module, ExplainableAffine):
+                source = node.args[0] if node.args else None
+                node.kwargs = {**node.kwargs, "input_nonnegative": source in self.nonnegative,
+                               "feeds_rectifier": self._feeds_rectifier(node), "first": first}
+                first = False
+            elif isinstance(module, Add):
+                node.kwargs = {**node.kwargs, "feeds_rectifier": self._feeds_rectifier(node)}
+
+    def _feeds_rectifier(self, node: Node) -> bool:
+        follower = node
+        while len(follower.users) == 1:
+            user = next(iter(follower.users))
+            module = self.modules.get(user.target) if user.op == "call_module" else None
+            if type(module) is ReLU:
+                return True
+            if not isinstance(module, torch.nn.Identity):
+                return False
+            follower = user
+        return False
+
+
+def _graph_module(model: torch.nn.Module, graph: Graph) -> GraphModule:
+    """A GraphModule running ``graph`` that keeps the model's submodules (containers included) and attributes."""
+    graph.lint()
+    module = GraphModule(model, graph, class_name=type(model).__name__)
+    for name, child in model.named_children():
+        setattr(module, name, child)
+    for name, value in vars(model).items():
+        if not name.startswith("_") and name not in vars(module) and name != "training":
+            setattr(module, name, value)
+    module.training = model.training
+    return module
+
+
+def _check_leaves(model: torch.nn.Module, registry: OperationRegistry, allowed: set[str]) -> list[tuple[str, str]]:
     """Module-only check for models that torch.fx cannot trace."""
     unsupported = []
-    softmax = final_softmax(model)
-    folded: set[torch.nn.Module] = set()
-    for container in model.modules():
-        if isinstance(container, torch.nn.Sequential):
-            children = list(container)
-            folded.update(b for a, b in zip(children, children[1:])
-                          if isinstance(a, ExplainableAffine) and isinstance(b, _BatchNorm))
     for name, module in model.named_modules():
-        if next(module.children(), None) is not None or isinstance(module, ExplainableAffine):
+        if next(module.children(), None) is not None or _is_allowed(name, allowed):
             continue
-        if isinstance(module, RECTIFIERS):
-            module.inplace = False
-        if not (_supported_module(module) or module is softmax or module in folded or _is_allowed(name, allowed)):
+        if registry.for_module(module) is None:
             unsupported.append((name, type(module).__name__))
+        elif hasattr(module, "inplace"):
+            module.inplace = False
     return unsupported
 
 
-def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Iterable[str] = ()) -> torch.nn.Module:
+def _swap_twins(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        twin = TWINS.get(type(module))
+        if twin is not None:
+            module.__class__ = twin  # the twins add no state: the (copied) module becomes its twin in place
+
+
+def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Iterable[str] = (),
+            registry: OperationRegistry | None = None) -> torch.nn.Module:
     """Return an explainable copy of any model.
 
-    Every ``torch.nn.Linear``/``Conv1d``/``Conv2d``/``Conv3d`` becomes its torchlrp twin (same parameters), the
-    residual additions of torchvision ResNet blocks become :class:`~torchlrp.Add` modules, batch norms fed by a
-    linear/conv layer are folded into it (the batch norm becomes an ``Identity``; eval-mode outputs are unchanged,
-    so convert a trained model in eval mode), ``ReLU`` modules become (out-of-place) :class:`torchlrp.ReLU`, layers
-    that follow a ReLU are marked as having non-negative input and layers that feed one directly are marked to be
-    explained together with it (fewer tensors kept from forward to backward; same relevance). The model's own
-    ``forward`` is kept. These marks describe the model as converted: after changing its modules, convert it again.
+    Layers become their torchlrp twins (same parameters); the model is traced with ``torch.fx`` and every
+    operation through which relevance flows gets its rule from the operation registry (sums split relevance
+    between their summands, means and average pooling proportionally, gates pass it to the features, element-wise
+    activations pass it unchanged, normalizations are explained as the affine maps they are; see the README's
+    operation table). Batch norms fed by a linear/conv layer are folded into it (eval-mode outputs unchanged:
+    convert a trained model in eval mode). Per call, the trace marks layers whose input follows a ReLU
+    (non-negative input), layers and sums that feed a ReLU (explained together with it) and the first layer the
+    input meets (a composite's ``first`` rule). These marks describe the model as converted: after changing its
+    modules, convert it again.
 
     Parameters
     ----------
     model : torch.nn.Module
-        Any model, e.g. a torchvision VGG, AlexNet or ResNet.
+        Any model, e.g. any torchvision CNN classifier.
     inplace : bool
-        Modify ``model`` itself instead of a deep copy.
+        Modify ``model``'s modules instead of those of a deep copy (the returned model shares them).
     allow_gradient : iterable of str
         Dotted module paths or fx node names (globs allowed) that may pass relevance by their plain gradient
-        although torchlrp has no rule for them.
+        although torchlrp has no rule for them (such modules are not traced into).
+    registry : OperationRegistry, optional
+        The operations and their rules; default :func:`torchlrp.default_registry`.
 
     Returns
     -------
     torch.nn.Module
-        The converted model.
+        A ``torch.fx.GraphModule`` with the model's submodules, attributes and outputs; a ``Sequential`` of layers
+        stays a ``Sequential`` (explained by position). Where ``torch.fx`` cannot trace the model (data-dependent
+        control flow), the model itself with its modules converted, and a warning.
 
     Raises
     ------
     ConversionError
-        Listing every module (dotted path and type) or operation whose relevance cannot be propagated.
+        Listing every module (dotted path and type) or operation (fx node name) whose relevance cannot be
+        propagated.
+    TypeError
+        If ``model`` is not a module.
     """
-    from .modules.resnet import TorchBasicBlock, TorchBottleneck, explainable_block
-
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     model = model if inplace else copy.deepcopy(model)
+    registry = default_registry() if registry is None else registry
     allowed = set(allow_gradient)
-    for name, module in list(model.named_modules()):
-        if type(module) in (TorchBasicBlock, TorchBottleneck):
-            explainable_block(module)
-        twin = _twin(module)
-        if twin is not None:
-            module.__class__ = twin  # the twin adds no state: the (copied) module becomes its twin in place
+    _swap_twins(model)
     try:
-        unsupported = _analyse(model, allowed)
-    except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError):
-        unsupported = _check_leaves(model, allowed)
-    if unsupported:
-        raise ConversionError(unsupported)
-    return model
+        graph = _Tracer(registry, allowed).trace(model)
+    except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, AttributeError) as error:
+        unsupported = _check_leaves(model, registry, allowed)
+        if unsupported:
+            raise ConversionError(unsupported) from None
+        warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: {error}); only its "
+                      f"modules were converted: operations in its forward (sums, products, means) pass relevance by "
+                      f"their gradient", stacklevel=2)
+        return model
+    analysis = _Analysis(model, graph, registry, allowed)
+    analysis.run()
+    if analysis.unsupported:
+        raise ConversionError(analysis.unsupported)
+    if isinstance(model, torch.nn.Sequential) and not analysis.insertions and _is_chain(graph):
+        return model
+    for container, name, replacement in analysis.insertions:
+        container.add_module(name, replacement)
+    return _graph_module(model, graph)
+
+
+def _is_chain(graph: Graph) -> bool:
+    """Whether each call is a module taking only the previous node's output (a Sequential explained by position)."""
+    previous = None
+    for node in graph.nodes:
+        if node.op == "call_module" and list(node.args) == [previous] and node.kwargs.keys() <= _MARKS:
+            previous = node
+        elif node.op == "placeholder" and previous is None:
+            previous = node
+        elif node.op != "output":
+            return False
+    return True
 
 
 def convert_vgg(vgg: torch.nn.Module) -> Sequential:

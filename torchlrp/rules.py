@@ -379,7 +379,7 @@ def _stack_with_positive(weight: Tensor, input: Tensor, op: AffineOp) -> Tensor 
     a copy of the weight: it is done when the weight is not larger than the input, and only for ``groups == 1``
     (grouped convolutions order their output channels by group).
     """
-    if op.groups != 1 or weight.numel() > input.numel():
+    if op.groups != 1 or op.transposed or weight.numel() > input.numel():
         return None
     stacked = weight.new_empty((2 * weight.shape[0], *weight.shape[1:]))
     stacked[:weight.shape[0]].copy_(weight)

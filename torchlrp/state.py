@@ -35,6 +35,11 @@ class ExplainState:
         :func:`torchlrp.convert`): explained together with it where the rule can.
     fused : bool
         Run the rules' elementwise work fused by ``torch.compile`` (see :mod:`torchlrp.functional.kernels`).
+    first_layer : torch.nn.Module or None
+        The first layer the input meets; ``rules[first_layer]`` is the composite's rule for it.
+    repeat_rule : Rule or None
+        The rule of ``first_layer`` at its later calls, for a layer called more than once (weight tying) whose calls
+        :func:`torchlrp.convert` told apart.
     """
 
     rules: dict[torch.nn.Module, Rule] = field(default_factory=dict)
@@ -43,6 +48,8 @@ class ExplainState:
     nonnegative: set[torch.nn.Module] = field(default_factory=set)
     feeds_rectifier: set[torch.nn.Module] = field(default_factory=set)
     fused: bool = False
+    first_layer: torch.nn.Module | None = None
+    repeat_rule: Rule | None = None
 
 
 ACTIVE: ContextVar[ExplainState | None] = ContextVar("torchlrp_explain_state", default=None)

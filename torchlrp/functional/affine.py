@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _CONV_FUNCTIONS = (None, F.conv1d, F.conv2d, F.conv3d)
+_CONV_TRANSPOSE_FUNCTIONS = (None, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class AffineOp:
     rectified : bool
         The layer's output goes straight into a ReLU that is folded into it: the explain-mode forward returns
         ``relu(z)`` and the rule works from that (see :meth:`torchlrp.rules.Rule.forward_rectified`).
+    transposed : bool
+        A transposed convolution (weight ``(in, out / groups, *kernel)``): the map is ``conv_transpose`` and its
+        transpose the convolution with the same hyperparameters.
+    output_padding : tuple of int
+        The transposed convolution's output padding.
     """
 
     weight: Tensor
@@ -62,6 +68,8 @@ class AffineOp:
     pattern: Tensor | None = None
     fused: bool = False
     rectified: bool = False
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
 
     def channel_dim(self, ndim: int) -> int:
         """Return the channel (feature) dimension of a layer output with ``ndim`` dimensions.
@@ -77,6 +85,16 @@ class AffineOp:
             1 for a convolution (``(N, C, ...)``), ``ndim - 1`` for a linear layer (``(..., features)``).
         """
         return 1 if self.spatial_dims else ndim - 1
+
+    @property
+    def weight_input_dim(self) -> int:
+        """The weight's dimension of input channels: 1 (``Linear``, convolutions), 0 (transposed convolutions)."""
+        return 0 if self.transposed else 1
+
+    @property
+    def weight_output_dim(self) -> int:
+        """The weight's dimension of output channels: 0 (``Linear``, convolutions), 1 (transposed convolutions)."""
+        return 1 if self.transposed else 0
 
     def __call__(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """Apply the layer's map to ``input`` with the given parameters.
@@ -99,6 +117,9 @@ class AffineOp:
             return F.linear(input, weight, bias)
         if self.explicit_padding is not None:
             input = F.pad(input, self.explicit_padding, mode=self.padding_mode)
+        if self.transposed:
+            return _CONV_TRANSPOSE_FUNCTIONS[self.spatial_dims](input, weight, bias, self.stride, self.padding,
+                                                                self.output_padding, self.groups, self.dilation)
         convolution = _CONV_FUNCTIONS[self.spatial_dims]
         return convolution(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -121,6 +142,11 @@ class AffineOp:
         """
         if self.spatial_dims == 0:
             return signal.matmul(weight)
+        if self.transposed:
+            convolution = _CONV_FUNCTIONS[self.spatial_dims]
+            mapped = convolution(signal, weight, None, self.stride, self.padding, self.dilation, self.groups)
+            crop = (Ellipsis, *(slice(0, size) for size in input_shape[-self.spatial_dims:]))
+            return mapped if mapped.shape == input_shape else mapped[crop]
         padded_shape = self._padded_shape(input_shape)
         shape_carrier = signal.new_empty(padded_shape)  # never read; an expanded one would be copied
         n = self.spatial_dims
@@ -158,7 +184,7 @@ class AffineOp:
         channels = self.channel_dim(len(input_shape))
         shape = list(input_shape)
         shape[channels] *= len(weights)
-        stacked = self.transpose(signal, torch.Size(shape), torch.cat(weights, dim=1))
+        stacked = self.transpose(signal, torch.Size(shape), torch.cat(weights, dim=self.weight_input_dim))
         return list(stacked.chunk(len(weights), dim=channels))
 
     def _padded_shape(self, input_shape: torch.Size) -> tuple[int, ...]:

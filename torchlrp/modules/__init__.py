@@ -1,7 +1,19 @@
-"""Layer modules of torchlrp: drop-in twins of the torch layers with an explain mode."""
-from .affine import Conv1d, Conv2d, Conv3d, ExplainableAffine, Linear
+"""Layer modules of torchlrp: drop-in twins of the torch layers with an explain mode, and the modules that
+explain a model's parameter-free operations."""
+from .activation import (CELU, ELU, GELU, SELU, Hardsigmoid, Hardswish, Hardtanh, LeakyReLU, Mish, PReLU, ReLU6,
+                         Sigmoid, SiLU, Softplus, Tanh)
+from .affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, ExplainableAffine,
+                     Linear)
+from .norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm
+from .operation import Activation, LayerNormFunction, Operation, OutputSoftmax, Proportional, Scale
 from .rectifier import ReLU
 from .residual import Add
 from .sequential import Sequential
 
-__all__ = ["Add", "Conv1d", "Conv2d", "Conv3d", "ExplainableAffine", "Linear", "ReLU", "Sequential"]
+__all__ = [
+    "Activation", "Add", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "CELU", "Conv1d", "Conv2d", "Conv3d",
+    "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ELU", "ExplainableAffine", "GELU", "GroupNorm",
+    "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction", "LeakyReLU", "Linear", "Mish",
+    "Operation", "OutputSoftmax", "PReLU", "Proportional", "ReLU", "ReLU6", "SELU", "Scale", "Sequential", "SiLU",
+    "Sigmoid", "Softplus", "Tanh",
+]

@@ -39,7 +39,8 @@ class ExplainableAffine:
     feeds_rectifier: bool = False
 
     def forward(self, input: Tensor, explain: bool | None = None, rule: "str | Rule | Composite | None" = None,
-                pattern: Tensor | None = None) -> Tensor:
+                pattern: Tensor | None = None, *, input_nonnegative: bool | None = None,
+                feeds_rectifier: bool | None = None, first: bool | None = None) -> Tensor:
         """Apply the layer; in explain mode, attach the rule's relevance backward.
 
         Parameters
@@ -54,6 +55,13 @@ class ExplainableAffine:
             The rule; None uses the rule set on the layer, else ``"epsilon"`` (TorchLRP's default).
         pattern : Tensor or None
             The layer's pattern for ``"patternnet"``/``"patternattribution"``.
+        input_nonnegative, feeds_rectifier : bool or None
+            What :func:`torchlrp.convert` found for this call: its input is non-negative (it follows a ReLU), its
+            output goes straight into a ``torchlrp.ReLU``. None: the layer's attributes of the same names (and, in
+            a ``Sequential``, what the active explanation found by position).
+        first : bool or None
+            Whether this call is the first layer the input meets (it then takes a composite's ``first`` rule).
+            None: decided per module (the first layer registered, or the one ``convert`` found).
 
         Returns
         -------
@@ -62,23 +70,42 @@ class ExplainableAffine:
             with the ``torchlrp.ReLU`` after it (``feeds_rectifier``; that ReLU then passes it on unchanged, so the
             model's output is the same). Forward hooks on the layer see that rectified output.
         """
+        return self._run(input, {}, explain, rule, pattern, input_nonnegative, feeds_rectifier, first)
+
+    def _run(self, input: Tensor, call: dict[str, Any], explain: bool | None, rule: "str | Rule | Composite | None",
+             pattern: Tensor | None, input_nonnegative: bool | None, feeds_rectifier: bool | None,
+             first: bool | None) -> Tensor:
+        """The forward, with ``call`` the torch layer's own extra arguments (``output_size``)."""
         state = current()
         active = state is not None and self in state.rules
         if explain is None:
             explain = active
         if not explain:
-            return super().forward(input)
-        rule = self._explain_rule(rule, state)
-        op = self._operator(pattern, state)
-        if active and (self.feeds_rectifier or self in state.feeds_rectifier) and rule.folds_rectifier(op):
+            return self._plain_forward(input, **call)
+        rule = self._explain_rule(rule, state, first)
+        op = self._operator(pattern, state, input_nonnegative, self._extra_geometry(input, **call))
+        rectified = self.feeds_rectifier if feeds_rectifier is None else feeds_rectifier
+        if active and (rectified or self in state.feeds_rectifier) and rule.folds_rectifier(op):
             op = dataclasses.replace(op, rectified=True)
         return AffineRelevance.apply(watch(input), op, rule)
 
-    def _explain_rule(self, rule: "str | Rule | Composite | None", state: ExplainState | None) -> Rule:
+    def _plain_forward(self, input: Tensor) -> Tensor:
+        return super().forward(input)
+
+    def _extra_geometry(self, input: Tensor) -> dict[str, Any]:
+        """Keyword arguments of :class:`AffineOp` that depend on the call (none but for transposed convolutions)."""
+        return {}
+
+    def _explain_rule(self, rule: "str | Rule | Composite | None", state: ExplainState | None,
+                      first: bool | None) -> Rule:
         from ..composites import Composite
 
         if rule is None:
-            return state.rules[self] if state is not None and self in state.rules else resolve("epsilon")
+            if state is None or self not in state.rules:
+                return resolve("epsilon")
+            if first is False and state.first_layer is self and state.repeat_rule is not None:
+                return state.repeat_rule
+            return state.rules[self]
         if isinstance(rule, Composite):
             return rule.rule_for("", self, is_first=True)
         return resolve(rule)
@@ -106,20 +133,23 @@ class ExplainableAffine:
         """
         return self._operator(pattern, current())
 
-    def _operator(self, pattern: Tensor | None, state: ExplainState | None) -> AffineOp:
+    def _operator(self, pattern: Tensor | None, state: ExplainState | None, input_nonnegative: bool | None = None,
+                  extra: dict[str, Any] | None = None) -> AffineOp:
         weight, bias = self.weight, self.bias
-        nonnegative, fused = self.input_nonnegative, False
+        nonnegative = self.input_nonnegative if input_nonnegative is None else input_nonnegative
+        fused = False
         if state is not None:
             fused = state.fused
             batchnorm = state.batchnorms.get(self)
             if batchnorm is not None:
                 weight, bias = fold_batchnorm(weight, bias, batchnorm)
             pattern = state.patterns.get(self) if pattern is None else pattern
-            nonnegative = nonnegative or self in state.nonnegative
+            nonnegative = nonnegative or (input_nonnegative is None and self in state.nonnegative)
         if pattern is not None and pattern.shape != self.weight.shape:
             raise ValueError(f"pattern of shape {tuple(pattern.shape)} does not match the weight shape "
                              f"{tuple(self.weight.shape)} of {type(self).__name__}")
-        return AffineOp(weight, bias, input_nonnegative=nonnegative, pattern=pattern, fused=fused, **self._geometry())
+        return AffineOp(weight, bias, input_nonnegative=nonnegative, pattern=pattern, fused=fused, **self._geometry(),
+                        **(extra or {}))
 
     def _geometry(self) -> dict[str, Any]:
         """Keyword arguments of :class:`AffineOp` describing the map (none for a linear layer)."""
@@ -202,3 +232,62 @@ class Conv2d(_ExplainableConv, torch.nn.Conv2d):
 
 class Conv3d(_ExplainableConv, torch.nn.Conv3d):
     """``torch.nn.Conv3d`` with an explain mode (see :class:`ExplainableAffine`)."""
+
+
+class _ExplainableConvTranspose(_ExplainableConv):
+    """Transposed-convolution twins: the map is ``conv_transpose``, its transpose the convolution."""
+
+    def forward(self, input: Tensor, output_size: list[int] | None = None, explain: bool | None = None,
+                rule: "str | Rule | Composite | None" = None, pattern: Tensor | None = None, *,
+                input_nonnegative: bool | None = None, feeds_rectifier: bool | None = None,
+                first: bool | None = None) -> Tensor:
+        """Apply the transposed convolution; in explain mode, attach the rule's relevance backward.
+
+        Parameters
+        ----------
+        input : Tensor
+            The layer input.
+        output_size : list of int, optional
+            As for the torch layer (chooses the output padding).
+        explain, rule, pattern, input_nonnegative, feeds_rectifier, first
+            As for :meth:`ExplainableAffine.forward`.
+
+        Returns
+        -------
+        Tensor
+            The layer output (identical to the torch layer's).
+        """
+        return self._run(input, {"output_size": output_size}, explain, rule, pattern, input_nonnegative,
+                         feeds_rectifier, first)
+
+    def _plain_forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        return super(ExplainableAffine, self).forward(input, output_size)
+
+    def _extra_geometry(self, input: Tensor, output_size: list[int] | None = None) -> dict[str, Any]:
+        n = len(self.kernel_size)
+        output_padding = self._output_padding(input, output_size, list(self.stride), list(self.padding),
+                                              list(self.kernel_size), n, list(self.dilation))
+        return {"transposed": True, "output_padding": tuple(output_padding)}
+
+    def _geometry(self) -> dict[str, Any]:
+        geometry = super()._geometry()
+        geometry["explicit_padding"] = None
+        return geometry
+
+    @staticmethod
+    def _constructor_arguments(module: torch.nn.Module) -> dict[str, Any]:
+        arguments = _ExplainableConv._constructor_arguments(module)
+        arguments["output_padding"] = module.output_padding
+        return arguments
+
+
+class ConvTranspose1d(_ExplainableConvTranspose, torch.nn.ConvTranspose1d):
+    """``torch.nn.ConvTranspose1d`` with an explain mode (see :class:`ExplainableAffine`)."""
+
+
+class ConvTranspose2d(_ExplainableConvTranspose, torch.nn.ConvTranspose2d):
+    """``torch.nn.ConvTranspose2d`` with an explain mode (see :class:`ExplainableAffine`)."""
+
+
+class ConvTranspose3d(_ExplainableConvTranspose, torch.nn.ConvTranspose3d):
+    """``torch.nn.ConvTranspose3d`` with an explain mode (see :class:`ExplainableAffine`)."""

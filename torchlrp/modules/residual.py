@@ -1,43 +1,97 @@
-"""The residual addition as a module, so that relevance is split between the branches it sums."""
+"""Sums of branches as a module, so that relevance is split between the summands instead of copied to each."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ..functional.kernels import sum_forward
+from ..functional.operations import weighted_sum_rule
 from ..functional.relevance import sum_relevance
 from ..state import current
+from .operation import Operation
 
 
-class Add(torch.nn.Module):
-    """Sum of tensors of one shape (a skip connection), explainable.
+class Add(Operation, torch.nn.Module):
+    """Sum of tensors (a skip connection, ``x + y``, ``x - y``, ``x + constant``), explainable.
 
-    While an explanation of its model is active (:func:`torchlrp.context.rules_applied`) each summand receives relevance in
-    proportion to its contribution, ``R_i = x_i R / stab(sum_j x_j)``; without it (or for gradient-type rules) this
-    is the plain sum. A plain ``a + b`` in a model would send the full relevance down both branches and double it
-    at every block. ``feeds_rectifier`` (set by :func:`torchlrp.convert`) marks a sum that goes straight into a
-    :class:`torchlrp.ReLU`: while explaining, the ReLU is applied here and explained together with the sum.
+    While an explanation of its model is active (:func:`torchlrp.context.rules_applied`) each summand receives
+    relevance in proportion to its contribution, ``R_i = s_i x_i R / stab(sum_j s_j x_j + c)`` (``s_i`` the
+    summand's sign, ``c`` a constant -- a number -- which absorbs its share like a bias; a summand broadcast
+    against the others gets its relevance summed over the broadcast dimensions). Without it (or for
+    gradient-type rules) this is the plain sum. A plain ``a + b`` in a model would send the full relevance down
+    both branches and double it at every block; :func:`torchlrp.convert` puts an ``Add`` in place of every sum
+    through which relevance flows.
+
+    ``feeds_rectifier`` marks a sum that goes straight into a :class:`torchlrp.ReLU`: while explaining, the ReLU
+    is applied here and explained together with the sum (same relevance, one tensor less kept). ``convert`` sets
+    it per call (keyword ``feeds_rectifier=`` of :meth:`forward`); the attribute is the default for other calls.
+
+    Parameters
+    ----------
+    signs : sequence of float, optional
+        ``1.0`` or ``-1.0`` per argument (default: all ``1.0``); ``Add(signs=(1, -1))(a, b)`` is ``a - b``.
     """
 
     feeds_rectifier: bool = False
 
-    def forward(self, *inputs: Tensor) -> Tensor:
-        """Sum ``inputs``.
+    def __init__(self, signs: Sequence[float] | None = None) -> None:
+        super().__init__()
+        if signs is not None and any(float(s) not in (1.0, -1.0) for s in signs):
+            raise ValueError(f"signs must be 1 or -1, got {tuple(signs)}")
+        self.signs = None if signs is None else tuple(float(s) for s in signs)
+
+    def forward(self, *inputs: Tensor | float, feeds_rectifier: bool | None = None) -> Tensor:
+        """Sum ``inputs`` (each with its sign).
 
         Parameters
         ----------
-        *inputs : Tensor
-            Two or more tensors of one shape.
+        *inputs : Tensor or number
+            Two or more summands, broadcastable to one shape.
+        feeds_rectifier : bool or None
+            Whether this call's output goes straight into a ``torchlrp.ReLU`` (None: the module's attribute).
 
         Returns
         -------
         Tensor
-            Their sum (while explaining a sum marked ``feeds_rectifier``: its ReLU, which the following
+            Their sum (while explaining a sum that feeds a ReLU: its ReLU, which the following
             ``torchlrp.ReLU`` passes on unchanged).
+
+        Raises
+        ------
+        ValueError
+            If ``signs`` was given and does not have one entry per argument.
         """
-        state = current()
-        rule = None if state is None else state.rules.get(self)
-        if rule is None or rule.propagates_gradient:
+        signs = self.signs or (1.0,) * len(inputs)
+        if len(signs) != len(inputs):
+            raise ValueError(f"Add with signs {self.signs} takes {len(signs)} arguments, got {len(inputs)}")
+        rule = self.operation_rule()
+        if rule is None:
+            return self._plain(inputs, signs)
+        tensors = [(x, s) for x, s in zip(inputs, signs) if isinstance(x, Tensor)]
+        constants = [x * s for x, s in zip(inputs, signs) if not isinstance(x, Tensor)]
+        if not tensors:
+            return self._plain(inputs, signs)
+        shapes = {t.shape for t, _ in tensors}
+        if not constants and len(tensors) > 1 and len(shapes) == 1 and all(s == 1.0 for s in signs):
+            state = current()
+            rectified = self.feeds_rectifier if feeds_rectifier is None else feeds_rectifier
+            rectified = rectified or self in state.feeds_rectifier
+            return sum_relevance(inputs, rule.epsilon, fused=state.fused, rectified=rectified)
+        constant = sum(constants) if constants else None
+        return weighted_sum_rule([t for t, _ in tensors], [s for _, s in tensors], constant, rule.epsilon)
+
+    @staticmethod
+    def _plain(inputs: tuple, signs: tuple[float, ...]) -> Tensor:
+        if len(inputs) == 2 and signs == (1.0, -1.0):
+            return inputs[0] - inputs[1]
+        if all(s == 1.0 for s in signs):
             return sum_forward(*inputs)
-        rectified = self.feeds_rectifier or self in state.feeds_rectifier
-        return sum_relevance(inputs, rule.epsilon, fused=state.fused, rectified=rectified)
+        total = inputs[0] if signs[0] == 1.0 else -inputs[0]
+        for summand, sign in zip(inputs[1:], signs[1:]):
+            total = total + summand if sign == 1.0 else total - summand
+        return total
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return "" if self.signs is None else f"signs={self.signs}"

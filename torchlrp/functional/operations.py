@@ -1,0 +1,267 @@
+"""Relevance rules of the parameter-free operations a model applies between its layers.
+
+Each Function computes the operation in its forward and, in its backward, turns the relevance of the output into
+that of the inputs (the gradient reaching the output *is* the output relevance):
+
+* :class:`IdentityRelevance` -- element-wise activations (SiLU, GELU, Hardswish, ...): relevance passes unchanged,
+  ``R_x = R_y`` (the identity rule of zennit and AttnLRP).
+* :class:`ScaleRelevance` -- ``x * g`` or ``x / g`` where ``g`` is a constant (layer scale) or a gate computed from
+  the features (squeeze-excitation): ``g`` is held constant, so the map is linear in ``x`` and the whole relevance
+  goes to ``x`` (summed over the dimensions along which ``x`` was broadcast); the gate receives none.
+* :class:`WeightedSumRelevance` -- ``z = sum_i s_i x_i + c`` with signs ``s_i`` (``+``/``-``), broadcasting and a
+  constant ``c``: ``R_i = s_i x_i R / stab(z)`` (each summand in proportion to its contribution, ``c`` absorbing
+  its share like a bias).
+* :class:`ChannelAffineRelevance` -- an eval-mode batch norm that does not follow a linear/conv layer, the
+  per-channel affine map ``y = a x + b`` it is: the epsilon rule ``R_x = a x R / stab(y)``.
+* :class:`NormalizationRelevance` -- LayerNorm/GroupNorm with the division by the standard deviation held constant
+  (AttnLRP): ``y = w (x - mean x) / s + b`` is then linear in ``x``; the epsilon rule on the affine part and LRP-0
+  on the centring give ``R_x = (x / s) (u - mean u)`` with ``u = w R / stab(y)`` (means over each normalized group).
+
+Nothing in a backward synchronizes with the host.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .stabilize import stabilize
+
+
+def _sum_to(tensor: Tensor, shape: torch.Size) -> Tensor:
+    """``tensor`` summed over the dimensions along which a tensor of ``shape`` was broadcast."""
+    return tensor if tensor.shape == shape else tensor.sum_to_size(shape)
+
+
+class IdentityRelevance(torch.autograd.Function):
+    """Forward: ``function(input)``. Backward: the output relevance, unchanged (nothing kept from the forward)."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, function: Callable[[Tensor], Tensor]) -> Tensor:  # noqa: D102
+        output = function(input)
+        return output.view_as(output) if output is input else output
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return relevance, None
+
+
+class ScaleRelevance(torch.autograd.Function):
+    """Forward: ``operation(signal, factor)`` (a product or quotient). Backward: all relevance to ``signal``."""
+
+    @staticmethod
+    def forward(ctx, signal: Tensor, factor: Tensor, operation: Callable[[Tensor, Tensor], Tensor],
+                signal_first: bool) -> Tensor:  # noqa: D102
+        ctx.signal_shape = signal.shape
+        return operation(signal, factor) if signal_first else operation(factor, signal)
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
+        return _sum_to(relevance, ctx.signal_shape), None, None, None
+
+
+class WeightedSumRelevance(torch.autograd.Function):
+    """Forward: ``sum_i signs[i] * inputs[i] + constant`` (broadcasting). Backward: the proportional split."""
+
+    @staticmethod
+    def forward(ctx, epsilon: float, signs: tuple[float, ...], constant: Tensor | float | None,
+                *inputs: Tensor) -> Tensor:  # noqa: D102
+        total = inputs[0] if signs[0] == 1 else -inputs[0]
+        for sign, summand in zip(signs[1:], inputs[1:]):
+            total = torch.add(total, summand, alpha=sign)
+        if constant is not None:
+            total = total + constant
+        ctx.signs = signs
+        ctx.save_for_backward(stabilize(total, epsilon), *inputs)
+        return total
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        denominator, *inputs = ctx.saved_tensors
+        ratio = relevance / denominator
+        shares = [_sum_to(ratio * summand * sign, summand.shape) for sign, summand in zip(ctx.signs, inputs)]
+        return (None, None, None, *shares)
+
+
+class ChannelAffineRelevance(torch.autograd.Function):
+    """Forward: an eval-mode batch norm. Backward: the epsilon rule on its per-channel affine map."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+                bias: Tensor | None, eps: float, epsilon: float) -> Tensor:  # noqa: D102
+        output = F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+        scale = (running_var + eps).rsqrt()
+        shift = -running_mean * scale
+        if weight is not None:
+            shift = shift * weight
+        if bias is not None:
+            shift = shift + bias
+        shape = (-1,) + (1,) * (input.dim() - 2)
+        ctx.save_for_backward(output, shift.view(shape).to(output.dtype))
+        ctx.epsilon = epsilon
+        return output
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        output, shift = ctx.saved_tensors
+        return relevance * (output - shift) / stabilize(output, ctx.epsilon), None, None, None, None, None, None
+
+
+class NormalizationRelevance(torch.autograd.Function):
+    """Forward: a layer or group norm given by ``normalize``. Backward: the rule with the std held constant.
+
+    ``groups(t)`` views a tensor of the input's shape as ``(..., group_size)``: the normalization takes its mean
+    and standard deviation over the last dimension of that view.
+    """
+
+    @staticmethod
+    def forward(ctx, input: Tensor, normalize: Callable[[Tensor], Tensor], groups: Callable[[Tensor], Tensor],
+                weight: Tensor | None, eps: float, epsilon: float) -> Tensor:  # noqa: D102
+        output = normalize(input)
+        grouped = groups(input)
+        std = (grouped.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+        ctx.groups, ctx.epsilon = groups, epsilon
+        ctx.save_for_backward(input, output, std, weight)
+        return output
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        input, output, std, weight = ctx.saved_tensors
+        share = relevance / stabilize(output, ctx.epsilon)
+        if weight is not None:
+            share = share * weight
+        grouped = ctx.groups(share)
+        centred = grouped - grouped.mean(-1, keepdim=True)
+        result = ctx.groups(input) / std * centred
+        return result.reshape(input.shape), None, None, None, None, None
+
+
+def identity_rule(input: Tensor, function: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply an element-wise ``function`` whose relevance passes unchanged (the identity rule).
+
+    Parameters
+    ----------
+    input : Tensor
+        The input.
+    function : callable
+        The element-wise function (e.g. ``torch.nn.functional.silu``).
+
+    Returns
+    -------
+    Tensor
+        ``function(input)``; its backward returns the output relevance as the input relevance.
+    """
+    return IdentityRelevance.apply(input, function)
+
+
+def scale_rule(signal: Tensor, factor: Tensor, operation: Callable[[Tensor, Tensor], Tensor] = torch.mul,
+               signal_first: bool = True) -> Tensor:
+    """Multiply (or divide) ``signal`` by a constant or gate ``factor`` that receives no relevance.
+
+    Parameters
+    ----------
+    signal : Tensor
+        The features being scaled.
+    factor : Tensor
+        The scale: a parameter (layer scale) or a gate computed from the features (squeeze-excitation).
+    operation : callable
+        ``torch.mul`` (default) or ``torch.div``.
+    signal_first : bool
+        Whether ``signal`` is the first operand of ``operation``.
+
+    Returns
+    -------
+    Tensor
+        The result; its backward gives ``signal`` the whole relevance (summed over broadcast dimensions).
+    """
+    return ScaleRelevance.apply(signal, factor, operation, signal_first)
+
+
+def weighted_sum_rule(inputs: Sequence[Tensor], signs: Sequence[float], constant: Tensor | float | None = None,
+                      epsilon: float = 1e-6) -> Tensor:
+    """Sum ``signs[i] * inputs[i]`` plus a constant, splitting relevance in proportion to each term.
+
+    Parameters
+    ----------
+    inputs : sequence of Tensor
+        The summands (broadcastable to one shape).
+    signs : sequence of float
+        ``1.0`` or ``-1.0`` per summand.
+    constant : Tensor, float or None
+        A term that takes its share of relevance without passing it on (like a bias).
+    epsilon : float
+        Stabilizer of the denominator.
+
+    Returns
+    -------
+    Tensor
+        The sum.
+    """
+    return WeightedSumRelevance.apply(epsilon, tuple(float(s) for s in signs), constant, *inputs)
+
+
+__all__ = [
+    "ChannelAffineRelevance", "IdentityRelevance", "NormalizationRelevance", "ScaleRelevance",
+    "WeightedSumRelevance", "identity_rule", "scale_rule", "weighted_sum_rule",
+]
+
+
+def layer_norm_rule(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,
+                    eps: float, epsilon: float) -> Tensor:
+    """``torch.nn.functional.layer_norm`` explained with the standard deviation held constant (AttnLRP).
+
+    Parameters
+    ----------
+    input, normalized_shape, weight, bias, eps
+        As for :func:`torch.nn.functional.layer_norm`.
+    epsilon : float
+        Stabilizer of the rule's denominator.
+
+    Returns
+    -------
+    Tensor
+        The layer norm's output (see :class:`NormalizationRelevance` for its backward).
+    """
+    normalized_shape = tuple(normalized_shape)
+    dims = len(normalized_shape)
+
+    def normalize(tensor: Tensor) -> Tensor:
+        return F.layer_norm(tensor, normalized_shape, weight, bias, eps)
+
+    def groups(tensor: Tensor) -> Tensor:
+        return tensor if dims == 1 else tensor.flatten(-dims)
+
+    return NormalizationRelevance.apply(input, normalize, groups, weight, eps, epsilon)
+
+
+def group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+                    epsilon: float) -> Tensor:
+    """``torch.nn.functional.group_norm`` explained with the standard deviation held constant (AttnLRP).
+
+    Parameters
+    ----------
+    input, num_groups, weight, bias, eps
+        As for :func:`torch.nn.functional.group_norm` (input ``(N, C, ...)``).
+    epsilon : float
+        Stabilizer of the rule's denominator.
+
+    Returns
+    -------
+    Tensor
+        The group norm's output (see :class:`NormalizationRelevance` for its backward).
+    """
+    batch = input.shape[0]
+    channel_weight = None if weight is None else weight.view(-1, *([1] * (input.dim() - 2)))
+
+    def normalize(tensor: Tensor) -> Tensor:
+        return F.group_norm(tensor, num_groups, weight, bias, eps)
+
+    def groups(tensor: Tensor) -> Tensor:
+        return tensor.reshape(batch, num_groups, -1)
+
+    return NormalizationRelevance.apply(input, normalize, groups, channel_weight, eps, epsilon)
+
+
+__all__ += ["group_norm_rule", "layer_norm_rule"]

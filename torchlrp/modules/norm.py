@@ -1,0 +1,105 @@
+"""Normalization layers explained as the affine maps they are.
+
+* ``BatchNorm1d/2d/3d`` that do not follow a linear/conv layer (DenseNet's norm -> ReLU -> conv, pre-activation
+  blocks): in eval mode the per-channel affine map ``y = a x + b``, explained by the epsilon rule
+  ``R_x = a x R / stab(y)`` (``b`` absorbs its share, like a bias). A batch norm that follows a linear/conv layer
+  is folded into it by :func:`torchlrp.convert` instead.
+* ``LayerNorm`` and ``GroupNorm``: the division by the standard deviation held constant (AttnLRP, Achtibat et al.
+  2024), which makes them linear; see :class:`~torchlrp.functional.operations.NormalizationRelevance`.
+
+Each class subclasses its torch layer (same constructor, same ``state_dict``). Outside an explanation, under a
+gradient-type rule, or (batch norm) in training mode, the forward is the torch one.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..functional.operations import ChannelAffineRelevance, group_norm_rule, layer_norm_rule
+from .operation import Operation
+
+
+class _ExplainableBatchNorm(Operation):
+    """Mixin: an eval-mode batch norm explained as its per-channel affine map."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize.
+
+        Parameters
+        ----------
+        input : Tensor
+            ``(N, C, ...)`` input.
+
+        Returns
+        -------
+        Tensor
+            The torch batch norm's output; while explaining (eval mode), its backward is the epsilon rule.
+        """
+        rule = self.operation_rule()
+        if rule is None or self.training or self.running_mean is None:
+            return super().forward(input)
+        return ChannelAffineRelevance.apply(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                            self.eps, rule.epsilon)
+
+
+class BatchNorm1d(_ExplainableBatchNorm, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` explained as its per-channel affine map (see the module docstring)."""
+
+
+class BatchNorm2d(_ExplainableBatchNorm, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` explained as its per-channel affine map (see the module docstring)."""
+
+
+class BatchNorm3d(_ExplainableBatchNorm, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` explained as its per-channel affine map (see the module docstring)."""
+
+
+class LayerNorm(Operation, torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` with the standard deviation held constant while explaining (AttnLRP)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize over the last ``len(normalized_shape)`` dimensions.
+
+        Parameters
+        ----------
+        input : Tensor
+            The input.
+
+        Returns
+        -------
+        Tensor
+            The torch layer norm's output.
+        """
+        rule = self.operation_rule()
+        if rule is None:
+            return super().forward(input)
+        return layer_norm_rule(input, self.normalized_shape, self.weight, self.bias, self.eps, rule.epsilon)
+
+
+class GroupNorm(Operation, torch.nn.GroupNorm):
+    """``torch.nn.GroupNorm`` with the standard deviation held constant while explaining (AttnLRP)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize over each group of channels.
+
+        Parameters
+        ----------
+        input : Tensor
+            ``(N, C, ...)`` input.
+
+        Returns
+        -------
+        Tensor
+            The torch group norm's output.
+        """
+        rule = self.operation_rule()
+        if rule is None:
+            return super().forward(input)
+        return group_norm_rule(input, self.num_groups, self.weight, self.bias, self.eps, rule.epsilon)
+
+
+#: torch normalization class -> its explainable twin
+NORM_TWINS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
+    torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, torch.nn.BatchNorm3d: BatchNorm3d,
+    torch.nn.LayerNorm: LayerNorm, torch.nn.GroupNorm: GroupNorm,
+}

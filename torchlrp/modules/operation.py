@@ -1,0 +1,236 @@
+"""Modules that explain the parameter-free operations of a model (sums, reductions, gates, activations, ...).
+
+:func:`torchlrp.convert` puts one of these modules in place of each call of a function or method through which
+relevance flows (``x + y``, ``x.mean((2, 3))``, ``F.silu(x)``, ``scale * x``, ...), registered inside the module
+whose forward made the call (e.g. ``features.1.add``), so that composites (``by_name``/``by_type``) and traces
+see them like layers. Outside an explanation each computes exactly the original call. While an explanation of
+their model is active they take the composite's rule for parameter-free operations: ``Epsilon`` (the
+proportional split, stabilized by its epsilon) or a gradient-type rule (then they compute the plain gradient).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..functional.operations import identity_rule, layer_norm_rule, scale_rule
+from ..functional.relevance import proportional
+from ..rules import Rule
+from ..state import current
+
+
+class Operation:
+    """Mixin of torchlrp's operation modules: finds the module's rule in the active explanation."""
+
+    def operation_rule(self) -> Rule | None:
+        """Return the rule this module explains by now, or None where it computes the plain operation.
+
+        Returns
+        -------
+        Rule or None
+            The rule of the active explanation of a model holding this module, unless it propagates a gradient.
+        """
+        state = current()
+        rule = None if state is None else state.rules.get(self)
+        return None if rule is None or rule.propagates_gradient else rule
+
+    def explaining(self) -> bool:
+        """Whether an explanation of a model holding this module is active (whatever its rule).
+
+        Returns
+        -------
+        bool
+            True inside :func:`torchlrp.explain` / :func:`torchlrp.rules_applied` for this model.
+        """
+        state = current()
+        return state is not None and self in state.rules
+
+
+def _name(function: Callable) -> str:
+    return getattr(function, "__name__", type(function).__name__)
+
+
+class Proportional(Operation, torch.nn.Module):
+    """A parameter-free linear map (mean, sum, average pooling, interpolation): proportional relevance.
+
+    ``R_x = x * J^T (R / stab(f(x)))``: each input gets relevance in proportion to its contribution.
+
+    Parameters
+    ----------
+    function : callable
+        The map, called as ``function(input, *args, **kwargs)`` (e.g. ``torch.mean``,
+        ``torch.nn.functional.adaptive_avg_pool2d``).
+    """
+
+    def __init__(self, function: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Apply the map.
+
+        Parameters
+        ----------
+        input : Tensor
+            The input.
+        *args, **kwargs
+            The map's other arguments.
+
+        Returns
+        -------
+        Tensor
+            ``function(input, *args, **kwargs)``.
+        """
+        rule = self.operation_rule()
+        if rule is None:
+            return self.function(input, *args, **kwargs)
+        return proportional(input, lambda tensor: self.function(tensor, *args, **kwargs), rule.epsilon)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return _name(self.function)
+
+
+class Scale(Operation, torch.nn.Module):
+    """``signal * factor`` or ``signal / factor`` with the factor held constant: all relevance to the signal.
+
+    The factor is a constant (a parameter: layer scale; a number) or a gate computed from the features by a
+    sigmoid-like function (squeeze-excitation): relevance to the features with the gate held constant, as in the
+    canonization of EfficientNet/MobileNet by Pahde et al.; the gate's branch receives none.
+
+    Parameters
+    ----------
+    operation : callable
+        ``torch.mul`` or ``torch.div``.
+    signal_index : int
+        Which argument of the call (0 or 1) is the signal.
+    """
+
+    def __init__(self, operation: Callable[[Any, Any], Tensor], signal_index: int) -> None:
+        super().__init__()
+        if signal_index not in (0, 1):
+            raise ValueError(f"signal_index must be 0 or 1, got {signal_index!r}")
+        self.operation = operation
+        self.signal_index = signal_index
+
+    def forward(self, left: Any, right: Any) -> Tensor:
+        """Apply the product or quotient.
+
+        Parameters
+        ----------
+        left, right : Tensor or number
+            The operands, in the call's order.
+
+        Returns
+        -------
+        Tensor
+            ``operation(left, right)``.
+        """
+        rule = self.operation_rule()
+        signal, factor = (left, right) if self.signal_index == 0 else (right, left)
+        if rule is None or not isinstance(signal, Tensor):
+            return self.operation(left, right)
+        return scale_rule(signal, factor, self.operation, signal_first=self.signal_index == 0)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{_name(self.operation)}, signal_index={self.signal_index}"
+
+
+class Activation(Operation, torch.nn.Module):
+    """An element-wise activation called as a function (``F.silu(x)``, ``x.sigmoid()``): the identity rule.
+
+    Parameters
+    ----------
+    function : callable
+        The activation, called as ``function(input, *args, **kwargs)``.
+    """
+
+    def __init__(self, function: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Apply the activation.
+
+        Parameters
+        ----------
+        input : Tensor
+            The input.
+        *args, **kwargs
+            The activation's other arguments.
+
+        Returns
+        -------
+        Tensor
+            ``function(input, *args, **kwargs)``; while explaining, relevance passes it unchanged.
+        """
+        if self.operation_rule() is None:
+            return self.function(input, *args, **kwargs)
+        return identity_rule(input, lambda tensor: self.function(tensor, *args, **kwargs))
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return _name(self.function)
+
+
+class LayerNormFunction(Operation, torch.nn.Module):
+    """``torch.nn.functional.layer_norm`` called in a forward (e.g. torchvision's channels-last ``LayerNorm2d``).
+
+    Explained as :class:`torchlrp.modules.LayerNorm` is: the standard deviation held constant (AttnLRP).
+    """
+
+    def forward(self, input: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None = None,
+                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+        """Apply the layer norm.
+
+        Parameters
+        ----------
+        input, normalized_shape, weight, bias, eps
+            As for :func:`torch.nn.functional.layer_norm`.
+
+        Returns
+        -------
+        Tensor
+            The normalized input.
+        """
+        rule = self.operation_rule()
+        if rule is None:
+            return torch.nn.functional.layer_norm(input, normalized_shape, weight, bias, eps)
+        return layer_norm_rule(input, normalized_shape, weight, bias, eps, rule.epsilon)
+
+
+class OutputSoftmax(Operation, torch.nn.Module):
+    """A softmax (or log-softmax) that produces the model's output: skipped while explaining.
+
+    The score before it is explained, as for a final ``Softmax`` module of a ``Sequential``.
+
+    Parameters
+    ----------
+    function : callable
+        The softmax, called as ``function(input, *args, **kwargs)``.
+    """
+
+    def __init__(self, function: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Apply the softmax, or (while explaining) return the scores unchanged.
+
+        Parameters
+        ----------
+        input : Tensor
+            The scores.
+        *args, **kwargs
+            The softmax's other arguments.
+
+        Returns
+        -------
+        Tensor
+            ``function(input, *args, **kwargs)``, or ``input`` while explaining.
+        """
+        if self.explaining():
+            return input
+        return self.function(input, *args, **kwargs)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return _name(self.function)

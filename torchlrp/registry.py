@@ -1,0 +1,381 @@
+"""The operation registry: how relevance passes through each operation of a traced model.
+
+:func:`torchlrp.convert` traces a model with ``torch.fx`` and looks every call up here -- a function
+(``torch.cat``, ``operator.add``, ``F.silu``), a tensor method (``"mean"``, ``"view"``) or a leaf module type
+(``nn.MaxPool2d``, ``lrp.SiLU``). An :class:`OperationEntry` says
+
+* which relevance rule applies (``rule``, the name the docs and the README's operation table use);
+* how to explain the call: ``build`` makes an operation module (:mod:`torchlrp.modules.operation`) that replaces
+  the call, or ``build`` is None and the call stays as it is, because its gradient already is the rule (index maps
+  such as ``cat``/``view``/``permute``: relevance follows the index map; max pooling: winner takes all; dropout and
+  stochastic depth in eval mode: identity);
+* what the static analysis needs: whether the output is non-negative (``sign``), a gate (``gate``: a product with
+  it scales a signal), sizes rather than tensors (``shape``) or carries no relevance (``constant``).
+
+A new operation is one entry::
+
+    registry = torchlrp.default_registry()
+    registry.add_function(my_op, OperationEntry("identity"))   # relevance passes unchanged (its gradient)
+    converted = torchlrp.convert(model, registry=registry)
+
+The registry is built fresh by :func:`default_registry` (no process-wide state); ``convert`` uses a fresh one
+unless given one.
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from .modules.activation import ACTIVATION_TWINS, Hardsigmoid, ReLU6, Sigmoid
+from .modules.affine import ExplainableAffine
+from .modules.norm import NORM_TWINS
+from .modules.operation import Activation, LayerNormFunction, OutputSoftmax, Proportional, Scale
+from .modules.rectifier import ReLU
+from .modules.residual import Add
+
+Sign = Literal["none", "preserve", "nonnegative"]
+
+
+class Unsupported(Exception):
+    """Raised by an entry's ``build`` when this particular call cannot be explained; the message says why."""
+
+
+class GraphView(Protocol):
+    """What an entry's ``build`` may ask about the traced graph (provided by :func:`torchlrp.convert`)."""
+
+    def is_activation(self, argument: Any) -> bool:
+        """Whether ``argument`` is a node carrying relevance (derived from the model input)."""
+
+    def is_gate(self, argument: Any) -> bool:
+        """Whether ``argument`` is the output of a gate (sigmoid-like), possibly reshaped."""
+
+    def is_output(self, node: torch.fx.Node) -> bool:
+        """Whether ``node`` is (part of) the model's output."""
+
+
+
+Build = Callable[[torch.fx.Node, "GraphView"], "torch.nn.Module | None"]
+
+
+@dataclass(frozen=True)
+class OperationEntry:
+    """How relevance passes through one operation.
+
+    Parameters
+    ----------
+    rule : str
+        The relevance rule, as the docs name it (``"index map"``, ``"proportional"``, ``"identity"``, ...).
+    build : callable or None
+        ``build(node, graph_view)`` returns the module that replaces the call (it is called with the call's
+        arguments) or None to keep it, or raises :class:`Unsupported`. None keeps every call: its gradient is
+        the rule.
+    sign : {"none", "preserve", "nonnegative"}
+        Whether the output is non-negative: always, when every tensor input is, or not known.
+    gate : bool
+        The output is a gate (sigmoid-like, in ``[0, 1]``): a product with it scales a signal.
+    shape : bool
+        The call returns sizes or other non-tensor values (``x.size()``, ``x.shape``).
+    constant : bool
+        The output carries no relevance although computed from an activation (``zeros_like``, ``detach``).
+    inplace : bool
+        The call modifies its first argument (``x.add_(y)``, ``F.relu(x, inplace=True)`` is found from its
+        keyword); ``convert`` rewrites it out of place if that argument is not used afterwards.
+    """
+
+    rule: str
+    build: Build | None = None
+    sign: Sign = "none"
+    gate: bool = False
+    shape: bool = False
+    constant: bool = False
+    inplace: bool = False
+
+
+class OperationRegistry:
+    """Operations (functions, tensor methods, leaf module types) mapped to their :class:`OperationEntry`."""
+
+    def __init__(self) -> None:
+        self.functions: dict[Any, OperationEntry] = {}
+        self.methods: dict[str, OperationEntry] = {}
+        self.modules: dict[type, OperationEntry] = {}
+
+    def add_function(self, function: Any, entry: OperationEntry) -> None:
+        """Register a function (or any callable that ``torch.fx`` records as ``call_function``).
+
+        Parameters
+        ----------
+        function : callable
+            The function object, e.g. ``torch.cat`` or ``operator.add``.
+        entry : OperationEntry
+            How relevance passes through it.
+        """
+        self.functions[function] = entry
+
+    def add_method(self, name: str, entry: OperationEntry) -> None:
+        """Register a tensor method by name (``"mean"`` for ``x.mean(...)``).
+
+        Parameters
+        ----------
+        name : str
+            The method name.
+        entry : OperationEntry
+            How relevance passes through it.
+        """
+        self.methods[name] = entry
+
+    def add_module(self, module_type: type, entry: OperationEntry) -> None:
+        """Register a leaf module type (subclasses match unless registered themselves).
+
+        Parameters
+        ----------
+        module_type : type
+            A ``torch.nn.Module`` subclass; ``convert`` keeps its instances as leaves of the trace.
+        entry : OperationEntry
+            How relevance passes through it.
+        """
+        self.modules[module_type] = entry
+
+    def for_module(self, module: torch.nn.Module) -> OperationEntry | None:
+        """Return the entry of a module (by its type, then its base classes), or None.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            A leaf module.
+
+        Returns
+        -------
+        OperationEntry or None
+            The entry.
+        """
+        for cls in type(module).__mro__:
+            if cls in self.modules:
+                return self.modules[cls]
+        return None
+
+    def lookup(self, node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> OperationEntry | None:
+        """Return the entry of a traced call, or None if the operation is unknown.
+
+        Parameters
+        ----------
+        node : torch.fx.Node
+            A ``call_function``, ``call_method`` or ``call_module`` node.
+        modules : dict
+            The model's modules by dotted name.
+
+        Returns
+        -------
+        OperationEntry or None
+            The entry.
+        """
+        if node.op == "call_function":
+            try:
+                return self.functions.get(node.target)
+            except TypeError:  # an unhashable callable
+                return None
+        if node.op == "call_method":
+            return self.methods.get(node.target)
+        if node.op == "call_module":
+            return self.for_module(modules[node.target])
+        return None
+
+
+def _keep(rule: str, sign: Sign = "preserve", **flags: Any) -> OperationEntry:
+    return OperationEntry(rule, None, sign, **flags)
+
+
+def _proportional(function: Callable) -> OperationEntry:
+    return OperationEntry("proportional", lambda node, view: Proportional(function), "preserve")
+
+
+def _activation(function: Callable, sign: Sign = "none", gate: bool = False) -> OperationEntry:
+    return OperationEntry("identity", lambda node, view: Activation(function), sign, gate=gate)
+
+
+def _rectifier(inplace: bool = False) -> OperationEntry:
+    return OperationEntry("rectifier", lambda node, view: ReLU(), "nonnegative", inplace=inplace)
+
+
+def _sum(signs: tuple[float, float], inplace: bool = False) -> OperationEntry:
+    def build(node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
+        if node.kwargs or len(node.args) != 2:
+            raise Unsupported("a sum with more than two operands or with alpha=")
+        return Add(signs=signs)
+    return OperationEntry("sum", build, "preserve", inplace=inplace)
+
+
+def _scale(operation: Callable, inplace: bool = False) -> OperationEntry:
+    def build(node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
+        if node.kwargs or len(node.args) != 2:
+            raise Unsupported("a product or quotient with keyword arguments")
+        left, right = node.args
+        active = [view.is_activation(left), view.is_activation(right)]
+        if active == [True, False]:
+            return Scale(operation, 0)
+        if active == [False, True] and operation is torch.mul:
+            return Scale(operation, 1)
+        if active == [True, True]:
+            gates = [view.is_gate(left), view.is_gate(right)]
+            if gates == [False, True]:
+                return Scale(operation, 0)
+            if gates == [True, False] and operation is torch.mul:
+                return Scale(operation, 1)
+            raise Unsupported("a product of two activations that is not a gate (sigmoid-like) times features")
+        raise Unsupported("a division by an activation")
+    return OperationEntry("scale", build, "none", inplace=inplace)
+
+
+def _softmax(function: Callable) -> OperationEntry:
+    def build(node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
+        if not view.is_output(node):
+            raise Unsupported("a softmax inside the model (only a softmax that gives the output is supported: it "
+                              "is skipped, the scores before it are explained)")
+        return OutputSoftmax(function)
+    return OperationEntry("skipped at the output", build, "nonnegative")
+
+
+def _softmax_module(node: torch.fx.Node, view: GraphView) -> None:
+    if not view.is_output(node):
+        raise Unsupported("a softmax inside the model (only a softmax that gives the output is supported: it is "
+                          "skipped, the scores before it are explained)")
+
+
+#: tensor methods that only move, copy or select entries: relevance follows the index map (their gradient)
+INDEX_METHODS = (
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "swapaxes",
+    "swapdims", "movedim", "moveaxis", "t", "contiguous", "squeeze", "unsqueeze", "expand", "expand_as", "repeat",
+    "chunk", "split", "tensor_split", "unbind", "narrow", "select", "flip", "roll", "clone", "to", "float",
+    "double", "half", "bfloat16", "type", "type_as", "__getitem__",
+)
+INDEX_FUNCTIONS = (
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.t,
+    torch.squeeze, torch.unsqueeze, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack,
+    torch.vstack, torch.chunk, torch.split, torch.tensor_split, torch.unbind, torch.narrow, torch.select,
+    torch.flip, torch.roll, torch.clone, operator.getitem, F.pad, F.channel_shuffle, torch.channel_shuffle,
+    F.pixel_shuffle, F.pixel_unshuffle,
+)
+SHAPE_METHODS = ("size", "dim", "numel", "ndimension", "nelement", "stride", "element_size", "is_contiguous")
+CONSTANT_METHODS = ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "detach")
+CONSTANT_FUNCTIONS = (torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.rand_like,
+                      torch.randn_like, torch.detach)
+
+
+def default_registry() -> OperationRegistry:
+    """Return a new registry holding every operation torchlrp explains.
+
+    Returns
+    -------
+    OperationRegistry
+        A fresh registry (modify it freely and pass it to :func:`torchlrp.convert`).
+    """
+    registry = OperationRegistry()
+    add_function, add_method, add_module = registry.add_function, registry.add_method, registry.add_module
+
+    for name in INDEX_METHODS:
+        add_method(name, _keep("index map"))
+    for function in INDEX_FUNCTIONS:
+        add_function(function, _keep("index map"))
+    for name in SHAPE_METHODS:
+        add_method(name, _keep("sizes", "none", shape=True))
+    add_function(builtins.getattr, _keep("sizes", "none", shape=True))
+    add_function(builtins.len, _keep("sizes", "none", shape=True))
+    for name in CONSTANT_METHODS:
+        add_method(name, _keep("no relevance", "none", constant=True))
+    for function in CONSTANT_FUNCTIONS:
+        add_function(function, _keep("no relevance", "none", constant=True))
+
+    # pooling and reductions
+    for function in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                     F.adaptive_max_pool3d):
+        add_function(function, _keep("winner takes all"))
+    for function in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                     F.adaptive_avg_pool3d, torch.mean, torch.sum):
+        add_function(function, _proportional(function))
+    add_function(F.interpolate, OperationEntry("proportional", lambda node, view: Proportional(F.interpolate)))
+    add_method("mean", _proportional(torch.Tensor.mean))
+    add_method("sum", _proportional(torch.Tensor.sum))
+
+    # identity in eval mode
+    for function in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                     torchvision.ops.stochastic_depth):
+        add_function(function, _keep("identity"))
+
+    # sums and products
+    for function, signs in ((operator.add, (1.0, 1.0)), (torch.add, (1.0, 1.0)), (operator.sub, (1.0, -1.0)),
+                            (torch.sub, (1.0, -1.0)), (torch.subtract, (1.0, -1.0))):
+        add_function(function, _sum(signs))
+    add_function(operator.iadd, _sum((1.0, 1.0), inplace=True))
+    add_function(operator.isub, _sum((1.0, -1.0), inplace=True))
+    add_method("add", _sum((1.0, 1.0)))
+    add_method("sub", _sum((1.0, -1.0)))
+    add_method("add_", _sum((1.0, 1.0), inplace=True))
+    add_method("sub_", _sum((1.0, -1.0), inplace=True))
+    for function in (operator.mul, torch.mul, torch.multiply):
+        add_function(function, _scale(torch.mul))
+    for function in (operator.truediv, torch.div, torch.true_divide, torch.divide):
+        add_function(function, _scale(torch.div))
+    add_function(operator.imul, _scale(torch.mul, inplace=True))
+    add_function(operator.itruediv, _scale(torch.div, inplace=True))
+    add_method("mul", _scale(torch.mul))
+    add_method("div", _scale(torch.div))
+    add_method("mul_", _scale(torch.mul, inplace=True))
+    add_method("div_", _scale(torch.div, inplace=True))
+
+    # element-wise activations: the ReLU passes relevance where active (its gradient); the others unchanged
+    for function in (F.relu, torch.relu):
+        add_function(function, _rectifier())
+    for function in (F.relu_, torch.relu_):
+        add_function(function, _rectifier(inplace=True))
+    add_method("relu", _rectifier())
+    add_method("relu_", _rectifier(inplace=True))
+    for function in (F.relu6, F.hardtanh):
+        add_function(function, _activation(function, "nonnegative" if function is F.relu6 else "none"))
+    for function in (F.silu, F.gelu, F.hardswish, F.elu, F.celu, F.selu, F.leaky_relu, F.softplus, F.mish,
+                     F.tanh, torch.tanh):
+        add_function(function, _activation(function))
+    for function in (F.sigmoid, torch.sigmoid, F.hardsigmoid):
+        add_function(function, _activation(function, "nonnegative", gate=True))
+    add_method("sigmoid", _activation(torch.sigmoid, "nonnegative", gate=True))
+    add_method("tanh", _activation(torch.tanh))
+
+    # normalization and the output softmax
+    add_function(F.layer_norm, OperationEntry("layer norm", lambda node, view: LayerNormFunction()))
+    for function in (F.softmax, torch.softmax, F.log_softmax, torch.log_softmax):
+        add_function(function, _softmax(function))
+    add_method("softmax", _softmax(torch.Tensor.softmax))
+    add_method("log_softmax", _softmax(torch.Tensor.log_softmax))
+
+    # leaf modules
+    add_module(ExplainableAffine, _keep("layer rule (composite)", "none"))
+    add_module(ReLU, _keep("rectifier", "nonnegative"))
+    add_module(torch.nn.ReLU, _keep("rectifier", "nonnegative"))
+    for twin in ACTIVATION_TWINS.values():
+        sign: Sign = "nonnegative" if twin in (ReLU6, Sigmoid, Hardsigmoid) else "none"
+        add_module(twin, _keep("identity", sign, gate=twin in (Sigmoid, Hardsigmoid)))
+    for twin in NORM_TWINS.values():
+        rule = "affine (per channel)" if issubclass(twin, torch.nn.modules.batchnorm._BatchNorm) else "layer norm"
+        add_module(twin, _keep(rule, "none"))
+    for module_type in (torch.nn.MaxPool1d, torch.nn.MaxPool2d, torch.nn.MaxPool3d, torch.nn.AdaptiveMaxPool1d,
+                        torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d):
+        add_module(module_type, _keep("winner takes all"))
+    for module_type in (torch.nn.AvgPool1d, torch.nn.AvgPool2d, torch.nn.AvgPool3d, torch.nn.AdaptiveAvgPool1d,
+                        torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d):
+        add_module(module_type, _keep("proportional"))
+    add_module(torch.nn.Upsample, _keep("proportional", "none"))
+    for module_type in (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                        torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout, torch.nn.Identity, torch.nn.Flatten,
+                        torch.nn.Unflatten, torch.nn.ChannelShuffle, torch.nn.PixelShuffle, torch.nn.PixelUnshuffle):
+        add_module(module_type, _keep("identity" if "Dropout" in module_type.__name__ else "index map"))
+    add_module(Add, _keep("sum"))
+    for module_type in (torch.nn.Softmax, torch.nn.LogSoftmax):
+        add_module(module_type, OperationEntry("skipped at the output", _softmax_module, "nonnegative"))
+    return registry
+
+
+__all__ = ["GraphView", "OperationEntry", "OperationRegistry", "Unsupported", "default_registry"]
