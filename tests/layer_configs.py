@@ -19,6 +19,14 @@ CONFIGS = {
     "conv2d_circular": (lambda: torch.nn.Conv2d(2, 3, (3, 2), padding=1, padding_mode="circular"), (2, 2, 6, 5)),
     "conv2d_same_reflect": (lambda: torch.nn.Conv2d(2, 3, 4, padding="same", padding_mode="reflect"), (2, 2, 6, 6)),
     "conv3d": (lambda: torch.nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=1), (2, 2, 4, 5, 4)),
+    "convtranspose1d": (lambda: torch.nn.ConvTranspose1d(3, 4, 3, stride=2, padding=1, output_padding=1), (2, 3, 5)),
+    "convtranspose2d_stride2": (lambda: torch.nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1),
+                                (2, 3, 4, 4)),
+    "convtranspose2d_groups_dilation": (lambda: torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=2, dilation=2,
+                                                                         groups=2), (2, 4, 4, 5)),
+    "convtranspose2d_nobias": (lambda: torch.nn.ConvTranspose2d(2, 3, (2, 3), stride=(2, 1), bias=False),
+                               (2, 2, 3, 4)),
+    "convtranspose3d": (lambda: torch.nn.ConvTranspose3d(2, 3, 2, stride=2), (2, 2, 2, 3, 2)),
 }
 
 

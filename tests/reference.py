@@ -13,6 +13,16 @@ def layer_matrices(module, x):
     if isinstance(module, torch.nn.Linear):
         return (lambda t: t), (lambda w: w), module.bias
     n = len(module.kernel_size)
+    if isinstance(module, torch.nn.modules.conv._ConvTransposeNd):
+        transposed = (None, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n]
+
+        def transposed_matrix(w):
+            def apply(inp):
+                return transposed(inp[None], w, None, module.stride, module.padding, module.output_padding,
+                                  module.groups, module.dilation)[0].flatten()
+            return torch.func.jacrev(apply)(x[0]).reshape(-1, x[0].numel())
+
+        return (lambda t: t), transposed_matrix, module.bias
     conv = (None, F.conv1d, F.conv2d, F.conv3d)[n]
     if module.padding_mode == "zeros" and not isinstance(module.padding, str):
         pads = []
@@ -46,7 +56,7 @@ def reference_relevance(module, rule_name, x, relevance, **params):
     """Input relevance of ``module`` for ``rule_name`` (per sample, from the formula)."""
     pad, matrix, bias = layer_matrices(module, x)
     w = module.weight.detach()
-    out_channels = w.shape[0]
+    out_channels = getattr(module, "out_channels", w.shape[0])
     results = []
     for xs, rs in zip(x, relevance):
         xp = pad(xs[None])[0]

@@ -95,21 +95,25 @@ def test_residual_blocks_conserve_under_lrp0():
 class Unsupported(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Sigmoid())
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Softmin(dim=1))
         self.head = torch.nn.Linear(2, 2)
         self.act = torch.nn.Tanh()
 
     def forward(self, x):
-        return self.head(self.act(torch.sin(self.body(x)).mean((2, 3))))
+        features = torch.sin(self.body(x))
+        squared = features * features
+        return self.head(self.act(squared.softmax(1).mean((2, 3))))
 
 
 def test_conversion_error_lists_every_unsupported_part():
     with pytest.raises(lrp.ConversionError) as error:
         lrp.convert(Unsupported())
-    paths = [path for path, _ in error.value.unsupported]
-    assert "body.1" in paths and "act" in paths and "sin" in paths and "mean" in paths
-    assert "Sigmoid" in str(error.value) and "allow_gradient" in str(error.value)
-    converted = lrp.convert(Unsupported(), allow_gradient=["body.1", "act", "sin", "mean"])
+    places = dict(error.value.unsupported)
+    assert set(places) == {"body.1", "sin", "mul", "softmax"}
+    assert places["body.1"] == "Softmin" and "product of two activations" in places["mul"]
+    assert "softmax inside the model" in places["softmax"]
+    assert "allow_gradient" in str(error.value)
+    converted = lrp.convert(Unsupported(), allow_gradient=["body.1", "sin", "mul", "softmax"])
     assert torch.isfinite(lrp.explain(converted, torch.rand(2, 1, 5, 5))).all()
 
 

@@ -70,8 +70,9 @@ def test_relu_twin_passes_rectified_output_unchanged():
 def test_layer_called_directly_is_not_rectified():
     """Outside an explanation of a model, ``layer(x, explain=True)`` returns the unrectified output."""
     model = lrp.convert(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)))
-    assert model[0].feeds_rectifier
     x = torch.randn(5, 4, requires_grad=True)
+    with lrp.rules_applied(model, "epsilon"):  # explained by position: the layer feeds the ReLU
+        assert torch.equal(model[0](x), model[0](x, explain=False).relu())
     output = model[0](x, explain=True)
     assert torch.equal(output, torch.nn.functional.linear(x, model[0].weight, model[0].bias))
 
@@ -93,7 +94,8 @@ def test_rectified_sum_matches_formula(epsilon, device):
 
 
 def _marked(model):
-    return {name for name, module in model.named_modules() if getattr(module, "feeds_rectifier", False)}
+    """The calls that convert marked as feeding a ReLU (per call, in the converted model's graph)."""
+    return {node.target for node in model.graph.nodes if node.kwargs.get("feeds_rectifier")}
 
 
 def test_convert_marks_vgg_and_resnet():
@@ -103,7 +105,7 @@ def test_convert_marks_vgg_and_resnet():
     assert all(type(m) is lrp.ReLU for m in vgg.modules() if isinstance(m, torch.nn.ReLU))
     resnet = lrp.convert(torchvision.models.resnet18(num_classes=10).eval())
     blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
-    assert _marked(resnet) == {"conv1"} | {f"{b}.conv1" for b in blocks} | {f"{b}.residual" for b in blocks}
+    assert _marked(resnet) == {"conv1"} | {f"{b}.conv1" for b in blocks} | {f"{b}.add" for b in blocks}
 
 
 class _TwoUses(torch.nn.Module):

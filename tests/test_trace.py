@@ -48,7 +48,7 @@ def test_collect_with_model_call_and_resnet(tmp_path):
     resnet = lrp.convert(torchvision.models.resnet18(num_classes=10).eval())
     with trace.collect(resnet, layers=["layer1.0.*", "fc"]) as recorded:
         lrp.explain(resnet, torch.rand(1, 3, 32, 32), rule=lrp.EpsilonPlus())
-    assert "layer1.0.residual" in recorded and "layer1.0.residual[1]" in recorded and "fc" in recorded
+    assert "layer1.0.add" in recorded and "layer1.0.add[1]" in recorded and "fc" in recorded
     assert recorded["layer1.0.conv1"].shape == (1, 64, 8, 8)
 
 

@@ -40,4 +40,8 @@ def test_layer_matches_zennit(config, rule_name, nonnegative):
     ours_rule, zennit_rule = PAIRS[rule_name]
     _, ours = explain_layer(layer, ours_rule(), x, relevance, nonnegative)
     expected = zennit_relevance(torch_layer, zennit_rule(), x, relevance)
-    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
+    finite = torch.isfinite(expected)
+    if not finite.all():  # zennit's LRP-0 divides by exact zeros (e.g. a transposed conv's unreached outputs)
+        assert rule_name == "zero" and torch.isfinite(ours).all()
+    torch.testing.assert_close(ours[finite], expected[finite], rtol=1e-6,
+                               atol=1e-9 * float(expected[finite].abs().max()))

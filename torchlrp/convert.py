@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import warnings
 from typing import Any, Iterable
 
@@ -121,7 +122,8 @@ class _Analysis:
     def run(self) -> None:
         for node in list(self.graph.nodes):
             if node.op == "placeholder":
-                self.kind[node] = _ACTIVATION
+                # an argument with a default (or fixed to it while tracing) is not where relevance lands
+                self.kind[node] = _CONSTANT if node.args else _ACTIVATION
             elif node.op == "get_attr":
                 self.kind[node] = _CONSTANT
             elif node.op in ("call_function", "call_method", "call_module"):
@@ -247,6 +249,21 @@ class _Analysis:
         self.kind[layer_node] = _ACTIVATION
         return True
 
+    def is_chain(self) -> bool:
+        """Whether relevance flows through a chain of modules, each taking only the previous one's output (a
+        Sequential explained by position)."""
+        previous = None
+        for node in self.graph.nodes:
+            if self.kind.get(node) != _ACTIVATION:
+                continue
+            if node.op == "placeholder" and previous is None:
+                previous = node
+            elif node.op == "call_module" and list(node.args) == [previous] and node.kwargs.keys() <= _MARKS:
+                previous = node
+            else:
+                return False
+        return True
+
     def _mark_calls(self) -> None:
         """Per call: non-negative input, feeds a ReLU, first layer (as keyword arguments of the call)."""
         first = True
@@ -354,7 +371,7 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
     allowed = set(allow_gradient)
     _swap_twins(model)
     try:
-        graph = _Tracer(registry, allowed).trace(model)
+        graph = _Tracer(registry, allowed).trace(model, concrete_args=_sequential_options(model))
     except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, AttributeError) as error:
         unsupported = _check_leaves(model, registry, allowed)
         if unsupported:
@@ -367,24 +384,20 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
     analysis.run()
     if analysis.unsupported:
         raise ConversionError(analysis.unsupported)
-    if isinstance(model, torch.nn.Sequential) and not analysis.insertions and _is_chain(graph):
+    if isinstance(model, torch.nn.Sequential) and not analysis.insertions and analysis.is_chain():
         return model
     for container, name, replacement in analysis.insertions:
         container.add_module(name, replacement)
     return _graph_module(model, graph)
 
 
-def _is_chain(graph: Graph) -> bool:
-    """Whether each call is a module taking only the previous node's output (a Sequential explained by position)."""
-    previous = None
-    for node in graph.nodes:
-        if node.op == "call_module" and list(node.args) == [previous] and node.kwargs.keys() <= _MARKS:
-            previous = node
-        elif node.op == "placeholder" and previous is None:
-            previous = node
-        elif node.op != "output":
-            return False
-    return True
+def _sequential_options(model: torch.nn.Module) -> dict[str, Any] | None:
+    """For a Sequential (e.g. ``torchlrp.Sequential``, whose forward takes ``explain=``...): its options' defaults,
+    so that the trace follows the plain forward."""
+    if not isinstance(model, torch.nn.Sequential):
+        return None
+    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty} or None
 
 
 def convert_vgg(vgg: torch.nn.Module) -> Sequential:

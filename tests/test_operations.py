@@ -1,0 +1,157 @@
+"""Each operation rule against an independent reference written from its formula (float64)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchlrp.functional.operations import (ChannelAffineRelevance, group_norm_rule, identity_rule, layer_norm_rule,
+                                            scale_rule, weighted_sum_rule)
+from torchlrp.functional.relevance import proportional
+
+from .reference import _stab
+
+
+def backward(output, relevance, *inputs):
+    return torch.autograd.grad(output, inputs, relevance, allow_unused=True)
+
+
+def leaf(*shape):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_weighted_sum_with_signs_broadcast_and_constant(epsilon):
+    a, b = leaf(2, 3, 4), leaf(1, 3, 1)
+    relevance = torch.randn(2, 3, 4, dtype=torch.float64)
+    output = weighted_sum_rule([a, b], [1.0, -1.0], constant=0.5, epsilon=epsilon)
+    torch.testing.assert_close(output, a - b + 0.5)
+    ours_a, ours_b = backward(output, relevance, a, b)
+    z = (a - b + 0.5).detach()
+    expected_a = a.detach() * relevance / _stab(z, epsilon)
+    expected_b = (-b.detach() * relevance / _stab(z, epsilon)).sum((0, 2), keepdim=True)
+    torch.testing.assert_close(ours_a, expected_a)
+    torch.testing.assert_close(ours_b, expected_b)
+    if epsilon == 0:  # the constant takes 0.5 R / z, the rest is conserved
+        taken = (0.5 * relevance / z).sum()
+        torch.testing.assert_close(ours_a.sum() + ours_b.sum() + taken, relevance.sum())
+
+
+def test_scale_gives_the_signal_all_relevance():
+    signal, gate = leaf(2, 3, 4, 4), leaf(2, 3, 1, 1)
+    relevance = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    output = scale_rule(signal, gate.sigmoid())
+    torch.testing.assert_close(output, signal * gate.sigmoid())
+    ours_signal, ours_gate = backward(output, relevance, signal, gate)
+    torch.testing.assert_close(ours_signal, relevance)
+    assert ours_gate is None
+    # a broadcast signal gets its relevance summed over the broadcast dimensions; a quotient keeps the signal first
+    small = leaf(2, 3, 1, 1)
+    divisor = torch.rand(1, 3, 4, 4, dtype=torch.float64) + 1
+    (ours_small,) = backward(scale_rule(small, divisor, torch.div), relevance, small)
+    torch.testing.assert_close(ours_small, relevance.sum((2, 3), keepdim=True))
+    (ours_right,) = backward(scale_rule(small, divisor, torch.mul, signal_first=False), relevance, small)
+    torch.testing.assert_close(ours_right, relevance.sum((2, 3), keepdim=True))
+
+
+def test_identity_rule_passes_relevance_unchanged():
+    x = leaf(3, 5)
+    relevance = torch.randn(3, 5, dtype=torch.float64)
+    output = identity_rule(x, F.silu)
+    torch.testing.assert_close(output, F.silu(x))
+    (ours,) = backward(output, relevance, x)
+    torch.testing.assert_close(ours, relevance)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 1e-3])
+def test_batch_norm_as_channel_affine_map(epsilon):
+    x = leaf(2, 3, 4, 4)
+    mean, var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    weight, bias = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    relevance = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    output = ChannelAffineRelevance.apply(x, mean, var, weight, bias, 1e-5, epsilon)
+    (ours,) = backward(output, relevance, x)
+    scale = (weight / (var + 1e-5).sqrt()).view(1, 3, 1, 1)
+    shift = (bias - mean * weight / (var + 1e-5).sqrt()).view(1, 3, 1, 1)
+    contribution = scale * x.detach()
+    torch.testing.assert_close(output, contribution + shift)
+    torch.testing.assert_close(ours, contribution * relevance / _stab(contribution + shift, epsilon))
+
+
+def dense_normalization_reference(x, relevance, group_of, weight_of, bias_of, eps, epsilon):
+    """Epsilon rule on the dense matrix of the normalization linearized with its std held constant, per sample."""
+    results = []
+    for xs, rs in zip(x, relevance):
+        v, r = xs.flatten(), rs.flatten()
+        n = v.numel()
+        groups = torch.tensor([group_of(i) for i in range(n)])
+        w = torch.tensor([weight_of(i) for i in range(n)], dtype=v.dtype)
+        b = torch.tensor([bias_of(i) for i in range(n)], dtype=v.dtype)
+        same = (groups[:, None] == groups[None, :]).to(v.dtype)
+        size = same.sum(1, keepdim=True)
+        centring = torch.eye(n, dtype=v.dtype) - same / size
+        std = torch.stack([(v[groups == groups[i]].var(unbiased=False) + eps).sqrt() for i in range(n)])
+        matrix = w[:, None] * centring / std[:, None]
+        z = matrix @ v + b
+        results.append((v * (matrix.T @ (r / _stab(z, epsilon)))).reshape(xs.shape))
+    return torch.stack(results)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 1e-3])
+@pytest.mark.parametrize("shape", [(5,), (2, 3)])
+def test_layer_norm_rule_matches_dense_reference(shape, epsilon):
+    x = leaf(3, 2, *shape)
+    weight, bias = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    relevance = torch.randn_like(x)
+    output = layer_norm_rule(x, shape, weight, bias, 1e-5, epsilon)
+    torch.testing.assert_close(output, F.layer_norm(x, shape, weight, bias, 1e-5))
+    (ours,) = backward(output, relevance, x)
+    size = weight.numel()
+    expected = dense_normalization_reference(x, relevance, lambda i: i // size, lambda i: weight.flatten()[i % size],
+                                             lambda i: bias.flatten()[i % size], 1e-5, epsilon)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_layer_norm_rule_conserves_without_bias():
+    x = leaf(4, 7)
+    weight = torch.randn(7, dtype=torch.float64)
+    relevance = torch.randn_like(x)
+    (ours,) = backward(layer_norm_rule(x, (7,), weight, None, 1e-5, 0.0), relevance, x)
+    torch.testing.assert_close(ours.sum(1), relevance.sum(1))
+
+
+def test_group_norm_rule_matches_dense_reference():
+    x = leaf(2, 4, 3, 2)
+    weight, bias = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    relevance = torch.randn_like(x)
+    output = group_norm_rule(x, 2, weight, bias, 1e-5, 1e-4)
+    torch.testing.assert_close(output, F.group_norm(x, 2, weight, bias, 1e-5))
+    (ours,) = backward(output, relevance, x)
+    per_channel = 3 * 2
+    expected = dense_normalization_reference(x, relevance, lambda i: i // (2 * per_channel),
+                                             lambda i: weight[i // per_channel], lambda i: bias[i // per_channel],
+                                             1e-5, 1e-4)
+    torch.testing.assert_close(ours, expected)
+
+
+LINEAR_MAPS = {
+    "mean_dims": (lambda t: t.mean((2, 3)), (2, 3, 4, 5)),
+    "sum_dim": (lambda t: torch.sum(t, 1, keepdim=True), (2, 3, 4)),
+    "adaptive_avg_pool2d": (lambda t: F.adaptive_avg_pool2d(t, (2, 3)), (2, 2, 5, 7)),
+    "avg_pool2d_padded": (lambda t: F.avg_pool2d(t, 3, stride=2, padding=1), (2, 2, 6, 5)),
+    "interpolate_nearest": (lambda t: F.interpolate(t, scale_factor=2, mode="nearest"), (2, 2, 3, 3)),
+    "interpolate_bilinear": (lambda t: F.interpolate(t, size=(5, 7), mode="bilinear", align_corners=False),
+                             (2, 2, 3, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(LINEAR_MAPS))
+def test_proportional_rule_matches_dense_reference(name):
+    function, shape = LINEAR_MAPS[name]
+    x = torch.rand(shape, dtype=torch.float64, requires_grad=True)
+    output = proportional(x, function, 1e-6)
+    relevance = torch.randn_like(output)
+    (ours,) = backward(output, relevance, x)
+    for xs, rs, os in zip(x.detach(), relevance, ours):
+        jacobian = torch.autograd.functional.jacobian(lambda t: function(t[None])[0], xs).reshape(rs.numel(), -1)
+        z = jacobian @ xs.flatten()
+        expected = xs.flatten() * (jacobian.T @ (rs.flatten() / _stab(z, 1e-6)))
+        torch.testing.assert_close(os.flatten(), expected)
