@@ -300,6 +300,7 @@ def _graph_module(model: torch.nn.Module, graph: Graph) -> GraphModule:
         if not name.startswith("_") and name not in vars(module) and name != "training":
             setattr(module, name, value)
     module.training = model.training
+    module._tracer_cls = None  # unpickling re-traces the generated code with fx's own tracer (every call a leaf)
     return module
 
 
