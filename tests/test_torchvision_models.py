@@ -57,7 +57,7 @@ def test_every_cnn_family_has_a_default_case():
     assert set(SMALLEST) <= set(CNNS) and len(CNNS) >= 60
 
 
-@pytest.mark.parametrize("name", cases())
+@pytest.mark.parametrize("name", list(cases()))
 def test_torchvision_cnn(name):
     size = SIZE.get(name, 32)
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
