@@ -47,11 +47,24 @@ class Operation:
         return state is not None and self in state.rules
 
 
-def _name(function: Callable) -> str:
-    return getattr(function, "__name__", type(function).__name__)
+class FunctionOperation(Operation, torch.nn.Module):
+    """An operation module that applies a function given at construction (the call it replaces).
+
+    Parameters
+    ----------
+    function : callable
+        The function, called as ``function(input, *args, **kwargs)``.
+    """
+
+    def __init__(self, function: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.function = function
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return getattr(self.function, "__name__", type(self.function).__name__)
 
 
-class Proportional(Operation, torch.nn.Module):
+class Proportional(FunctionOperation):
     """A parameter-free linear map (mean, sum, average pooling, interpolation): proportional relevance.
 
     ``R_x = x * J^T (R / stab(f(x)))``: each input gets relevance in proportion to its contribution.
@@ -62,10 +75,6 @@ class Proportional(Operation, torch.nn.Module):
         The map, called as ``function(input, *args, **kwargs)`` (e.g. ``torch.mean``,
         ``torch.nn.functional.adaptive_avg_pool2d``).
     """
-
-    def __init__(self, function: Callable[..., Tensor]) -> None:
-        super().__init__()
-        self.function = function
 
     def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Apply the map.
@@ -86,9 +95,6 @@ class Proportional(Operation, torch.nn.Module):
         if rule is None:
             return self.function(input, *args, **kwargs)
         return proportional(input, lambda tensor: self.function(tensor, *args, **kwargs), rule.epsilon)
-
-    def extra_repr(self) -> str:  # noqa: D102
-        return _name(self.function)
 
 
 class Scale(Operation, torch.nn.Module):
@@ -133,10 +139,10 @@ class Scale(Operation, torch.nn.Module):
         return scale_rule(signal, factor, self.operation, signal_first=self.signal_index == 0)
 
     def extra_repr(self) -> str:  # noqa: D102
-        return f"{_name(self.operation)}, signal_index={self.signal_index}"
+        return f"{getattr(self.operation, '__name__', self.operation)}, signal_index={self.signal_index}"
 
 
-class Activation(Operation, torch.nn.Module):
+class Activation(FunctionOperation):
     """An element-wise activation called as a function (``F.silu(x)``, ``x.sigmoid()``): the identity rule.
 
     Parameters
@@ -144,10 +150,6 @@ class Activation(Operation, torch.nn.Module):
     function : callable
         The activation, called as ``function(input, *args, **kwargs)``.
     """
-
-    def __init__(self, function: Callable[..., Tensor]) -> None:
-        super().__init__()
-        self.function = function
 
     def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Apply the activation.
@@ -167,9 +169,6 @@ class Activation(Operation, torch.nn.Module):
         if self.operation_rule() is None:
             return self.function(input, *args, **kwargs)
         return identity_rule(input, lambda tensor: self.function(tensor, *args, **kwargs))
-
-    def extra_repr(self) -> str:  # noqa: D102
-        return _name(self.function)
 
 
 class LayerNormFunction(Operation, torch.nn.Module):
@@ -198,7 +197,7 @@ class LayerNormFunction(Operation, torch.nn.Module):
         return layer_norm_rule(input, normalized_shape, weight, bias, eps, rule.epsilon)
 
 
-class OutputSoftmax(Operation, torch.nn.Module):
+class OutputSoftmax(FunctionOperation):
     """A softmax (or log-softmax) that produces the model's output: skipped while explaining.
 
     The score before it is explained, as for a final ``Softmax`` module of a ``Sequential``.
@@ -208,10 +207,6 @@ class OutputSoftmax(Operation, torch.nn.Module):
     function : callable
         The softmax, called as ``function(input, *args, **kwargs)``.
     """
-
-    def __init__(self, function: Callable[..., Tensor]) -> None:
-        super().__init__()
-        self.function = function
 
     def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Apply the softmax, or (while explaining) return the scores unchanged.
@@ -231,6 +226,3 @@ class OutputSoftmax(Operation, torch.nn.Module):
         if self.explaining():
             return input
         return self.function(input, *args, **kwargs)
-
-    def extra_repr(self) -> str:  # noqa: D102
-        return _name(self.function)
