@@ -14,6 +14,7 @@ computes the same outputs; anything unknown is reported in one :class:`Conversio
 from __future__ import annotations
 
 import copy
+from collections import Counter
 import fnmatch
 import inspect
 import warnings
@@ -103,6 +104,8 @@ class _Analysis:
         self.unsupported: list[tuple[str, str]] = []
         self.insertions: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
         self.order = {node: index for index, node in enumerate(graph.nodes)}
+        self.calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+        self.parameter_uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         self.output_values: set[Node] = set()
         for node in graph.nodes:
             if node.op == "output":
@@ -232,11 +235,9 @@ class _Analysis:
             return False
         if len(layer_node.users) != 1 or batchnorm.running_mean is None or len(node.args) != 1:
             return False
-        calls = [n.target for n in self.graph.nodes if n.op == "call_module"]
-        if calls.count(layer_node.target) != 1 or calls.count(node.target) != 1:
+        if self.calls[layer_node.target] != 1 or self.calls[node.target] != 1:
             return False  # a layer or norm called more than once keeps its own parameters
-        shared = [p for _, p in self.model.named_parameters(remove_duplicate=False) if p is layer.weight]
-        if len(shared) != 1:
+        if self.parameter_uses[id(layer.weight)] != 1:
             return False  # weight tied to another module
         weight, bias = fold_batchnorm(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
                                       batchnorm)
