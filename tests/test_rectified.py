@@ -146,9 +146,14 @@ def _saved_bytes(function, model):
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("name", ["vgg11", "resnet18"])
-def test_explanation_keeps_no_more_than_the_gradient(name, device):
-    """Layers explained with their ReLU keep from forward to backward about what the plain gradient keeps."""
+@pytest.mark.parametrize("name, bound", [("vgg11", 1.1), ("resnet18", 1.1), ("efficientnet_b0", 1.1),
+                                         ("convnext_tiny", 1.35)])
+def test_explanation_keeps_no_more_than_the_gradient(name, bound, device):
+    """Layers explained with their ReLU keep from forward to backward about what the plain gradient keeps: the rules
+    keep a layer's input and output (often kept by its neighbours anyway) and rebuild denominators in the backward;
+    a layer after an identity-rule activation keeps the activation's input instead of its own. ConvNeXt keeps more
+    than its gradient: the gradient of a linear layer whose weight needs no gradient keeps nothing, while a rule
+    needs the layer's input (measured 1.30 of the gradient)."""
     model = getattr(torchvision.models, name)(num_classes=10).eval().to(device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -163,7 +168,7 @@ def test_explanation_keeps_no_more_than_the_gradient(name, device):
     low, high = torch.zeros(1, 3, 1, 1, device=device), torch.ones(1, 3, 1, 1, device=device)
     for rule in (lrp.rules.Epsilon(), lrp.EpsilonPlus(), lrp.EpsilonGammaBox(low, high)):
         kept = _saved_bytes(lambda: lrp.explain(converted, x, target=0, rule=rule), converted)
-        assert kept <= 1.1 * floor, (rule, kept / floor)
+        assert kept <= bound * floor, (rule, kept / floor)
 
 
 def test_folded_zbox_checks_bounds_in_the_forward():

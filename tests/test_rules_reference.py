@@ -57,3 +57,36 @@ def test_strided_conv_is_not_torchlrp_padding_bug():
     # the bottom-right border is outside every receptive field of this stride: it must get no relevance
     assert ours[..., 13, :].abs().sum() == 0 and ours[..., :, 13].abs().sum() == 0
     assert ours[..., :13, :13].abs().sum() > 0
+
+
+@pytest.mark.parametrize("rule_name", ["gamma", "alpha2beta1", "alpha1beta0_nobias", "zplus"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_mixed_input_rules_in_float32(config, rule_name):
+    """On mixed-sign inputs these rules use ``W+- = (W +- |W|) / 2`` (one map of the magnitudes instead of four):
+    in float32 they must still match the float64 formula. Alpha-beta's parts are differences, resolved to
+    ``sqrt(eps)`` (2.4e-4) of ``|W||x|`` (kernels.part_reciprocal): the tolerance is a few times that."""
+    torch_layer, layer, x, relevance = make_case(config, False)
+    make_rule, params = RULES[rule_name]
+    expected = reference_relevance(torch_layer, REFERENCE_NAMES.get(rule_name, rule_name), x, relevance, **params)
+    layer = layer.float()
+    _, ours = explain_layer(layer, make_rule(), x.float(), relevance.float(), False)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-3, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mixed_input_part_without_contributions_passes_nothing(dtype):
+    """A unit whose contributions are all negative has no positive part: z+ gives it no input (not rounding noise),
+    and one whose positive part is tiny against ``|W||x|`` still gives it to that contribution (float64)."""
+    weight = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, 3.0, -0.5]], dtype=dtype)
+    layer = torch.nn.Linear(3, 2, bias=False).to(dtype)
+    layer.weight.data.copy_(weight)
+    x = torch.tensor([[0.7, 1.3, -1e-6 if dtype == torch.float64 else 0.0]], dtype=dtype)
+    relevance = torch.tensor([[1.0, 0.0]], dtype=dtype)
+    _, ours = explain_layer(lrp.Linear.from_torch(layer), rules.ZPlus(stabilizer=0.0), x, relevance, False)
+    expected = reference_relevance(layer.double(), "zplus", x.double(), relevance.double(), stabilizer=0.0)
+    if dtype == torch.float32:
+        assert torch.equal(ours, torch.zeros_like(ours))
+    else:  # the only positive contribution, 5e-7 against |W||x| = 3.3, takes all relevance
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-8)  # rounding: eps * |W||x| / part
+        assert float(ours[0, 2]) == pytest.approx(1.0, rel=1e-6)

@@ -10,7 +10,7 @@ undone when the context ends, also on error, and nothing is written on the modul
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -107,6 +107,18 @@ def _skip(module: torch.nn.Module, input: Tensor, output: Tensor) -> Tensor:
     return input
 
 
+def _out_of_place(state: ExplainState) -> Callable[[torch.nn.Module, tuple[Any, ...]], tuple[Any, ...] | None]:
+    """A forward pre-hook for in-place modules (``nn.ReLU(inplace=True)``): while ``state`` is this thread's, an
+    input that an explained layer keeps for its backward (``grad_fn.keeps_output``) is copied first, so that the
+    module modifies the copy and the layer's relevance stays right. The module itself is not changed."""
+    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if ACTIVE.get() is not state:
+            return None
+        return tuple(arg.clone() if isinstance(arg, Tensor) and getattr(arg.grad_fn, "keeps_output", False) else arg
+                     for arg in args)
+    return hook
+
+
 def _first_layer(model: torch.nn.Module) -> tuple[torch.nn.Module | None, bool]:
     """The first layer the input meets, where :func:`torchlrp.convert` marked its call, and whether it is called
     again (later calls then take the layer's non-first rule); ``(None, False)`` for other models."""
@@ -201,6 +213,10 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
                 handles.append(module.register_forward_hook(pooling))
         for batchnorm in state.batchnorms.values():
             handles.append(batchnorm.register_forward_hook(skip))
+        out_of_place = _out_of_place(state)
+        for module in model.modules():
+            if getattr(module, "inplace", False) is True:
+                handles.append(module.register_forward_pre_hook(out_of_place))
         softmax = final_softmax(model)
         if softmax is not None:
             handles.append(softmax.register_forward_hook(skip))

@@ -39,8 +39,8 @@ def _positive(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.clamp(min=0)
 
 
-def _negative(tensor: Tensor | None) -> Tensor | None:
-    return None if tensor is None else tensor.clamp(max=0)
+def _absolute(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.abs()
 
 
 class Rule(abc.ABC):
@@ -171,18 +171,19 @@ class Epsilon(Rule):
 
     def forward(self, op: AffineOp, input: Tensor) -> tuple[Tensor, Saved]:  # noqa: D102
         output = op(input, op.weight, op.bias)
-        return output, (input, kernels(op.fused).stabilize(output, self.epsilon))
+        return output, (input, output)  # the output itself: often kept by the next operation too
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
-        input, denominator = saved
-        return input * op.transpose(relevance / denominator, input_shape, op.weight)
+        input, output = saved
+        signal = relevance / kernels(op.fused).stabilize(output, self.epsilon)
+        return op.transpose(signal, input_shape, op.weight).mul_(input)
 
     def folds_rectifier(self, op: AffineOp) -> bool:  # noqa: D102
         return True
 
     def rectified_form(self, op: AffineOp, input: Tensor) -> RectifiedForm:
         """Where ``z > 0``: the layer's own map, and ``z`` itself as the denominator."""
-        return RectifiedForm((Term("all", op.weight, op.bias),), self.epsilon, denominator_is_output=True)
+        return RectifiedForm((Term("all", op.weight, op.bias, is_output=True),), self.epsilon)
 
 
 class Zero(Epsilon):
@@ -215,23 +216,25 @@ class Gamma(Rule):
         self.stabilizer = _check_number("stabilizer", stabilizer)
 
     def forward(self, op: AffineOp, input: Tensor) -> tuple[Tensor, Saved]:  # noqa: D102
-        weight, bias, gamma = op.weight, op.bias, self.gamma
-        output = op(input, weight, bias)
+        output = op(input, op.weight, op.bias)
+        return output, (input, output)  # denominators are rebuilt in the backward: the output is often kept anyway
+
+    def _inverse(self, op: AffineOp, input: Tensor, output: Tensor) -> Tensor:
+        """The signed inverse denominator (:func:`~torchlrp.functional.kernels.gamma_inverse`): one extra map."""
+        weight, bias = op.weight, op.bias
         if op.input_nonnegative:
-            # z + gamma p and (1 + gamma) z - gamma p with p = W+ x + b+: one extra map (linearity)
+            # z + gamma p and (1 + gamma) z - gamma p with p = W+ x + b+ (linearity)
             positive = op(input, weight.clamp(min=0), _positive(bias))
-            return output, (input, kernels(op.fused).gamma_inverse(output, positive, gamma, self.stabilizer))
-        weight_up, bias_up, weight_down, bias_down = self._favouring(op)
-        input_pos, input_neg = input.clamp(min=0), input.clamp(max=0)
-        favour_pos = op(input_pos, weight_up, bias_up) + op(input_neg, weight_down)
-        favour_neg = op(input_pos, weight_down, bias_down) + op(input_neg, weight_up)
-        inv_pos = masked_reciprocal(stabilize(favour_pos, self.stabilizer), output > 0)
-        inv_neg = masked_reciprocal(stabilize(favour_neg, self.stabilizer), output < 0)
-        return output, (input, inv_pos, inv_neg)
+        else:
+            # the favoured parts are z + gamma P (z > 0) and z + gamma N (z < 0) with P = W+ x+ + W- x- + b+
+            # = (z + |W||x| + |b|) / 2 and N = (z - |W||x| - |b|) / 2: the same signed inverse
+            positive = op(input.abs(), weight.abs(), _absolute(bias)).add_(output).mul_(0.5)
+        return kernels(op.fused).gamma_inverse(output, positive, self.gamma, self.stabilizer)
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
+        input, output = saved
+        inverse = self._inverse(op, input, output)
         if op.input_nonnegative:
-            input, inverse = saved
             channels = op.channel_dim(relevance.dim())
             signal = kernels(op.fused).gamma_signal(relevance, inverse, self.gamma, channels)
             stacked = _stack_with_positive(op.weight, input, op)
@@ -240,24 +243,15 @@ class Gamma(Rule):
             transposed = op.transpose(signal.select(channels, 0), input_shape, op.weight)
             transposed += op.transpose(signal.select(channels, 1), input_shape, op.weight.clamp(min=0))
             return input * transposed
-        input, inv_pos, inv_neg = saved
-        weight_up, _, weight_down, _ = self._favouring(op)
-        signal_pos, signal_neg = relevance * inv_pos, relevance * inv_neg
-        to_pos = op.transpose(signal_pos, input_shape, weight_up) + op.transpose(signal_neg, input_shape, weight_down)
-        to_neg = op.transpose(signal_pos, input_shape, weight_down) + op.transpose(signal_neg, input_shape, weight_up)
-        return input.clamp(min=0) * to_pos + input.clamp(max=0) * to_neg
+        # x+ (W + gamma W+)^T + x- (W + gamma W-)^T on z > 0 and the mirror on z < 0, with W+- = (W +- |W|) / 2:
+        # (1 + gamma/2) x W^T (R v) + (gamma/2) |x| |W|^T (R |v|) -- two transposed maps
+        transposed = op.transpose(relevance * inverse, input_shape, op.weight).mul_(input).mul_(1.0 + self.gamma / 2)
+        magnitude = op.transpose(relevance * inverse.abs(), input_shape, op.weight.abs())
+        return transposed.addcmul_(magnitude, input.abs(), value=self.gamma / 2)
 
     def _up(self, tensor: Tensor | None) -> Tensor | None:
         """``t + gamma t+`` (None for None)."""
         return None if tensor is None else torch.add(tensor, tensor.clamp(min=0), alpha=self.gamma)
-
-    def _down(self, tensor: Tensor | None) -> Tensor | None:
-        """``t + gamma t-`` (None for None)."""
-        return None if tensor is None else torch.add(tensor, tensor.clamp(max=0), alpha=self.gamma)
-
-    def _favouring(self, op: AffineOp) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-        """``W + gamma W+``, ``b + gamma b+``, ``W + gamma W-``, ``b + gamma b-`` (built where needed, not kept)."""
-        return self._up(op.weight), self._up(op.bias), self._down(op.weight), self._down(op.bias)
 
     def folds_rectifier(self, op: AffineOp) -> bool:  # noqa: D102
         return True
@@ -266,12 +260,13 @@ class Gamma(Rule):
         """Where ``z > 0``: ``W + gamma W+`` on ``x+`` (with ``b + gamma b+``) and ``W + gamma W-`` on ``x-``.
 
         On a non-negative input this is one map, ``W + gamma W+``: one transposed map in the backward instead of
-        the two of ``[W; W+]``.
+        the two of ``[W; W+]``. On a mixed-sign input it is ``(1 + gamma/2) z + (gamma/2) (|W||x| + |b|)``: the
+        output and one map of the magnitudes.
         """
-        weight_up, bias_up = self._up(op.weight), self._up(op.bias)
         if op.input_nonnegative:
-            return RectifiedForm((Term("all", weight_up, bias_up),), self.stabilizer)
-        return RectifiedForm((Term("positive", weight_up, bias_up), Term("negative", self._down(op.weight))),
+            return RectifiedForm((Term("all", self._up(op.weight), self._up(op.bias)),), self.stabilizer)
+        return RectifiedForm((Term("all", op.weight, op.bias, 1.0 + self.gamma / 2, is_output=True),
+                              Term("magnitude", op.weight.abs(), _absolute(op.bias), self.gamma / 2)),
                              self.stabilizer)
 
 
@@ -306,70 +301,77 @@ class AlphaBeta(Rule):
         self.ignore_bias = bool(ignore_bias)
 
     def forward(self, op: AffineOp, input: Tensor) -> tuple[Tensor, Saved]:  # noqa: D102
+        output = op(input, op.weight, op.bias)
+        return output, (input, output)  # denominators are rebuilt in the backward: the output is often kept anyway
+
+    def _coefficients(self, op: AffineOp, input: Tensor, output: Tensor) -> tuple[Tensor, ...]:
+        """The stabilized inverse denominators the backward applies (one extra map)."""
         weight, bias = op.weight, op.bias
-        output = op(input, weight, bias)
-        weight_pos = weight.clamp(min=0)
-        bias_pos = None if self.ignore_bias else _positive(bias)
         reciprocal = kernels(op.fused).reciprocal
         if op.input_nonnegative:
-            positive = op(input, weight_pos, bias_pos)
+            positive = op(input, weight.clamp(min=0), None if self.ignore_bias else _positive(bias))
             inv_pos = reciprocal(positive, self.stabilizer, self.alpha)
             if self.beta == 0:
-                return output, (input, inv_pos)
+                return (inv_pos,)
             negative = output - positive
             if self.ignore_bias and bias is not None:
                 negative -= _view_bias(bias, output, op)
             inv_neg = reciprocal(negative, self.stabilizer, self.beta)
-            return output, (input, inv_pos.add_(inv_neg), inv_neg)
-        weight_neg = weight.clamp(max=0)
-        input_pos, input_neg = input.clamp(min=0), input.clamp(max=0)
-        positive = op(input_pos, weight_pos, bias_pos) + op(input_neg, weight_neg)
-        inv_pos = reciprocal(positive, self.stabilizer, self.alpha)
+            return (inv_pos.add_(inv_neg), inv_neg)
+        # Mixed signs: with W+- = (W +- |W|) / 2 the positive contributions are P = (Wx + |W||x|) / 2 + b+ and the
+        # negative ones N = (Wx - |W||x|) / 2 + b-: one extra map (of the magnitudes) instead of four.
+        magnitude = op(input.abs(), weight.abs(), None if self.ignore_bias else _absolute(bias))
+        linear = output - _view_bias(bias, output, op) if self.ignore_bias and bias is not None else output
+        part_reciprocal = kernels(op.fused).part_reciprocal
+        inv_pos = part_reciprocal(linear, magnitude, 1.0, self.stabilizer, self.alpha / 2)
         if self.beta == 0:
-            return output, (input, inv_pos)
-        bias_neg = None if self.ignore_bias else _negative(bias)
-        negative = op(input_pos, weight_neg, bias_neg) + op(input_neg, weight_pos)
-        inv_neg = reciprocal(negative, self.stabilizer, self.beta)
-        return output, (input, inv_pos, inv_neg)
+            return (inv_pos,)
+        inv_neg = part_reciprocal(linear, magnitude, -1.0, self.stabilizer, self.beta / 2)
+        return (inv_pos - inv_neg, inv_pos.add_(inv_neg))
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
-        weight_pos = op.weight.clamp(min=0)  # modified weights are built here, not kept from the forward
+        input, output = saved
+        coefficients = self._coefficients(op, input, output)
         if op.input_nonnegative:
+            weight_pos = op.weight.clamp(min=0)  # modified weights are built here, not kept from the forward
             if self.beta == 0:
-                input, inv_pos = saved
+                inv_pos, = coefficients
                 return input * op.transpose(relevance * inv_pos, input_shape, weight_pos)
             # alpha W+^T s_pos - beta W-^T s_neg = W+^T (s_pos + s_neg) - W^T s_neg  (W- = W - W+)
-            input, coefficient_pos, inv_neg = saved
+            coefficient_pos, inv_neg = coefficients
             transposed = op.transpose(relevance * coefficient_pos, input_shape, weight_pos)
             transposed -= op.transpose(relevance * inv_neg, input_shape, op.weight)
             return input * transposed
-        weight_neg = op.weight.clamp(max=0)
-        input, inv_pos, *inv_neg = saved
-        input_pos, input_neg = input.clamp(min=0), input.clamp(max=0)
-        signal_pos = relevance * inv_pos
+        # x+ (W+^T s+ - W-^T s-) + x- (W-^T s+ - W+^T s-) = (x W^T (s+ - s-) + |x| |W|^T (s+ + s-)) / 2, the halves
+        # kept in the coefficients: two transposed maps (one where beta == 0, for W and |W| stacked) instead of four
         if self.beta == 0:
-            return (input_pos * op.transpose(signal_pos, input_shape, weight_pos)
-                    + input_neg * op.transpose(signal_pos, input_shape, weight_neg))
-        signal_neg = relevance * inv_neg[0]
-        result = input_pos * (op.transpose(signal_pos, input_shape, weight_pos)
-                              - op.transpose(signal_neg, input_shape, weight_neg))
-        result += input_neg * (op.transpose(signal_pos, input_shape, weight_neg)
-                               - op.transpose(signal_neg, input_shape, weight_pos))
-        return result
+            coefficient, = coefficients
+            signal = relevance * coefficient
+            transposed, magnitude = op.transpose_each(signal, input_shape, [op.weight, op.weight.abs()])
+        else:
+            coefficient_difference, coefficient_sum = coefficients
+            transposed = op.transpose(relevance * coefficient_difference, input_shape, op.weight)
+            magnitude = op.transpose(relevance * coefficient_sum, input_shape, op.weight.abs())
+        return transposed.mul_(input).addcmul_(magnitude, input.abs())
 
     def folds_rectifier(self, op: AffineOp) -> bool:
         """True for ``beta == 0`` (z+); with ``beta > 0`` the negative contributions need their own denominator."""
         return self.beta == 0
 
     def rectified_form(self, op: AffineOp, input: Tensor) -> RectifiedForm:
-        """With ``beta == 0``, where ``z > 0``: ``W+`` on ``x+`` (with ``b+`` unless ignored) and ``W-`` on ``x-``."""
+        """With ``beta == 0``, where ``z > 0``: ``W+`` on ``x+`` (with ``b+`` unless ignored) and ``W-`` on ``x-``.
+
+        On a mixed-sign input that is ``(z + |W||x| + |b|) / 2`` (``(z - b + |W||x|) / 2`` with the bias ignored): the
+        output and one map of the magnitudes.
+        """
         if self.beta != 0:
             raise NotImplementedError("AlphaBeta with beta > 0 cannot fold a following ReLU")
-        weight_pos, bias = op.weight.clamp(min=0), None if self.ignore_bias else _positive(op.bias)
         if op.input_nonnegative:
-            return RectifiedForm((Term("all", weight_pos, bias),), self.stabilizer)
-        return RectifiedForm((Term("positive", weight_pos, bias), Term("negative", op.weight.clamp(max=0))),
-                             self.stabilizer)
+            bias = None if self.ignore_bias else _positive(op.bias)
+            return RectifiedForm((Term("all", op.weight.clamp(min=0), bias),), self.stabilizer)
+        bias = _absolute(op.bias) if not self.ignore_bias else None if op.bias is None else -op.bias
+        return RectifiedForm((Term("all", op.weight, op.bias, 0.5, is_output=True),
+                              Term("magnitude", op.weight.abs(), bias, 0.5)), self.stabilizer)
 
 
 def _stack_with_positive(weight: Tensor, input: Tensor, op: AffineOp) -> Tensor | None:
@@ -473,8 +475,8 @@ class ZBox(Rule):
         """``W`` on the input, ``-W+`` on ``low`` and ``-W-`` on ``high``, without bias (it cancels)."""
         weight = op.weight
         low, high = self._bound("low", self.low, input), self._bound("high", self.high, input)
-        return RectifiedForm((Term("all", weight), Term(low, weight.clamp(min=0), sign=-1.0),
-                              Term(high, weight.clamp(max=0), sign=-1.0)), self.stabilizer)
+        return RectifiedForm((Term("all", weight), Term(low, weight.clamp(min=0), scale=-1.0),
+                              Term(high, weight.clamp(max=0), scale=-1.0)), self.stabilizer)
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
         input, inverse, low, high = saved

@@ -97,6 +97,40 @@ def reciprocal(denominator: Tensor, epsilon: float, scale: float = 1.0) -> Tenso
     return scale / stabilize(denominator, epsilon)
 
 
+def part_reciprocal(linear: Tensor, magnitude: Tensor, sign: float, epsilon: float, scale: float) -> Tensor:
+    """Return ``scale / stabilize(u)`` for one signed part ``u = (Wx + sign |W||x|) / 2`` of an affine map.
+
+    With ``W+- = (W +- |W|) / 2`` the positive contributions to ``Wx`` add up to ``(Wx + |W||x|) / 2`` and the
+    negative ones to ``(Wx - |W||x|) / 2``: one map of the magnitudes instead of four maps of the parts. The
+    difference loses precision where the part is small against the magnitude ``|W||x|``; where it is below
+    ``sqrt(machine epsilon)`` of it (float32: 2.4e-4) the part cannot be told from rounding and the reciprocal is
+    zero, so that the unit passes no relevance (as a zero denominator does) instead of sharing rounding errors.
+
+    Parameters
+    ----------
+    linear : Tensor
+        ``Wx`` (with the bias of the part folded in: ``z`` with ``|b|`` in ``magnitude`` gives ``b+``/``b-``).
+    magnitude : Tensor
+        ``|W||x|`` (plus ``|b|`` where the bias takes part).
+    sign : float
+        ``+1`` for the positive part, ``-1`` for the negative one.
+    epsilon : float
+        Stabilizer (see :func:`~torchlrp.functional.stabilize`).
+    scale : float
+        Numerator.
+
+    Returns
+    -------
+    Tensor
+        The stabilized, scaled reciprocal; zero where the part is zero or not resolved.
+    """
+    # 2u = Wx + sign |W||x| is resolved where sign 2u > 2 tau |W||x|, i.e. sign Wx > (2 tau - 1) |W||x|
+    bound = magnitude * (sign * (2.0 * torch.finfo(linear.dtype).eps ** 0.5 - 1.0))
+    unresolved = linear <= bound if sign > 0 else linear >= bound
+    twice = torch.add(linear, magnitude, alpha=sign).add_(2.0 * sign * effective_epsilon(linear.dtype, epsilon))
+    return twice.reciprocal_().mul_(2.0 * scale).masked_fill_(unresolved, 0.0)
+
+
 def rectified_quotient(relevance: Tensor, output: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
     """Return ``R / stabilize(d)`` where the rectified output is positive, zero elsewhere.
 
@@ -189,6 +223,8 @@ class Kernels:
         :func:`reciprocal`.
     gamma_inverse, gamma_signal : callable
         :func:`gamma_inverse`, :func:`gamma_signal`.
+    part_reciprocal : callable
+        :func:`part_reciprocal`.
     rectified_quotient : callable
         :func:`rectified_quotient`.
     sum_forward, sum_backward : callable
@@ -199,12 +235,13 @@ class Kernels:
     reciprocal: Callable[[Tensor, float, float], Tensor]
     gamma_inverse: Callable[[Tensor, Tensor, float, float], Tensor]
     gamma_signal: Callable[[Tensor, Tensor, float, int], Tensor]
+    part_reciprocal: Callable[[Tensor, Tensor, float, float, float], Tensor]
     rectified_quotient: Callable[[Tensor, Tensor, Tensor, float], Tensor]
     sum_forward: Callable[..., Tensor]
     sum_backward: Callable[..., tuple[Tensor, ...]]
 
 
-EAGER = Kernels(stabilize, reciprocal, gamma_inverse, gamma_signal, rectified_quotient, sum_forward, sum_backward)
+EAGER = Kernels(stabilize, reciprocal, gamma_inverse, gamma_signal, part_reciprocal, rectified_quotient, sum_forward, sum_backward)
 
 
 def _compiled(function: Callable) -> Callable:

@@ -30,17 +30,35 @@ from torch import Tensor
 from .stabilize import stabilize
 
 
+def _autocast_enabled(tensor: Tensor) -> bool:
+    """Whether autocast is active for ``tensor``'s device (a recomputation outside it could differ)."""
+    try:
+        return torch.is_autocast_enabled(tensor.device.type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
 def _sum_to(tensor: Tensor, shape: torch.Size) -> Tensor:
     """``tensor`` summed over the dimensions along which a tensor of ``shape`` was broadcast."""
     return tensor if tensor.shape == shape else tensor.sum_to_size(shape)
 
 
 class IdentityRelevance(torch.autograd.Function):
-    """Forward: ``function(input)``. Backward: the output relevance, unchanged (nothing kept from the forward)."""
+    """Forward: ``function(input)``. Backward: the output relevance, unchanged.
+
+    Nothing is needed for the backward. Where the input is a layer output that its layer keeps anyway
+    (``grad_fn.keeps_output``, see :class:`~torchlrp.functional.relevance.AffineRelevance`) and no autocast is
+    active, the node keeps that same tensor (no memory) and offers ``recompute_output``: a layer explained after
+    this activation then keeps the activation's input instead of its own and recomputes the activation in the
+    backward, so that the pair costs one activation-sized tensor instead of two.
+    """
 
     @staticmethod
     def forward(ctx, input: Tensor, function: Callable[[Tensor], Tensor]) -> Tensor:  # noqa: D102
         output = function(input)
+        if getattr(input.grad_fn, "keeps_output", False) and not _autocast_enabled(input):
+            ctx.save_for_backward(input)
+            ctx.recompute_output = function
         return output.view_as(output) if output is input else output
 
     @staticmethod
@@ -174,8 +192,11 @@ def scale_rule(signal: Tensor, factor: Tensor, operation: Callable[[Tensor, Tens
     Returns
     -------
     Tensor
-        The result; its backward gives ``signal`` the whole relevance (summed over broadcast dimensions).
+        The result; its backward gives ``signal`` the whole relevance (summed over broadcast dimensions). The
+        factor is detached: its branch (a gate's pooling and layers) takes no part in the backward.
     """
+    if isinstance(factor, Tensor):
+        factor = factor.detach()
     return ScaleRelevance.apply(signal, factor, operation, signal_first)
 
 

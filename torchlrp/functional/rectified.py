@@ -2,8 +2,8 @@
 
 A ReLU passes relevance only where ``z > 0``, and there ``z`` equals the rectified output ``relu(z)``. On those
 units the epsilon, gamma, z+ and z^B rules share one form (:class:`RectifiedForm`):
-``R_x = sum_k sign_k x_k * M_k^T s`` with ``s = R [z > 0] / stab(d)`` and ``d = sum_k sign_k (M_k x_k + c_k)``,
-where ``x_k`` is the input, its positive or negative part, or a bound (z^B). A layer explained in this form keeps
+``R_x = sum_k a_k x_k * M_k^T s`` with ``s = R [z > 0] / stab(d)`` and ``d = sum_k a_k (M_k x_k + c_k)``,
+where ``x_k`` is the input, its magnitude ``|x|`` or a bound (z^B). A layer explained in this form keeps
 from the forward only its input and its rectified output -- tensors the model keeps anyway (the next layer's
 input, the ReLU's mask) -- and rebuilds ``d`` and the modified weights in the backward: ``d`` is the output itself
 for epsilon, one map for gamma and z+ on a non-negative input. The backward then costs what the unfolded rule
@@ -22,16 +22,19 @@ from .kernels import kernels
 
 
 class Term(NamedTuple):
-    """One part of a rule's modified map: ``sign * (weight x_k + bias)`` with ``x_k`` the ``part`` of the input.
+    """One part of a rule's modified map: ``scale * (weight x_k + bias)`` with ``x_k`` the ``part`` of the input.
 
-    ``part`` is ``"all"`` (the input), ``"positive"``/``"negative"`` (its positive/negative part) or a tensor that
-    replaces the input (a bound of the z^B rule, broadcastable to the input; not the first term of a form).
+    ``part`` is ``"all"`` (the input), ``"magnitude"`` (its absolute value) or a tensor that replaces the input (a
+    bound of the z^B rule, broadcastable to the input; not the first term of a form). ``is_output`` marks a term
+    whose map is the layer's own (``weight x + bias = z``): on the units the ReLU lets through, the rectified
+    output stands for it in the denominator and nothing is recomputed.
     """
 
-    part: Literal["all", "positive", "negative"] | Tensor
+    part: Literal["all", "magnitude"] | Tensor
     weight: Tensor
     bias: Tensor | None = None
-    sign: float = 1.0
+    scale: float = 1.0
+    is_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,23 +47,17 @@ class RectifiedForm:
         The modified map ``M_k`` (with bias ``c_k``) on each part ``x_k`` of the input.
     stabilizer : float
         Stabilizer of the denominator ``d``.
-    denominator_is_output : bool
-        ``d`` is the layer's own ``z`` (the epsilon rule): the rectified output serves as ``d`` and nothing is
-        recomputed.
     """
 
     terms: tuple[Term, ...]
     stabilizer: float
-    denominator_is_output: bool = False
 
 
 def _input_part(input: Tensor, part: str | Tensor) -> Tensor:
     if isinstance(part, Tensor):
         return part
-    if part == "positive":
-        return input.clamp(min=0)
-    if part == "negative":
-        return input.clamp(max=0)
+    if part == "magnitude":
+        return input.abs()
     return input
 
 
@@ -86,22 +83,28 @@ def rectified_relevance(op: AffineOp, form: RectifiedForm, relevance: Tensor, in
     Returns
     -------
     Tensor
-        ``sum_k x_k * M_k^T (R [output > 0] / stab(d))`` (each term with its sign).
+        ``sum_k a_k x_k * M_k^T (R [output > 0] / stab(d))``.
     """
     parts = [_input_part(input, term.part) for term in form.terms]
-    if form.denominator_is_output:
-        denominator = output
-    else:
-        denominator = _signed_sum([op(part, term.weight, term.bias) for part, term in zip(parts, form.terms)],
-                                  form.terms)
+    mapped = [output if term.is_output else op(part, term.weight, term.bias) for part, term in zip(parts, form.terms)]
+    denominator = _scaled_sum(mapped, form.terms, owns_first=not form.terms[0].is_output)
     signal = kernels(op.fused).rectified_quotient(relevance, output, denominator, form.stabilizer)
     transposed = op.transpose_each(signal, input_shape, [term.weight for term in form.terms])
-    return _signed_sum([mapped.mul_(part) for part, mapped in zip(parts, transposed)], form.terms)
+    return _scaled_sum([back.mul_(part) for part, back in zip(parts, transposed)], form.terms, owns_first=True)
 
 
-def _signed_sum(tensors: list[Tensor], terms: tuple[Term, ...]) -> Tensor:
-    """``sum_k sign_k tensors[k]``, accumulated in place into the first (full-shaped) tensor."""
-    total = tensors[0] if terms[0].sign == 1 else tensors[0].mul_(terms[0].sign)
+def _scaled_sum(tensors: list[Tensor], terms: tuple[Term, ...], owns_first: bool) -> Tensor:
+    """``sum_k a_k tensors[k]``, accumulated in place into the first (full-shaped) tensor where it may be changed.
+
+    A sum of one unscaled tensor is that tensor (the epsilon rule's denominator is the output: no copy).
+    """
+    first, scale = tensors[0], terms[0].scale
+    if len(terms) == 1 and scale == 1:
+        return first
+    if not owns_first:
+        total = first * scale
+    else:
+        total = first if scale == 1 else first.mul_(scale)
     for tensor, term in zip(tensors[1:], terms[1:]):
-        total = total.add_(tensor, alpha=term.sign)
+        total = total.add_(tensor, alpha=term.scale)
     return total

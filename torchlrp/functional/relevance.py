@@ -31,7 +31,10 @@ class AffineRelevance(torch.autograd.Function):
     With ``op.rectified`` the forward returns ``relu(z)`` and keeps only the input and that output; the rule's
     :meth:`~torchlrp.rules.Rule.rectified_form` (modified weights) is built in the backward, so that no
     weight-sized copy waits from forward to backward. The output's ``grad_fn`` carries ``output_rectified = True``
-    so that :class:`torchlrp.ReLU` passes it on untouched.
+    so that :class:`torchlrp.ReLU` passes it on untouched, and ``keeps_output = True`` where the rule keeps the
+    output itself (the epsilon rule, a folded ReLU): an identity-rule activation after the layer then keeps that
+    same tensor, and the next layer, instead of its own input ``f(z)``, keeps ``z`` and recomputes ``f(z)`` in the
+    backward (:class:`~torchlrp.functional.operations.IdentityRelevance`): one tensor instead of two.
     """
 
     @staticmethod
@@ -43,16 +46,32 @@ class AffineRelevance(torch.autograd.Function):
             saved = (input, output)
         else:
             output, saved = rule.forward(op, input)
+        ctx.keeps_output = any(tensor is output for tensor in saved)
+        ctx.recompute_input = getattr(input.grad_fn, "recompute_output", None)
+        if ctx.recompute_input is not None:
+            source, = input.grad_fn.saved_tensors
+            saved = tuple(source if tensor is input else tensor for tensor in saved)
         ctx.save_for_backward(*saved)
         return output
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as error:
+            raise RuntimeError(f"torchlrp: a tensor that a {type(ctx.rule).__name__} layer kept for its relevance "
+                               f"(its input or output) was modified in place after the forward; explain a model "
+                               f"that modifies layer inputs/outputs out of place, e.g. via torchlrp.convert(model), "
+                               f"which replaces in-place operations") from error
+        if ctx.recompute_input is not None:
+            source = saved[0]
+            input = ctx.recompute_input(source)
+            saved = tuple(input if tensor is source else tensor for tensor in saved)
         if ctx.op.rectified:
-            input, output = ctx.saved_tensors
+            input, output = saved
             form = ctx.rule.rectified_form(ctx.op, input)
             return rectified_relevance(ctx.op, form, relevance, input, output, ctx.input_shape), None, None
-        return ctx.rule.backward(ctx.op, relevance, ctx.saved_tensors, ctx.input_shape), None, None
+        return ctx.rule.backward(ctx.op, relevance, saved, ctx.input_shape), None, None
 
 
 class ProportionalRelevance(torch.autograd.Function):
