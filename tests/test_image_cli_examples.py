@@ -93,8 +93,10 @@ def test_cli_explains_images(tmp_path, photo):
     result = run("-m", "torchlrp.cli", "explain", photo, photo, "--model", "resnet18", "--weights", str(weights),
                  "--rule", "epsilon-plus", "--out", str(out), "--save-relevance", "--batch-size", "1", "--size", "64")
     assert result.returncode == 0, result.stderr
-    assert (out / "cat_heatmap.png").is_file()
-    assert np.load(out / "cat_relevance.npy").shape == (3, 64, 64)
+    # the same name twice: the second gets its own file instead of overwriting the first
+    assert (out / "cat_resnet18_epsilon-plus.png").is_file() and (out / "cat-2_resnet18_epsilon-plus.png").is_file()
+    assert np.load(out / "cat_resnet18_epsilon-plus.npy").shape == (3, 64, 64)
+    assert "random weights" not in result.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import torch
 
-from . import composites, image, imagenet
+from . import __version__, composites, image, imagenet
 from .convert import convert
 from .explain import explain
 from .models import ARCHITECTURES, cached_weights_available, torchvision_model
@@ -46,7 +46,10 @@ def _model(name: str, weights: str | None, random_weights: bool) -> torch.nn.Mod
     if weights is not None:
         if not os.path.isfile(weights):
             raise CommandError(f"weights file {weights!r} does not exist")
-        return torchvision_model(name, weights)
+        try:
+            return torchvision_model(name, weights)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
     if not cached_weights_available(name):
         raise CommandError(
             f"no pretrained weights for {name} in the torch cache ({torch.hub.get_dir()}/checkpoints). Download them "
@@ -64,11 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         The parser.
     """
     parser = argparse.ArgumentParser(prog="torchlrp", description="Layer-wise Relevance Propagation heatmaps.")
+    parser.add_argument("--version", action="version", version=f"torchlrp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "explain", help="explain images with a torchvision ImageNet classifier",
-        description="Explain the classifier's decision on each image; writes OUT/<image>_heatmap.png (red: evidence "
-                    "for the class, blue: against) and with --save-relevance OUT/<image>_relevance.npy (3x224x224).")
+        description="Explain the classifier's decision on each image; writes OUT/<image>_<model>_<rule>.png (red: "
+                    "evidence for the class, blue: against) and with --save-relevance the raw relevance next to it "
+                    "(.npy, 3xSIZExSIZE). Existing files are never overwritten.")
     run.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     run.add_argument("--model", default="vgg16", choices=ARCHITECTURES, help="torchvision architecture (vgg16)")
     run.add_argument("--weights", metavar="FILE", help="state_dict file (loaded with weights_only=True); default: "
@@ -78,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                      f"rule for every layer (epsilon, gamma, zplus, alpha2beta1, ...); default epsilon-gamma-box "
                      f"with bounds from the ImageNet normalization")
     run.add_argument("--target", type=int, help="class index to explain (default: each image's top class)")
-    run.add_argument("--out", default="heatmaps", metavar="DIR", help="output directory (heatmaps)")
+    run.add_argument("--out", default="heatmaps", metavar="DIR|FILE.png",
+                     help="output directory (heatmaps), or a new .png file name for a single image")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="torch device (default: cuda when available, else cpu)")
     run.add_argument("--batch-size", type=int, default=8, help="images per backward (8)")
@@ -101,12 +107,19 @@ def run_explain(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.size < 1:
+        raise CommandError(f"--size must be a positive number of pixels, got {args.size}")
     missing = [path for path in args.images if not os.path.isfile(path)]
     if missing:
         raise CommandError(f"image file(s) not found: {', '.join(missing)}")
     if args.target is not None and not 0 <= args.target < 1000:
         raise CommandError(f"--target must be an ImageNet class index 0..999, got {args.target}")
+    outputs = _output_paths(args)
     rule = _rule(args.rule)
+    try:
+        pictures = torch.stack([imagenet.load_image(path, args.size) for path in args.images])
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
@@ -114,28 +127,59 @@ def run_explain(args: argparse.Namespace) -> None:
         raise CommandError(f"device {args.device!r} is not available: {error}") from None
     model = convert(_model(args.model, args.weights, args.random_weights)).to(device)
     names = imagenet.categories()
-    os.makedirs(args.out, exist_ok=True)
-    batches = [args.images[i:i + args.batch_size] for i in range(0, len(args.images), args.batch_size)]
-    for batch in tqdm(batches, desc="explaining", unit="batch", disable=len(batches) < 2):
+    note = " (random weights: not an explanation)" if args.random_weights else ""
+    for start in tqdm(range(0, len(args.images), args.batch_size), desc="explaining", unit="batch",
+                      disable=len(args.images) <= args.batch_size):
+        batch = slice(start, start + args.batch_size)
+        inputs = imagenet.normalize(pictures[batch]).to(device)
         try:
-            pictures = torch.stack([imagenet.load_image(path, args.size) for path in batch])
-        except ValueError as error:
-            raise CommandError(str(error)) from None
-        inputs = imagenet.normalize(pictures).to(device)
-        with torch.no_grad():
-            top = model(inputs).argmax(1)
+            with torch.no_grad():
+                top = model(inputs).argmax(1)
+        except RuntimeError as error:
+            raise CommandError(f"{args.model} cannot run on {args.size}x{args.size} inputs (--size too small?): "
+                               f"{str(error).splitlines()[0]}") from None
         target = top if args.target is None else args.target
         relevance = explain(model, inputs, target=target, rule=rule, fused=args.fused).cpu()
         maps = image.heatmap(relevance, percentile=99.5)
-        for index, path in enumerate(batch):
-            stem = os.path.splitext(os.path.basename(path))[0]
+        for index, (path, output) in enumerate(zip(args.images[batch], outputs[batch])):
             cls = int(top[index]) if args.target is None else args.target
-            output = os.path.join(args.out, f"{stem}_heatmap.png")
-            image.save_grid(output, [[image.as_image(pictures[index:index + 1])[0], maps[index]]],
-                            ["input", f"relevance for {names[cls]!r} ({cls})"], cell_size=3.0)
+            image.save_grid(output, [[image.as_image(pictures[start + index:start + index + 1])[0], maps[index]]],
+                            ["input", f"relevance for {names[cls]!r} ({cls})"], cell_size=3.0,
+                            title=f"{args.model}, {args.rule}{note}")
             if args.save_relevance:
-                np.save(os.path.join(args.out, f"{stem}_relevance.npy"), relevance[index].numpy())
-            print(f"{path}: class {cls} ({names[cls]}) -> {output}")
+                np.save(os.path.splitext(output)[0] + ".npy", relevance[index].numpy())
+            print(f"{path}: class {cls} ({names[cls]}) -> {output}{note}")
+
+
+def _output_paths(args: argparse.Namespace) -> list[str]:
+    """One new output file per image (``<stem>_<model>_<rule>.png`` in ``--out``, or ``--out`` itself for one
+    image), checked before anything is computed: no existing file is overwritten, no two images share a name."""
+    if args.out.lower().endswith(".png"):
+        if len(args.images) != 1:
+            raise CommandError(f"--out {args.out!r} names one file but {len(args.images)} images were given; "
+                               f"give a directory")
+        paths = [args.out]
+    else:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise CommandError(f"--out {args.out!r} is an existing file; give a directory, or a new .png file name "
+                               f"for a single image")
+        paths, taken = [], set()
+        for image_path in args.images:
+            stem = os.path.splitext(os.path.basename(image_path))[0]
+            path, number = os.path.join(args.out, f"{stem}_{args.model}_{args.rule}.png"), 2
+            while path in taken:  # a/x.png and b/x.png: x_..., x-2_...
+                path, number = os.path.join(args.out, f"{stem}-{number}_{args.model}_{args.rule}.png"), number + 1
+            taken.add(path)
+            paths.append(path)
+    existing = [path for path in paths
+                if os.path.exists(path) or (args.save_relevance and os.path.exists(os.path.splitext(path)[0] + ".npy"))]
+    if existing:
+        raise CommandError(f"output file(s) exist and are not overwritten: {', '.join(existing)}; remove them or "
+                           f"choose another --out")
+    directory = os.path.dirname(paths[0])
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:

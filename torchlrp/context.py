@@ -20,6 +20,7 @@ from .batchnorm import check_foldable
 from .composites import PROPORTIONAL_MODULES, Composite, as_composite
 from .functional.relevance import proportional
 from .modules.affine import ExplainableAffine
+from .modes import in_training_mode
 from .modules.rectifier import ReLU
 from .patterns import PatternsLike, patterns_by_module
 from .rules import Rule
@@ -132,6 +133,17 @@ def _first_layer(model: torch.nn.Module) -> tuple[torch.nn.Module | None, bool]:
     return model.get_submodule(first.target), sum(node.target == first.target for node in calls) > 1
 
 
+def _check_eval_mode(model: torch.nn.Module) -> None:
+    """Raise if a module whose output depends on training mode is in training mode."""
+    training = in_training_mode(model)
+    if training:
+        listed = ", ".join(repr(name) for name in training[:5]) + (", ..." if len(training) > 5 else "")
+        raise ValueError(f"{len(training)} module(s) of {type(model).__name__} are in training mode ({listed}): batch "
+                         f"norms would use batch statistics and dropout would drop at random, so the explanation "
+                         f"would not be of the model's decision; explanations are of the eval-mode model -- call "
+                         f"model.eval() first")
+
+
 def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilon",
                 pattern: PatternsLike | None = None, fused: bool = False) -> ExplainState:
     """Decide rules, patterns, batch-norm folds and non-negative inputs for explaining ``model``.
@@ -151,6 +163,7 @@ def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilo
     ValueError
         As in :func:`rules_applied`.
     """
+    _check_eval_mode(model)
     composite = as_composite(rule)
     first_layer, first_call_only = _first_layer(model)
     state = ExplainState(rules=composite.assign(model, first_layer), fused=bool(fused))
@@ -199,9 +212,15 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
     Raises
     ------
     ValueError
-        If the model has no torchlrp layer, a rule is invalid, a batch norm to fold is in training mode, or a
-        pattern rule lacks patterns.
+        If the model has no torchlrp layer, a rule is invalid, a batch norm, dropout or stochastic depth module is
+        in training mode, or a pattern rule lacks patterns.
+    RuntimeError
+        Under ``torch.inference_mode()``.
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("explain mode records a backward, which torch.inference_mode() forbids; call "
+                           "torchlrp.explain(...) (it leaves inference mode for its own call) or explain outside "
+                           "inference_mode")
     state = build_state(model, rule, pattern, fused)
     handles = []
     token = ACTIVE.set(state)

@@ -25,6 +25,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import fold_batchnorm
+from .modes import in_training_mode
 from .modules.activation import ACTIVATION_TWINS
 from .modules.affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d,
                              ExplainableAffine, Linear)
@@ -103,6 +104,7 @@ class _Analysis:
         self.gates: set[Node] = set()
         self.unsupported: list[tuple[str, str]] = []
         self.insertions: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+        self.folded: dict[str, str] = {}  # batch norm path -> path of the layer it was folded into
         self.order = {node: index for index, node in enumerate(graph.nodes)}
         self.calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
         self.parameter_uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
@@ -243,6 +245,7 @@ class _Analysis:
                                       batchnorm)
         layer.weight = torch.nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
         layer.bias = torch.nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
+        self.folded[node.target] = layer_node.target
         parent, _, child = node.target.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, child, torch.nn.Identity())
         node.replace_all_uses_with(layer_node)
@@ -368,6 +371,12 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
+    training = in_training_mode(model)
+    if training:
+        warnings.warn(f"{type(model).__name__} is in training mode ({training[0]!r}{', ...' if len(training) > 1 else ''}"
+                      f"): convert folds batch norms with their running statistics, and explanations are of the "
+                      f"eval-mode model (explaining raises while such modules are in training mode); call "
+                      f"model.eval() before converting", stacklevel=2)
     model = model if inplace else copy.deepcopy(model)
     registry = default_registry() if registry is None else registry
     allowed = set(allow_gradient)
@@ -386,11 +395,44 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
     analysis.run()
     if analysis.unsupported:
         raise ConversionError(analysis.unsupported)
+    if analysis.folded:
+        model._register_load_state_dict_pre_hook(FoldedStateDictGuard(analysis.folded))
     if isinstance(model, torch.nn.Sequential) and not analysis.insertions and analysis.is_chain():
         return model
     for container, name, replacement in analysis.insertions:
         container.add_module(name, replacement)
-    return _graph_module(model, graph)
+    converted = _graph_module(model, graph)
+    if analysis.folded:
+        converted._register_load_state_dict_pre_hook(FoldedStateDictGuard(analysis.folded))
+    return converted
+
+
+class FoldedStateDictGuard:
+    """Refuses, before any parameter is touched, a state dict of the model as it was before batch norms were folded.
+
+    ``convert`` folds a batch norm into the layer before it: that layer's weight and bias change and the batch
+    norm's keys disappear. The original model's state dict then does not fit (with ``strict=False`` it would
+    silently load unfolded weights). Load such weights into the original model and convert it again; a converted
+    model's own ``state_dict()`` loads as usual.
+
+    Parameters
+    ----------
+    folded : dict of str to str
+        Path of each folded batch norm -> path of the layer it was folded into.
+    """
+
+    def __init__(self, folded: dict[str, str]) -> None:
+        self.folded = dict(folded)
+
+    def __call__(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Raise ``ValueError`` if ``state_dict`` holds parameters or statistics of a folded batch norm."""
+        for norm, layer in self.folded.items():
+            stale = [key for key in state_dict if key.startswith(f"{prefix}{norm}.")]
+            if stale:
+                raise ValueError(f"this state dict holds batch norm {norm!r} ({stale[0]!r}, ...), which "
+                                 f"torchlrp.convert folded into layer {layer!r}: it belongs to the unconverted model. "
+                                 f"Load it into the original model and convert that again "
+                                 f"(lrp.convert(model)); nothing was loaded")
 
 
 def _sequential_options(model: torch.nn.Module) -> dict[str, Any] | None:

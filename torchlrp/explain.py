@@ -1,7 +1,8 @@
 """``torchlrp.explain``: the input relevance of a model's decision in one call."""
 from __future__ import annotations
 
-from typing import Sequence
+import numbers
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -14,20 +15,35 @@ from .rules import Rule
 _STARTS = ("one", "logit")
 
 
-def _targets(target: int | Sequence[int] | Tensor | None, output: Tensor, batch: int) -> Tensor:
-    """Validate ``target`` and return it as a (batch, k) long tensor."""
+def _as_target(target: Any) -> int | Tensor | None:
+    """``target`` as None, a Python int (one class for every sample: ints, numpy integers, 0-d tensors and arrays)
+    or an integer tensor; anything else raises ``ValueError``."""
+    if target is None:
+        return None
+    if isinstance(target, (bool, str, bytes)) or (isinstance(target, Tensor) and target.dtype == torch.bool):
+        raise ValueError(f"target must be an int, a sequence or tensor of class indices, or None; got {target!r}")
+    if isinstance(target, numbers.Integral):
+        return int(target)
+    try:
+        tensor = torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"target must be an int, a sequence or tensor of class indices, or None; got "
+                         f"{type(target).__name__}") from None
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {tensor.dtype}")
+    return int(tensor) if tensor.dim() == 0 else tensor
+
+
+def _targets(target: int | Tensor | None, output: Tensor, batch: int) -> Tensor:
+    """Validate ``target`` (from :func:`_as_target`) and return it as a (batch, k) long tensor."""
     classes = output.shape[1]
     if target is None:
         return output.detach().argmax(1, keepdim=True)
-    if isinstance(target, bool):
-        raise ValueError(f"target must be an int, a sequence or tensor of class indices, or None; got {target!r}")
     if isinstance(target, int):
         if not 0 <= target < classes:
             raise ValueError(f"target {target} is out of range for an output of {classes} classes (0..{classes - 1})")
         return torch.full((batch, 1), target, dtype=torch.long, device=output.device)
-    target = torch.as_tensor(target, device=output.device)
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+    target = target.to(output.device)
     if target.dim() == 1:
         target = target[:, None]
     if target.dim() != 2 or target.shape[0] != batch:
@@ -55,9 +71,10 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
     input : Tensor
         Batch of inputs. It is not modified.
     target : int, sequence, Tensor or None
-        Class to explain: one int for all samples, one class per sample (shape ``(batch,)``), ``k`` classes per
-        sample (shape ``(batch, k)``: all are explained in one batched backward), or None for each sample's
-        highest-scoring class.
+        Class to explain: one int for all samples (also a numpy integer or a 0-d tensor such as
+        ``logits.argmax()``), one class per sample (shape ``(batch,)``), ``k`` classes per sample (shape
+        ``(batch, k)``: all are explained in one batched backward), or None for each sample's highest-scoring
+        class.
     rule : str, Rule or Composite
         Rule for every layer, or a composite.
     pattern : dict or list, optional
@@ -86,27 +103,33 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
     if start not in _STARTS:
         raise ValueError(f"start must be one of {_STARTS}, got {start!r}")
     batch = input.shape[0]
-    target_shape = () if target is None or isinstance(target, int) else torch.as_tensor(target).shape
+    target = _as_target(target)
+    target_shape = () if target is None or isinstance(target, int) else target.shape
     multi = len(target_shape) == 2
     per_sample = target_shape[1] if multi else 1
-    carrier = input.detach()
-    if per_sample > 1:
-        carrier = carrier.repeat_interleave(per_sample, dim=0)
-    carrier.requires_grad_(True)
-    with rules_applied(model, rule, pattern, fused), torch.enable_grad():
-        output = model(carrier)
-    if output_relevance is None:
-        if output.dim() != 2:
-            raise ValueError(f"the model output has shape {tuple(output.shape)}, not (batch, classes); pass "
-                             f"output_relevance= (a tensor of that shape) to say where relevance starts")
-        targets = _targets(target, output[::per_sample], batch).reshape(-1, 1)
-        output_relevance = torch.zeros_like(output).scatter_(1, targets, 1.0)
-        if start == "logit":
-            output_relevance = output_relevance * output.detach()
-    elif output_relevance.shape != output.shape:
-        raise ValueError(f"output_relevance has shape {tuple(output_relevance.shape)}, the model output "
-                         f"{tuple(output.shape)}")
-    (relevance,) = torch.autograd.grad(output, carrier, output_relevance)
+    with torch.inference_mode(False), torch.enable_grad():  # works under inference_mode / no_grad alike
+        carrier = input.detach()
+        if carrier.is_inference():  # made under inference_mode: a normal copy can record a backward
+            carrier = carrier.clone()
+        if per_sample > 1:
+            carrier = carrier.repeat_interleave(per_sample, dim=0)
+        carrier.requires_grad_(True)
+        with rules_applied(model, rule, pattern, fused):
+            output = model(carrier)
+        if output_relevance is None:
+            if output.dim() != 2:
+                raise ValueError(f"the model output has shape {tuple(output.shape)}, not (batch, classes); pass "
+                                 f"output_relevance= (a tensor of that shape) to say where relevance starts")
+            targets = _targets(target, output[::per_sample], batch).reshape(-1, 1)
+            output_relevance = torch.zeros_like(output).scatter_(1, targets, 1.0)
+            if start == "logit":
+                output_relevance = output_relevance * output.detach()
+        elif output_relevance.shape != output.shape:
+            raise ValueError(f"output_relevance has shape {tuple(output_relevance.shape)}, the model output "
+                             f"{tuple(output.shape)}")
+        elif output_relevance.is_inference():
+            output_relevance = output_relevance.clone()
+        (relevance,) = torch.autograd.grad(output, carrier, output_relevance)
     if multi:
         relevance = relevance.reshape(batch, per_sample, *input.shape[1:])
     return relevance

@@ -168,10 +168,8 @@ def save_grid(path: str, rows: Sequence[Sequence[np.ndarray]], column_titles: Se
     ValueError
         If rows are empty or of unequal length, or titles do not match the grid.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     if not rows or len({len(r) for r in rows}) != 1 or not rows[0]:
         raise ValueError("rows must be a non-empty list of equally long, non-empty lists of images")
@@ -180,8 +178,10 @@ def save_grid(path: str, rows: Sequence[Sequence[np.ndarray]], column_titles: Se
         raise ValueError(f"{len(column_titles)} column titles for {n_cols} columns")
     if row_titles is not None and len(row_titles) != n_rows:
         raise ValueError(f"{len(row_titles)} row titles for {n_rows} rows")
-    figure, axes = plt.subplots(n_rows, n_cols, figsize=(cell_size * n_cols, cell_size * n_rows + 0.4),
-                                squeeze=False)
+    # a Figure with its own Agg canvas: pyplot's global backend (a notebook's) is left alone
+    figure = Figure(figsize=(cell_size * n_cols, cell_size * n_rows + 0.4))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(n_rows, n_cols, squeeze=False)
     for i, row in enumerate(rows):
         for j, cell in enumerate(row):
             axis = axes[i][j]
@@ -196,4 +196,3 @@ def save_grid(path: str, rows: Sequence[Sequence[np.ndarray]], column_titles: Se
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)

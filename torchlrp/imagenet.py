@@ -60,13 +60,24 @@ def load_image(path: str, size: int = 224) -> torch.Tensor:
     Raises
     ------
     ValueError
-        If the file cannot be read as an image.
+        If the file cannot be read as an image, is larger than Pillow's decompression limit
+        (``PIL.Image.MAX_IMAGE_PIXELS``, a guard against decompression bombs), or ``size`` is not positive.
     """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    if size < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
     try:
-        with Image.open(path) as opened:
-            picture = opened.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                picture = opened.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"{path!r} is larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels (a guard "
+                         f"against decompression bombs); shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if you "
+                         f"trust the file") from None
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"cannot read {path!r} as an image: {error}") from None
     return from_array(np.asarray(picture), size)

@@ -31,7 +31,8 @@ def torchvision_model(name: str, weights: str | None = "DEFAULT") -> torch.nn.Mo
     Raises
     ------
     ValueError
-        For an unknown architecture.
+        For an unknown architecture, or a weights file that is not a state dict of this architecture (another
+        architecture's, or a whole pickled model, which is never unpickled).
     FileNotFoundError
         For a weights path that does not exist.
     """
@@ -45,8 +46,21 @@ def torchvision_model(name: str, weights: str | None = "DEFAULT") -> torch.nn.Mo
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"weights file {weights!r} does not exist")
         model = builder(weights=None)
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle.UnpicklingError, RuntimeError, EOFError, ...: not a plain state dict
+            raise ValueError(f"{weights!r} is not a state_dict file that loads without unpickling code (a whole "
+                             f"pickled model, or not a torch file?): save model.state_dict() instead "
+                             f"({type(error).__name__})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+            raise ValueError(f"{weights!r} does not hold a state_dict (a dict of tensors)")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            lines = str(error).strip().splitlines()
+            first = lines[1].strip() if len(lines) > 1 else lines[0]
+            raise ValueError(f"{weights!r} is not a state_dict of {name}: {first}") from None
         return model.eval()
     return builder(weights=weights).eval()
 

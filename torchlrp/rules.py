@@ -440,9 +440,21 @@ class ZBox(Rule):
         self.low = low
         self.high = high
         self.stabilizer = _check_number("stabilizer", stabilizer)
+        self._placed: dict[tuple[str, torch.device, torch.dtype], tuple[Any, int, Tensor]] = {}
+
+    def _placed_bound(self, name: str, bound: float | Tensor, input: Tensor) -> Tensor:
+        """``bound`` on the input's device and dtype, converted once and kept (no copy in the backward)."""
+        key = (name, input.device, input.dtype)
+        version = bound._version if isinstance(bound, Tensor) else 0
+        cached = self._placed.get(key)
+        if cached is not None and cached[0] is bound and cached[1] == version:
+            return cached[2]
+        placed = torch.as_tensor(bound, dtype=input.dtype, device=input.device)
+        self._placed[key] = (bound, version, placed)
+        return placed
 
     def _bound(self, name: str, bound: float | Tensor, input: Tensor) -> Tensor:
-        bound = torch.as_tensor(bound, dtype=input.dtype, device=input.device)
+        bound = self._placed_bound(name, bound, input)
         shape = input.shape if bound.dim() == input.dim() and bound.shape[0] != 1 else (1, *input.shape[1:])
         try:
             if torch.broadcast_shapes(bound.shape, shape) != torch.Size(shape):

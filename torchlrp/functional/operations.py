@@ -21,6 +21,7 @@ Nothing in a backward synchronizes with the host.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -130,30 +131,29 @@ class ChannelAffineRelevance(torch.autograd.Function):
 class NormalizationRelevance(torch.autograd.Function):
     """Forward: a layer or group norm given by ``normalize``. Backward: the rule with the std held constant.
 
-    ``groups(t)`` views a tensor of the input's shape as ``(..., group_size)``: the normalization takes its mean
-    and standard deviation over the last dimension of that view.
+    ``normalize(x)`` returns the output and the inverse standard deviations (as ``torch.native_layer_norm``: one
+    pass); ``groups(t)`` views a tensor of the input's shape as ``(..., group_size)``: the normalization takes its
+    mean and standard deviation over the last dimension of that view.
     """
 
     @staticmethod
-    def forward(ctx, input: Tensor, normalize: Callable[[Tensor], Tensor], groups: Callable[[Tensor], Tensor],
-                weight: Tensor | None, eps: float, epsilon: float) -> Tensor:  # noqa: D102
-        output = normalize(input)
-        grouped = groups(input)
-        std = (grouped.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    def forward(ctx, input: Tensor, normalize: Callable[[Tensor], tuple[Tensor, Tensor]],
+                groups: Callable[[Tensor], Tensor], weight: Tensor | None, epsilon: float) -> Tensor:  # noqa: D102
+        output, inverse_std = normalize(input)
         ctx.groups, ctx.epsilon = groups, epsilon
-        ctx.save_for_backward(input, output, std, weight)
+        ctx.save_for_backward(input, output, groups(inverse_std), weight)
         return output
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
-        input, output, std, weight = ctx.saved_tensors
+        input, output, inverse_std, weight = ctx.saved_tensors
         share = relevance / stabilize(output, ctx.epsilon)
         if weight is not None:
             share = share * weight
         grouped = ctx.groups(share)
         centred = grouped - grouped.mean(-1, keepdim=True)
-        result = ctx.groups(input) / std * centred
-        return result.reshape(input.shape), None, None, None, None, None
+        result = ctx.groups(input) * inverse_std * centred
+        return result.reshape(input.shape), None, None, None, None
 
 
 def identity_rule(input: Tensor, function: Callable[[Tensor], Tensor]) -> Tensor:
@@ -248,13 +248,14 @@ def layer_norm_rule(input: Tensor, normalized_shape: Sequence[int], weight: Tens
     normalized_shape = tuple(normalized_shape)
     dims = len(normalized_shape)
 
-    def normalize(tensor: Tensor) -> Tensor:
-        return F.layer_norm(tensor, normalized_shape, weight, bias, eps)
+    def normalize(tensor: Tensor) -> tuple[Tensor, Tensor]:
+        output, _, inverse_std = torch.native_layer_norm(tensor, normalized_shape, weight, bias, eps)
+        return output, inverse_std
 
     def groups(tensor: Tensor) -> Tensor:
         return tensor if dims == 1 else tensor.flatten(-dims)
 
-    return NormalizationRelevance.apply(input, normalize, groups, weight, eps, epsilon)
+    return NormalizationRelevance.apply(input, normalize, groups, weight, epsilon)
 
 
 def group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
@@ -276,13 +277,15 @@ def group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias:
     batch = input.shape[0]
     channel_weight = None if weight is None else weight.view(-1, *([1] * (input.dim() - 2)))
 
-    def normalize(tensor: Tensor) -> Tensor:
-        return F.group_norm(tensor, num_groups, weight, bias, eps)
+    def normalize(tensor: Tensor) -> tuple[Tensor, Tensor]:
+        output, _, inverse_std = torch.native_group_norm(tensor.contiguous(), weight, bias, batch, tensor.shape[1],
+                                                          math.prod(tensor.shape[2:]), num_groups, eps)
+        return output, inverse_std
 
     def groups(tensor: Tensor) -> Tensor:
         return tensor.reshape(batch, num_groups, -1)
 
-    return NormalizationRelevance.apply(input, normalize, groups, channel_weight, eps, epsilon)
+    return NormalizationRelevance.apply(input, normalize, groups, channel_weight, epsilon)
 
 
 __all__ += ["group_norm_rule", "layer_norm_rule"]

@@ -46,6 +46,7 @@ class AffineRelevance(torch.autograd.Function):
             saved = (input, output)
         else:
             output, saved = rule.forward(op, input)
+        ctx.parameter_versions = _versions(op)
         ctx.keeps_output = any(tensor is output for tensor in saved)
         ctx.recompute_input = getattr(input.grad_fn, "recompute_output", None)
         if ctx.recompute_input is not None:
@@ -60,9 +61,14 @@ class AffineRelevance(torch.autograd.Function):
             saved = ctx.saved_tensors
         except RuntimeError as error:
             raise RuntimeError(f"torchlrp: a tensor that a {type(ctx.rule).__name__} layer kept for its relevance "
-                               f"(its input or output) was modified in place after the forward; explain a model "
-                               f"that modifies layer inputs/outputs out of place, e.g. via torchlrp.convert(model), "
-                               f"which replaces in-place operations") from error
+                               f"(its input or output) was modified in place after the layer ran (e.g. "
+                               f"out.mul_(2) or out.relu_() on a layer output in a hand-written forward); write "
+                               f"that operation out of place (out = out * 2); in-place modules such as "
+                               f"nn.ReLU(inplace=True) need no change") from error
+        if _versions(ctx.op) != ctx.parameter_versions:
+            raise RuntimeError(f"torchlrp: the weight or bias of a layer explained by {ctx.rule!r} was modified in "
+                               f"place between the forward and the backward; its relevance would use the new "
+                               f"values -- run the forward again after changing parameters")
         if ctx.recompute_input is not None:
             source = saved[0]
             input = ctx.recompute_input(source)
@@ -72,6 +78,11 @@ class AffineRelevance(torch.autograd.Function):
             form = ctx.rule.rectified_form(ctx.op, input)
             return rectified_relevance(ctx.op, form, relevance, input, output, ctx.input_shape), None, None
         return ctx.rule.backward(ctx.op, relevance, saved, ctx.input_shape), None, None
+
+
+def _versions(op: AffineOp) -> tuple[int, ...]:
+    """Version counters of the layer's weight and bias (they change with every in-place modification)."""
+    return tuple(tensor._version for tensor in (op.weight, op.bias) if tensor is not None)
 
 
 class ProportionalRelevance(torch.autograd.Function):
