@@ -263,3 +263,52 @@ def test_save_grid_leaves_the_matplotlib_backend_alone(tmp_path):
         assert (tmp_path / "grid.png").is_file()
     finally:
         matplotlib.use(backend)
+
+
+# -- mixed precision
+AUTOCAST_TOLERANCE = {torch.bfloat16: 0.05, torch.float16: 0.08}  # relative L2, against float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_every_rule_explains_under_autocast(dtype, device):
+    """A forward under torch.autocast (AMP's pattern) explains with every rule, close to the float32 result."""
+    torch.manual_seed(0)
+    model = lrp.Sequential(lrp.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), lrp.Conv2d(8, 8, 3, stride=2),
+                           torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                           lrp.Linear(32, 5)).eval().to(device)
+    x = torch.rand(4, 3, 12, 12, device=device)
+    data = [torch.rand(32, 3, 12, 12, device=device) for _ in range(4)]
+    patterns = lrp.patterns.fit_patternnet(model, data)
+    with torch.autocast(device.type, dtype=dtype):
+        fitted = lrp.patterns.fit_patternnet(model, data)  # fits under autocast too
+    for name in patterns:  # statistics of lower-precision activations, kept in float32 (the estimate itself is
+        # ill-conditioned on a random model: its digits differ, see the float32 patterns used below)
+        assert fitted[name].shape == patterns[name].shape and fitted[name].dtype == torch.float32
+        assert torch.isfinite(fitted[name]).all()
+    for name in rules.rule_names():
+        extra = {"pattern": patterns} if name.startswith("pattern") else {}
+        expected = lrp.explain(model, x, target=1, rule=name, **extra)
+        with torch.autocast(device.type, dtype=dtype):
+            relevance = lrp.explain(model, x, target=1, rule=name, **extra)
+        assert relevance.dtype == torch.float32 and torch.isfinite(relevance).all(), name
+        error = float((relevance - expected).norm() / expected.norm())
+        assert error < AUTOCAST_TOLERANCE[dtype], (name, error)
+
+
+def test_composites_on_converted_cnn_families_under_autocast(device):
+    """Converted models (folded batch norms, residual sums, gates, layer norms) explain under bfloat16 autocast about
+    as closely as the plain gradient itself follows its float32 value (random models are ill-conditioned)."""
+    torch.manual_seed(0)
+    low, high = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    for name in ("resnet18", "convnext_tiny"):
+        model = lrp.convert(getattr(torchvision.models, name)(num_classes=10).eval()).to(device)
+        x = torch.rand(2, 3, 64, 64, device=device)
+        deviation = {}
+        for key, rule in (("gradient", "gradient"), ("epsilon-plus", lrp.EpsilonPlus()),
+                          ("epsilon-gamma-box", lrp.EpsilonGammaBox(low, high))):
+            expected = lrp.explain(model, x, target=1, rule=rule)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                relevance = lrp.explain(model, x, target=1, rule=rule)
+            assert relevance.dtype == torch.float32 and torch.isfinite(relevance).all()
+            deviation[key] = float((relevance - expected).norm() / expected.norm())
+        assert max(deviation.values()) <= 1.5 * deviation["gradient"] + 0.05, (name, deviation)

@@ -89,7 +89,8 @@ def _fit(model: torch.nn.Module, loader: Iterable, device: torch.device | str | 
     def record(name: str):
         def hook(module: ExplainableAffine, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             op = module.affine_op()
-            input = inputs[0]
+            # under autocast the activations are in a lower precision than the weight: statistics in the weight's
+            input, output = inputs[0].to(op.weight.dtype), output.to(op.weight.dtype)
             mask = (output > 0).to(output.dtype) if positive else torch.ones_like(output)
             signal = output * mask
             statistics[name].update(_unit_sum(op, mask), _weight_shaped(op, mask, input),

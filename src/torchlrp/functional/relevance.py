@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .affine import AffineOp
+from .autocast import autocast_enabled
 from .kernels import kernels
 from .rectified import rectified_relevance
 from .stabilize import stabilize
@@ -40,6 +41,7 @@ class AffineRelevance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: Tensor, op: AffineOp, rule: "Rule") -> Tensor:  # noqa: D102
         ctx.op, ctx.rule, ctx.input_shape = op, rule, input.shape
+        ctx.autocast = autocast_enabled(input)
         if op.rectified:
             ctx.output_rectified = True
             output = rule.forward_rectified(op, input)
@@ -73,11 +75,15 @@ class AffineRelevance(torch.autograd.Function):
             source = saved[0]
             input = ctx.recompute_input(source)
             saved = tuple(input if tensor is source else tensor for tensor in saved)
-        if ctx.op.rectified:
+        op = ctx.op
+        if ctx.autocast:  # the forward ran in mixed precision: the whole backward runs in the output's dtype
+            op = op.cast(relevance.dtype)
+            saved = tuple(tensor.to(relevance.dtype) for tensor in saved)
+        if op.rectified:
             input, output = saved
-            form = ctx.rule.rectified_form(ctx.op, input)
-            return rectified_relevance(ctx.op, form, relevance, input, output, ctx.input_shape), None, None
-        return ctx.rule.backward(ctx.op, relevance, saved, ctx.input_shape), None, None
+            form = ctx.rule.rectified_form(op, input)
+            return rectified_relevance(op, form, relevance, input, output, ctx.input_shape), None, None
+        return ctx.rule.backward(op, relevance, saved, ctx.input_shape), None, None
 
 
 def _versions(op: AffineOp) -> tuple[int, ...]:

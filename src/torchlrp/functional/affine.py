@@ -8,6 +8,7 @@ transpose folds the padded border back onto the input, so that rules never see p
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,25 @@ class AffineOp:
     rectified: bool = False
     transposed: bool = False
     output_padding: tuple[int, ...] = ()
+
+    def cast(self, dtype: torch.dtype) -> "AffineOp":
+        """This operator with weight, bias and pattern in ``dtype`` (itself when they already are).
+
+        Parameters
+        ----------
+        dtype : torch.dtype
+            The dtype to compute in (under autocast: the layer output's).
+
+        Returns
+        -------
+        AffineOp
+            The operator in ``dtype``.
+        """
+        if self.weight.dtype == dtype:
+            return self
+        return dataclasses.replace(self, weight=self.weight.to(dtype),
+                                   bias=None if self.bias is None else self.bias.to(dtype),
+                                   pattern=None if self.pattern is None else self.pattern.to(dtype))
 
     def channel_dim(self, ndim: int) -> int:
         """Return the channel (feature) dimension of a layer output with ``ndim`` dimensions.

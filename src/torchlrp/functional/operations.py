@@ -28,15 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .autocast import autocast_enabled
 from .stabilize import stabilize
-
-
-def _autocast_enabled(tensor: Tensor) -> bool:
-    """Whether autocast is active for ``tensor``'s device (a recomputation outside it could differ)."""
-    try:
-        return torch.is_autocast_enabled(tensor.device.type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def _sum_to(tensor: Tensor, shape: torch.Size) -> Tensor:
@@ -57,7 +50,7 @@ class IdentityRelevance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: Tensor, function: Callable[[Tensor], Tensor]) -> Tensor:  # noqa: D102
         output = function(input)
-        if getattr(input.grad_fn, "keeps_output", False) and not _autocast_enabled(input):
+        if getattr(input.grad_fn, "keeps_output", False) and not autocast_enabled(input):
             ctx.save_for_backward(input)
             ctx.recompute_output = function
         return output.view_as(output) if output is input else output
