@@ -175,7 +175,7 @@ class Epsilon(Rule):
 
     def backward(self, op: AffineOp, relevance: Tensor, saved: Saved, input_shape: torch.Size) -> Tensor:  # noqa: D102
         input, output = saved
-        signal = relevance / kernels(op.fused).stabilize(output, self.epsilon)
+        signal = kernels(op.fused).quotient(relevance, output, self.epsilon)
         return op.transpose(signal, input_shape, op.weight).mul_(input)
 
     def folds_rectifier(self, op: AffineOp) -> bool:  # noqa: D102

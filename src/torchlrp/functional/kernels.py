@@ -97,6 +97,27 @@ def reciprocal(denominator: Tensor, epsilon: float, scale: float = 1.0) -> Tenso
     return scale / stabilize(denominator, epsilon)
 
 
+def quotient(relevance: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
+    """Return ``relevance / stabilize(denominator, epsilon)`` (the epsilon rule's signal).
+
+    Parameters
+    ----------
+    relevance : Tensor
+        Output relevance.
+    denominator : Tensor
+        The layer's output ``z`` (kept from the forward; not modified).
+    epsilon : float
+        Stabilizer (see :func:`~torchlrp.functional.stabilize`).
+
+    Returns
+    -------
+    Tensor
+        The signal, finite everywhere.
+    """
+    stabilized = stabilize(denominator, epsilon)
+    return torch.div(relevance, stabilized, out=stabilized)
+
+
 def part_reciprocal(linear: Tensor, magnitude: Tensor, sign: float, epsilon: float, scale: float) -> Tensor:
     """Return ``scale / stabilize(u)`` for one signed part ``u = (Wx + sign |W||x|) / 2`` of an affine map.
 
@@ -223,8 +244,8 @@ class Kernels:
         :func:`reciprocal`.
     gamma_inverse, gamma_signal : callable
         :func:`gamma_inverse`, :func:`gamma_signal`.
-    part_reciprocal : callable
-        :func:`part_reciprocal`.
+    part_reciprocal, quotient : callable
+        :func:`part_reciprocal`, :func:`quotient`.
     rectified_quotient : callable
         :func:`rectified_quotient`.
     sum_forward, sum_backward : callable
@@ -236,12 +257,13 @@ class Kernels:
     gamma_inverse: Callable[[Tensor, Tensor, float, float], Tensor]
     gamma_signal: Callable[[Tensor, Tensor, float, int], Tensor]
     part_reciprocal: Callable[[Tensor, Tensor, float, float, float], Tensor]
+    quotient: Callable[[Tensor, Tensor, float], Tensor]
     rectified_quotient: Callable[[Tensor, Tensor, Tensor, float], Tensor]
     sum_forward: Callable[..., Tensor]
     sum_backward: Callable[..., tuple[Tensor, ...]]
 
 
-EAGER = Kernels(stabilize, reciprocal, gamma_inverse, gamma_signal, part_reciprocal, rectified_quotient, sum_forward, sum_backward)
+EAGER = Kernels(stabilize, reciprocal, gamma_inverse, gamma_signal, part_reciprocal, quotient, rectified_quotient, sum_forward, sum_backward)
 
 
 def _compiled(function: Callable) -> Callable:
