@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autocast import autocast_enabled
+from .kernels import kernels
 from .stabilize import stabilize
 
 
@@ -118,7 +119,8 @@ class ChannelAffineRelevance(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         output, shift = ctx.saved_tensors
-        return relevance * (output - shift) / stabilize(output, ctx.epsilon), None, None, None, None, None, None
+        signal = kernels(False).quotient(relevance, output, ctx.epsilon)
+        return signal.mul_(output - shift), None, None, None, None, None, None
 
 
 class NormalizationRelevance(torch.autograd.Function):
