@@ -210,3 +210,31 @@ def test_operator_table_entries_are_complete():
         assert function in registry.functions
     for name in ("mean", "view", "permute", "chunk", "add_", "mul"):
         assert name in registry.methods
+
+
+class _ActivationBetweenLayers(torch.nn.Module):
+    def __init__(self, view: bool):
+        super().__init__()
+        self.view = view
+        self.first, self.second = torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)
+
+    def forward(self, x):
+        hidden = F.gelu(self.first(x))
+        if self.view:  # a view between activation and layer: the layer keeps its own input
+            hidden = hidden.view(hidden.shape)
+        return self.second(hidden)
+
+
+@pytest.mark.parametrize("second_rule", [lrp.rules.Epsilon(), lrp.rules.ZPlus(), lrp.rules.Flat(),
+                                         lrp.rules.Gamma(0.5), lrp.rules.Gradient()])
+def test_layer_after_identity_rule_activation_recomputes_its_input_exactly(second_rule):
+    """A layer after GELU keeps the GELU's input (already kept by the layer before) and recomputes GELU in the
+    backward; relevance equals that of the same model where the layer keeps its own input."""
+    torch.manual_seed(0)
+    recomputing = _ActivationBetweenLayers(view=False).double().eval()
+    keeping = _ActivationBetweenLayers(view=True).double().eval()
+    keeping.load_state_dict(recomputing.state_dict())
+    x = torch.randn(4, 5, dtype=torch.float64)
+    composite = lrp.Composite(by_name={"second": second_rule}, default=lrp.rules.Epsilon())
+    expected = lrp.explain(lrp.convert(keeping), x, rule=composite)
+    torch.testing.assert_close(lrp.explain(lrp.convert(recomputing), x, rule=composite), expected, rtol=1e-12, atol=0)

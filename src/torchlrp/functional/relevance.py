@@ -51,7 +51,8 @@ class AffineRelevance(torch.autograd.Function):
         ctx.parameter_versions = _versions(op)
         ctx.keeps_output = any(tensor is output for tensor in saved)
         ctx.recompute_input = getattr(input.grad_fn, "recompute_output", None)
-        if ctx.recompute_input is not None:
+        ctx.recomputed = tuple(index for index, tensor in enumerate(saved) if tensor is input)
+        if ctx.recompute_input is not None and ctx.recomputed:
             source, = input.grad_fn.saved_tensors
             saved = tuple(source if tensor is input else tensor for tensor in saved)
         ctx.save_for_backward(*saved)
@@ -71,10 +72,9 @@ class AffineRelevance(torch.autograd.Function):
             raise RuntimeError(f"torchlrp: the weight or bias of a layer explained by {ctx.rule!r} was modified in "
                                f"place between the forward and the backward; its relevance would use the new "
                                f"values -- run the forward again after changing parameters")
-        if ctx.recompute_input is not None:
-            source = saved[0]
-            input = ctx.recompute_input(source)
-            saved = tuple(input if tensor is source else tensor for tensor in saved)
+        if ctx.recompute_input is not None and ctx.recomputed:
+            input = ctx.recompute_input(saved[ctx.recomputed[0]])
+            saved = tuple(input if index in ctx.recomputed else tensor for index, tensor in enumerate(saved))
         op = ctx.op
         if ctx.autocast:  # the forward ran in mixed precision: the whole backward runs in the output's dtype
             op = op.cast(relevance.dtype)
