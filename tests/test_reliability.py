@@ -312,3 +312,19 @@ def test_composites_on_converted_cnn_families_under_autocast(device):
             assert relevance.dtype == torch.float32 and torch.isfinite(relevance).all()
             deviation[key] = float((relevance - expected).norm() / expected.norm())
         assert max(deviation.values()) <= 1.5 * deviation["gradient"] + 0.05, (name, deviation)
+
+
+@pytest.mark.parametrize("relu", [torch.nn.ReLU, lrp.ReLU], ids=["torch", "torchlrp"])
+def test_inplace_relus_after_layers_that_keep_their_output(relu):
+    """In explain mode an in-place module gets a copy of what a layer keeps (its output), so relevance is that of
+    the out-of-place model; a torchlrp ReLU after a layer that folded it passes the tensor on untouched."""
+    torch.manual_seed(0)
+    inplace = lrp.Sequential(lrp.Conv2d(2, 4, 3), relu(inplace=True), torch.nn.Flatten(), lrp.Linear(64, 3),
+                             relu(inplace=True), lrp.Linear(3, 2)).double().eval()
+    plain = lrp.Sequential(lrp.Conv2d(2, 4, 3), relu(), torch.nn.Flatten(), lrp.Linear(64, 3), relu(),
+                           lrp.Linear(3, 2)).double().eval()
+    plain.load_state_dict(inplace.state_dict())
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    for rule in ("epsilon", "gamma", "alpha2beta1", "flat"):
+        torch.testing.assert_close(lrp.explain(inplace, x, rule=rule), lrp.explain(plain, x, rule=rule))
+    assert inplace[1].inplace  # the user's modules are not changed

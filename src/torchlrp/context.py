@@ -108,6 +108,14 @@ def _skip(module: torch.nn.Module, input: Tensor, output: Tensor) -> Tensor:
     return input
 
 
+def _kept(module: torch.nn.Module, arg: Any) -> bool:
+    """Whether ``arg`` is a tensor an explained layer keeps for its backward (a folded ReLU's rectified output
+    is passed on untouched by the torchlrp ReLU after it, so that one needs no copy)."""
+    if not isinstance(arg, Tensor) or not getattr(arg.grad_fn, "keeps_output", False):
+        return False
+    return not (isinstance(module, ReLU) and getattr(arg.grad_fn, "output_rectified", False))
+
+
 def _out_of_place(state: ExplainState) -> Callable[[torch.nn.Module, tuple[Any, ...]], tuple[Any, ...] | None]:
     """A forward pre-hook for in-place modules (``nn.ReLU(inplace=True)``): while ``state`` is this thread's, an
     input that an explained layer keeps for its backward (``grad_fn.keeps_output``) is copied first, so that the
@@ -115,8 +123,7 @@ def _out_of_place(state: ExplainState) -> Callable[[torch.nn.Module, tuple[Any, 
     def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if ACTIVE.get() is not state:
             return None
-        return tuple(arg.clone() if isinstance(arg, Tensor) and getattr(arg.grad_fn, "keeps_output", False) else arg
-                     for arg in args)
+        return tuple(arg.clone() if _kept(module, arg) else arg for arg in args)
     return hook
 
 
