@@ -238,3 +238,38 @@ def test_layer_after_identity_rule_activation_recomputes_its_input_exactly(secon
     composite = lrp.Composite(by_name={"second": second_rule}, default=lrp.rules.Epsilon())
     expected = lrp.explain(lrp.convert(keeping), x, rule=composite)
     torch.testing.assert_close(lrp.explain(lrp.convert(recomputing), x, rule=composite), expected, rtol=1e-12, atol=0)
+
+
+class _SelfAttention(torch.nn.Module):
+    """One attention head over tokens, a gated linear unit, mean pooling and a head (bias-free)."""
+
+    def __init__(self, softmax: bool = True):
+        super().__init__()
+        self.softmax = softmax
+        self.query, self.key, self.value = (torch.nn.Linear(6, 6, bias=False) for _ in range(3))
+        self.gate, self.up = torch.nn.Linear(6, 8, bias=False), torch.nn.Linear(6, 8, bias=False)
+        self.head = torch.nn.Linear(8, 3, bias=False)
+
+    def forward(self, x):
+        scores = self.query(x) @ self.key(x).transpose(-2, -1) / 6 ** 0.5
+        weights = scores.softmax(dim=-1) if self.softmax else scores
+        mixed = torch.matmul(weights, self.value(x))
+        hidden = self.gate(mixed) * self.up(mixed)  # a product of two activations: the uniform rule
+        return self.head(hidden.mean(1))
+
+
+def test_attention_converts_and_bilinear_products_conserve():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    model = _SelfAttention().double().eval()
+    converted = lrp.convert(model)
+    kinds = [type(module).__name__ for module in converted.modules()]
+    assert kinds.count("Softmax") == 1 and kinds.count("Bilinear") == 3  # q k^T, weights v, the gated unit
+    torch.testing.assert_close(converted(x), model(x), rtol=1e-12, atol=1e-12)
+    relevance = lrp.explain(converted, x, rule="zero", start="logit")
+    assert relevance.shape == x.shape and torch.isfinite(relevance).all()
+    # without the softmax every operation is linear or bilinear and bias-free: LRP-0 conserves exactly
+    bilinear = _SelfAttention(softmax=False).double().eval()
+    bilinear.load_state_dict(model.state_dict())
+    relevance = lrp.explain(lrp.convert(bilinear), x, rule="zero", start="logit")
+    torch.testing.assert_close(relevance.flatten(1).sum(1), bilinear(x).max(1).values, rtol=1e-9, atol=0)

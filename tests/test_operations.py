@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchlrp.functional.operations import (ChannelAffineRelevance, group_norm_rule, identity_rule, layer_norm_rule,
+from torchlrp.functional.operations import (ChannelAffineRelevance, bilinear_rule, group_norm_rule, identity_rule,
+                                            layer_norm_rule, softmax_rule,
                                             scale_rule, weighted_sum_rule)
 from torchlrp.functional.relevance import proportional
 
@@ -155,3 +156,58 @@ def test_proportional_rule_matches_dense_reference(name):
         z = jacobian @ xs.flatten()
         expected = xs.flatten() * (jacobian.T @ (rs.flatten() / _stab(z, 1e-6)))
         torch.testing.assert_close(os.flatten(), expected)
+
+
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_softmax_rule_matches_attnlrp_formula(dim):
+    """R_x_i = x_i (R_i - s_i sum_j R_j), written out element by element along ``dim``."""
+    x = leaf(2, 3, 5)
+    relevance = torch.randn(2, 3, 5, dtype=torch.float64)
+    output = softmax_rule(x, dim)
+    torch.testing.assert_close(output, torch.softmax(x, dim))
+    (ours,) = backward(output, relevance, x)
+    moved_x, moved_r = x.detach().movedim(dim, -1), relevance.movedim(dim, -1)
+    expected = torch.empty_like(moved_x)
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in moved_x.shape[:-1])):
+        row_x, row_r = moved_x[tuple(index)], moved_r[tuple(index)]
+        s = torch.exp(row_x) / torch.exp(row_x).sum()
+        for i in range(row_x.shape[0]):
+            expected[tuple(index) + (i,)] = row_x[i] * (row_r[i] - s[i] * row_r.sum())
+    torch.testing.assert_close(ours, expected.movedim(-1, dim))
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_uniform_rule_of_a_batched_matrix_product_matches_its_formula(epsilon):
+    """R_a[b,i,k] = 1/2 sum_j a[b,i,k] c[b,k,j] R[b,i,j] / stab(y[b,i,j]); R_c likewise; with epsilon 0 and no bias
+    both halves add up to the output relevance."""
+    a, c = leaf(2, 3, 4), leaf(1, 4, 5)  # c broadcast over the batch
+    relevance = torch.randn(2, 3, 5, dtype=torch.float64)
+    output = bilinear_rule(torch.matmul, a, c, epsilon=epsilon)
+    y = (a @ c).detach()
+    torch.testing.assert_close(output, y)
+    ours_a, ours_c = backward(output, relevance, a, c)
+    share = relevance / _stab(y, epsilon)
+    contributions = a.detach()[:, :, :, None] * c.detach()[:, None, :, :]  # [b, i, k, j]
+    expected_a = 0.5 * (contributions * share[:, :, None, :]).sum(3)
+    expected_c = 0.5 * (contributions * share[:, :, None, :]).sum((0, 1))[None]
+    torch.testing.assert_close(ours_a, expected_a)
+    torch.testing.assert_close(ours_c, expected_c)
+    if epsilon == 0:
+        torch.testing.assert_close(ours_a.sum() + ours_c.sum(), relevance.sum())
+
+
+def test_product_with_a_constant_factor_is_the_epsilon_rule_of_a_linear_map():
+    a, weight = leaf(3, 4), torch.randn(4, 2, dtype=torch.float64)
+    relevance = torch.randn(3, 2, dtype=torch.float64)
+    output = bilinear_rule(torch.matmul, a, weight, shares=(1.0, 0.0), epsilon=0.0)
+    (ours,) = backward(output, relevance, a)
+    expected = a.detach() * ((relevance / (a @ weight).detach()) @ weight.T)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_uniform_rule_of_an_elementwise_product():
+    a, b = leaf(2, 6), leaf(2, 6)
+    relevance = torch.randn(2, 6, dtype=torch.float64)
+    ours_a, ours_b = backward(bilinear_rule(torch.mul, a, b, epsilon=0.0), relevance, a, b)
+    torch.testing.assert_close(ours_a, relevance / 2)  # a b R / (a b) / 2
+    torch.testing.assert_close(ours_b, relevance / 2)

@@ -35,7 +35,7 @@ import torchvision
 from .modules.activation import ACTIVATION_TWINS, Hardsigmoid, ReLU6, Sigmoid
 from .modules.affine import ExplainableAffine
 from .modules.norm import NORM_TWINS
-from .modules.operation import Activation, LayerNormFunction, OutputSoftmax, Proportional, Scale
+from .modules.operation import Activation, Bilinear, LayerNormFunction, OutputSoftmax, Proportional, Scale, Softmax
 from .modules.rectifier import ReLU
 from .modules.residual import Add
 
@@ -226,18 +226,34 @@ def _scale(operation: Callable, inplace: bool = False) -> OperationEntry:
                 return Scale(operation, 0)
             if gates == [True, False] and operation is torch.mul:
                 return Scale(operation, 1)
-            raise Unsupported("a product of two activations that is not a gate (sigmoid-like) times features")
+            if operation is torch.mul:
+                return Bilinear(torch.mul)  # AttnLRP's uniform rule (e.g. a gated linear unit)
+            raise Unsupported("a quotient of two activations")
         raise Unsupported("a division by an activation")
     return OperationEntry("scale", build, "none", inplace=inplace)
 
 
-def _softmax(function: Callable) -> OperationEntry:
+def _softmax(function: Callable, log: bool = False) -> OperationEntry:
     def build(node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
-        if not view.is_output(node):
-            raise Unsupported("a softmax inside the model (only a softmax that gives the output is supported: it "
-                              "is skipped, the scores before it are explained)")
-        return OutputSoftmax(function)
-    return OperationEntry("skipped at the output", build, "nonnegative")
+        if view.is_output(node):
+            return OutputSoftmax(function)
+        if log:
+            raise Unsupported("a log-softmax inside the model (a softmax that gives the output is skipped; a softmax "
+                              "inside it takes AttnLRP's rule)")
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if not isinstance(dim, int) or set(node.kwargs) - {"dim"} or len(node.args) > 2:
+            raise Unsupported("a softmax inside the model without an integer dim, or with other arguments")
+        return Softmax(dim)
+    return OperationEntry("AttnLRP softmax rule (skipped at the output)", build, "nonnegative")
+
+
+def _product(operation: Callable) -> OperationEntry:
+    def build(node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
+        if node.kwargs or len(node.args) != 2:
+            raise Unsupported("a matrix product with keyword arguments")
+        left, right = (view.is_activation(argument) for argument in node.args)
+        return Bilinear(operation, (0.5, 0.5) if left and right else (1.0, 0.0) if left else (0.0, 1.0))
+    return OperationEntry("uniform rule (AttnLRP); epsilon with a constant factor", build, "none")
 
 
 def _softmax_module(node: torch.fx.Node, view: GraphView) -> None:
@@ -346,10 +362,18 @@ def default_registry() -> OperationRegistry:
 
     # normalization and the output softmax
     add_function(F.layer_norm, OperationEntry("layer norm", lambda node, view: LayerNormFunction()))
-    for function in (F.softmax, torch.softmax, F.log_softmax, torch.log_softmax):
+    for function in (F.softmax, torch.softmax):
         add_function(function, _softmax(function))
+    for function in (F.log_softmax, torch.log_softmax):
+        add_function(function, _softmax(function, log=True))
     add_method("softmax", _softmax(torch.Tensor.softmax))
-    add_method("log_softmax", _softmax(torch.Tensor.log_softmax))
+    add_method("log_softmax", _softmax(torch.Tensor.log_softmax, log=True))
+
+    # products of two activations (attention), matrix products with a constant
+    for function in (operator.matmul, torch.matmul, torch.bmm):
+        add_function(function, _product(torch.matmul if function is operator.matmul else function))
+    add_method("matmul", _product(torch.matmul))
+    add_method("bmm", _product(torch.bmm))
 
     # leaf modules
     add_module(ExplainableAffine, _keep("layer rule (composite)", "none"))

@@ -13,6 +13,13 @@ that of the inputs (the gradient reaching the output *is* the output relevance):
   its share like a bias).
 * :class:`ChannelAffineRelevance` -- an eval-mode batch norm that does not follow a linear/conv layer, the
   per-channel affine map ``y = a x + b`` it is: the epsilon rule ``R_x = a x R / stab(y)``.
+* :class:`SoftmaxRelevance` -- a softmax inside the model (attention weights): AttnLRP's rule
+  ``R_x = x (R - s sum_j R_j)`` (Achtibat et al. 2024), the first-order Taylor expansion at ``x``; what the logits'
+  shift-invariance leaves out is absorbed.
+* :class:`BilinearRelevance` -- a product of two activations (``q @ k^T``, ``attn @ v``, ``a * b``): AttnLRP's
+  uniform rule, each factor taking half of the epsilon-rule relevance it would get with the other held constant,
+  ``R_a = 1/2 a * J_a^T (R / stab(y))`` and likewise for ``b`` (conserving with ``y`` exactly bilinear); with a
+  constant factor the other takes all of it (the epsilon rule of a linear map).
 * :class:`NormalizationRelevance` -- LayerNorm/GroupNorm with the division by the standard deviation held constant
   (AttnLRP): ``y = w (x - mean x) / s + b`` is then linear in ``x``; the epsilon rule on the affine part and LRP-0
   on the centring give ``R_x = (x / s) (u - mean u)`` with ``u = w R / stab(y)`` (means over each normalized group).
@@ -123,6 +130,48 @@ class ChannelAffineRelevance(torch.autograd.Function):
         return signal.mul_(output - shift), None, None, None, None, None, None
 
 
+class SoftmaxRelevance(torch.autograd.Function):
+    """Forward: ``softmax(x, dim)``. Backward: ``R_x = x (R - s sum_dim R)`` (AttnLRP)."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, dim: int) -> Tensor:  # noqa: D102
+        output = torch.softmax(input, dim)
+        ctx.dim = dim
+        ctx.save_for_backward(input, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        input, output = ctx.saved_tensors
+        return input * (relevance - output * relevance.sum(ctx.dim, keepdim=True)), None
+
+
+class BilinearRelevance(torch.autograd.Function):
+    """Forward: ``function(a, b)``, bilinear. Backward: ``R_a = w_a a * J_a^T s``, ``R_b = w_b b * J_b^T s`` with
+    ``s = R / stab(function(a, b))``; the vector-Jacobian products are the function's own backward, on the product
+    recomputed in the backward (one extra product per call)."""
+
+    @staticmethod
+    def forward(ctx, function: Callable[[Tensor, Tensor], Tensor], shares: tuple[float, float], epsilon: float,
+                left: Tensor, right: Tensor) -> Tensor:  # noqa: D102
+        output = function(left, right)
+        ctx.function, ctx.shares, ctx.epsilon = function, shares, epsilon
+        ctx.save_for_backward(left, right, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        left, right, output = ctx.saved_tensors
+        signal = relevance / stabilize(output, ctx.epsilon)
+        with torch.enable_grad():
+            left_leaf, right_leaf = left.detach().requires_grad_(), right.detach().requires_grad_()
+            left_vjp, right_vjp = torch.autograd.grad(ctx.function(left_leaf, right_leaf), (left_leaf, right_leaf),
+                                                      signal)
+        left_share, right_share = ctx.shares
+        return (None, None, None, left_vjp.mul_(left).mul_(left_share) if left_share else None,
+                right_vjp.mul_(right).mul_(right_share) if right_share else None)
+
+
 class NormalizationRelevance(torch.autograd.Function):
     """Forward: a layer or group norm given by ``normalize``. Backward: the rule with the std held constant.
 
@@ -219,9 +268,51 @@ def weighted_sum_rule(inputs: Sequence[Tensor], signs: Sequence[float], constant
 
 
 __all__ = [
-    "ChannelAffineRelevance", "IdentityRelevance", "NormalizationRelevance", "ScaleRelevance",
-    "WeightedSumRelevance", "identity_rule", "scale_rule", "weighted_sum_rule",
+    "BilinearRelevance", "ChannelAffineRelevance", "IdentityRelevance", "NormalizationRelevance", "ScaleRelevance",
+    "SoftmaxRelevance", "WeightedSumRelevance", "identity_rule", "scale_rule", "weighted_sum_rule",
 ]
+
+
+def softmax_rule(input: Tensor, dim: int) -> Tensor:
+    """A softmax inside a model (attention weights), explained by AttnLRP's softmax rule.
+
+    Parameters
+    ----------
+    input : Tensor
+        The logits.
+    dim : int
+        The dimension the softmax normalizes.
+
+    Returns
+    -------
+    Tensor
+        ``softmax(input, dim)``; its backward gives ``R_x = x (R - s sum_dim R)``.
+    """
+    return SoftmaxRelevance.apply(input, dim)
+
+
+def bilinear_rule(function: Callable[[Tensor, Tensor], Tensor], left: Tensor, right: Tensor,
+                  shares: tuple[float, float] = (0.5, 0.5), epsilon: float = 1e-6) -> Tensor:
+    """A product of two tensors (``matmul``, ``bmm``, element-wise ``mul``), explained by AttnLRP's uniform rule.
+
+    Parameters
+    ----------
+    function : callable
+        The product, bilinear in its two arguments (``torch.matmul``, ``torch.mul``, ...).
+    left, right : Tensor
+        The factors.
+    shares : tuple of float
+        Weights of the two factors' epsilon-rule relevance: ``(0.5, 0.5)`` is the uniform rule; ``(1, 0)`` gives
+        everything to ``left`` (``right`` a constant, e.g. a weight).
+    epsilon : float
+        Stabilizer of the output.
+
+    Returns
+    -------
+    Tensor
+        ``function(left, right)``.
+    """
+    return BilinearRelevance.apply(function, tuple(shares), epsilon, left, right)
 
 
 def layer_norm_rule(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,
@@ -283,4 +374,4 @@ def group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias:
     return NormalizationRelevance.apply(input, normalize, groups, channel_weight, epsilon)
 
 
-__all__ += ["group_norm_rule", "layer_norm_rule"]
+__all__ += ["bilinear_rule", "group_norm_rule", "layer_norm_rule", "softmax_rule"]

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..functional.operations import identity_rule, layer_norm_rule, scale_rule
+from ..functional.operations import bilinear_rule, identity_rule, layer_norm_rule, scale_rule, softmax_rule
 from ..functional.relevance import proportional
 from ..rules import Rule
 from ..state import current
@@ -195,6 +195,83 @@ class LayerNormFunction(Operation, torch.nn.Module):
         if rule is None:
             return torch.nn.functional.layer_norm(input, normalized_shape, weight, bias, eps)
         return layer_norm_rule(input, normalized_shape, weight, bias, eps, rule.epsilon)
+
+
+class Softmax(Operation, torch.nn.Module):
+    """A softmax inside the model (attention weights), explained by AttnLRP's rule ``R_x = x (R - s sum R)``.
+
+    Parameters
+    ----------
+    dim : int
+        The dimension the softmax normalizes.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Apply the softmax.
+
+        Parameters
+        ----------
+        input : Tensor
+            The logits.
+        *args, **kwargs
+            The replaced call's other arguments (its ``dim``, already taken at construction).
+
+        Returns
+        -------
+        Tensor
+            ``softmax(input, dim)``.
+        """
+        if self.operation_rule() is None:
+            return torch.softmax(input, self.dim)
+        return softmax_rule(input, self.dim)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"dim={self.dim}"
+
+
+class Bilinear(Operation, torch.nn.Module):
+    """A product of two factors (``q @ k^T``, ``attn @ v``, ``a * b``), explained by AttnLRP's uniform rule.
+
+    Each factor that is an activation takes its share of the epsilon-rule relevance computed with the other held
+    constant: half each when both are activations; all of it when the other is a constant (a parameter).
+
+    Parameters
+    ----------
+    operation : callable
+        The product, bilinear in its two arguments (``torch.matmul``, ``torch.mul``, ``torch.bmm``).
+    shares : tuple of float
+        The two factors' shares, ``(0.5, 0.5)`` (uniform) or ``(1, 0)``/``(0, 1)`` (a constant factor).
+    """
+
+    def __init__(self, operation: Callable[[Tensor, Tensor], Tensor], shares: tuple[float, float] = (0.5, 0.5)) -> None:
+        super().__init__()
+        self.operation = operation
+        self.shares = tuple(float(share) for share in shares)
+
+    def forward(self, left: Tensor, right: Tensor) -> Tensor:
+        """Apply the product.
+
+        Parameters
+        ----------
+        left, right : Tensor
+            The factors, in the call's order.
+
+        Returns
+        -------
+        Tensor
+            ``operation(left, right)``.
+        """
+        rule = self.operation_rule()
+        if rule is None:
+            return self.operation(left, right)
+        return bilinear_rule(self.operation, left, right, self.shares, rule.epsilon)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{getattr(self.operation, '__name__', self.operation)}, shares={self.shares}"
 
 
 class OutputSoftmax(FunctionOperation):
