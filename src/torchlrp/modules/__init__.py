@@ -5,16 +5,17 @@ from .activation import (CELU, ELU, GELU, SELU, Hardsigmoid, Hardswish, Hardtanh
 from .affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, ExplainableAffine,
                      Linear)
 from .norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm
-from .operation import Activation, FunctionOperation, LayerNormFunction, Operation, OutputSoftmax, Proportional, Scale
+from .operation import (Activation, Bilinear, FunctionOperation, LayerNormFunction, Operation, OutputSoftmax,
+                        Proportional, Scale, Softmax)
 from .rectifier import ReLU
 from .residual import Add
 from .sequential import Sequential
 
 __all__ = [
-    "Activation", "Add", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "CELU", "Conv1d", "Conv2d", "Conv3d",
+    "Activation", "Add", "BatchNorm1d", "Bilinear", "BatchNorm2d", "BatchNorm3d", "CELU", "Conv1d", "Conv2d", "Conv3d",
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ELU", "ExplainableAffine", "FunctionOperation", "GELU",
     "GroupNorm",
     "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction", "LeakyReLU", "Linear", "Mish",
     "Operation", "OutputSoftmax", "PReLU", "Proportional", "ReLU", "ReLU6", "SELU", "Scale", "Sequential", "SiLU",
-    "Sigmoid", "Softplus", "Tanh",
+    "Sigmoid", "Softmax", "Softplus", "Tanh",
 ]
