@@ -37,7 +37,6 @@ from torch import Tensor
 
 from .autocast import autocast_enabled
 from .kernels import kernels
-from .stabilize import stabilize
 
 
 def _sum_to(tensor: Tensor, shape: torch.Size) -> Tensor:
@@ -48,8 +47,8 @@ def _sum_to(tensor: Tensor, shape: torch.Size) -> Tensor:
 class IdentityRelevance(torch.autograd.Function):
     """Forward: ``function(input)``. Backward: the output relevance, unchanged.
 
-    Nothing is needed for the backward. Where the input is a layer output that its layer keeps anyway
-    (``grad_fn.keeps_output``, see :class:`~torchlrp.functional.relevance.AffineRelevance`) and no autocast is
+    Nothing is needed for the backward. Where the input is an output that the layer or operation making it keeps
+    anyway (``grad_fn.keeps_output``, e.g. :class:`~torchlrp.functional.relevance.AffineRelevance`) and no autocast is
     active, the node keeps that same tensor (no memory) and offers ``recompute_output``: a layer explained after
     this activation then keeps the activation's input instead of its own and recomputes the activation in the
     backward, so that the pair costs one activation-sized tensor instead of two.
@@ -93,14 +92,15 @@ class WeightedSumRelevance(torch.autograd.Function):
             total = torch.add(total, summand, alpha=sign)
         if constant is not None:
             total = total + constant
-        ctx.signs = signs
-        ctx.save_for_backward(stabilize(total, epsilon), *inputs)
+        ctx.signs, ctx.epsilon = signs, epsilon
+        ctx.keeps_output = True  # the sum itself, not a stabilized copy (see AffineRelevance)
+        ctx.save_for_backward(total, *inputs)
         return total
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
-        denominator, *inputs = ctx.saved_tensors
-        ratio = relevance / denominator
+        total, *inputs = ctx.saved_tensors
+        ratio = kernels(False).quotient(relevance, total, ctx.epsilon)
         shares = [_sum_to(ratio * summand * sign, summand.shape) for sign, summand in zip(ctx.signs, inputs)]
         return (None, None, None, *shares)
 
@@ -119,6 +119,7 @@ class ChannelAffineRelevance(torch.autograd.Function):
         if bias is not None:
             shift = shift + bias
         shape = (-1,) + (1,) * (input.dim() - 2)
+        ctx.keeps_output = True
         ctx.save_for_backward(output, shift.view(shape).to(output.dtype))
         ctx.epsilon = epsilon
         return output
@@ -136,7 +137,7 @@ class SoftmaxRelevance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: Tensor, dim: int) -> Tensor:  # noqa: D102
         output = torch.softmax(input, dim)
-        ctx.dim = dim
+        ctx.dim, ctx.keeps_output = dim, True
         ctx.save_for_backward(input, output)
         return output
 
@@ -155,14 +156,14 @@ class BilinearRelevance(torch.autograd.Function):
     def forward(ctx, function: Callable[[Tensor, Tensor], Tensor], shares: tuple[float, float], epsilon: float,
                 left: Tensor, right: Tensor) -> Tensor:  # noqa: D102
         output = function(left, right)
-        ctx.function, ctx.shares, ctx.epsilon = function, shares, epsilon
+        ctx.function, ctx.shares, ctx.epsilon, ctx.keeps_output = function, shares, epsilon, True
         ctx.save_for_backward(left, right, output)
         return output
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         left, right, output = ctx.saved_tensors
-        signal = relevance / stabilize(output, ctx.epsilon)
+        signal = kernels(False).quotient(relevance, output, ctx.epsilon)
         with torch.enable_grad():
             left_leaf, right_leaf = left.detach().requires_grad_(), right.detach().requires_grad_()
             left_vjp, right_vjp = torch.autograd.grad(ctx.function(left_leaf, right_leaf), (left_leaf, right_leaf),
@@ -184,14 +185,14 @@ class NormalizationRelevance(torch.autograd.Function):
     def forward(ctx, input: Tensor, normalize: Callable[[Tensor], tuple[Tensor, Tensor]],
                 groups: Callable[[Tensor], Tensor], weight: Tensor | None, epsilon: float) -> Tensor:  # noqa: D102
         output, inverse_std = normalize(input)
-        ctx.groups, ctx.epsilon = groups, epsilon
+        ctx.groups, ctx.epsilon, ctx.keeps_output = groups, epsilon, True
         ctx.save_for_backward(input, output, groups(inverse_std), weight)
         return output
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         input, output, inverse_std, weight = ctx.saved_tensors
-        share = relevance / stabilize(output, ctx.epsilon)
+        share = kernels(False).quotient(relevance, output, ctx.epsilon)
         if weight is not None:
             share = share * weight
         grouped = ctx.groups(share)
