@@ -1,6 +1,7 @@
 """The operation-level conversion: per-call marks, weight tying, the first layer, operations, errors, registry."""
 import copy
 import io
+import math
 import operator
 
 import pytest
@@ -179,11 +180,18 @@ def test_final_functional_softmax_is_skipped_and_registry_extends():
     registry.add_function(torch.erf, OperationEntry("identity"))
     converted = lrp.convert(Model(), registry=registry)
     x = torch.randn(2, 4)
-    relevance = lrp.explain(converted, x, rule="epsilon", start="logit")
-    assert torch.isfinite(relevance).all()
-    with lrp.rules_applied(converted, "epsilon"):
-        logits = converted(x)
-    torch.testing.assert_close(logits.softmax(1), converted(x))  # skipped only while explaining
+    relevance = lrp.explain(converted, x, rule="zero", start="logit")
+    with lrp.rules_applied(converted, "epsilon") as state:
+        probabilities = converted(x)
+    torch.testing.assert_close(probabilities, converted(x))  # explain mode gives the plain forward's output
+    logits = state.output_scores
+    torch.testing.assert_close(logits.softmax(1), probabilities)
+    # relevance passes the softmax unchanged; LRP-0 with R = z_t gives a_i w_ti at erf's output a = erf(x), and the
+    # entry keeps erf's call, so its gradient carries that to x
+    top = logits.argmax(1)
+    at_erf = torch.erf(x) * converted.fc.weight.detach()[top]
+    expected = at_erf * 2 / math.sqrt(math.pi) * torch.exp(-x ** 2)
+    torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_converted_model_keeps_structure_state_dict_and_copies():

@@ -82,11 +82,27 @@ def test_model_without_our_layers_and_odd_outputs():
     assert lrp.explain(model, x, output_relevance=start).shape == x.shape
 
 
-def test_final_softmax_is_skipped():
+@pytest.mark.parametrize("final", [torch.nn.Softmax(dim=1), torch.nn.LogSoftmax(dim=1)])
+def test_final_softmax_passes_relevance_to_the_scores(final):
     model = relu_network(bias=True)
-    with_softmax = lrp.Sequential(*model, torch.nn.Softmax(dim=1))
+    with_softmax = lrp.Sequential(*model, final)
     x = torch.rand(2, 2, 16, 16, dtype=torch.float64)
-    torch.testing.assert_close(lrp.explain(with_softmax, x), lrp.explain(model, x))
+    # explain mode returns the plain forward's output (TorchLRP's Sequential contract)
+    torch.testing.assert_close(with_softmax(x, explain=True, rule="epsilon"), with_softmax(x))
+    for start in ("one", "logit", "probability"):
+        torch.testing.assert_close(lrp.explain(with_softmax, x, start=start), lrp.explain(model, x, start=start))
+
+
+def test_start_probability_is_the_softmax_of_the_target():
+    model = relu_network(bias=False)
+    x = torch.rand(3, 2, 16, 16, dtype=torch.float64)
+    logits = model(x)
+    probability = logits.softmax(1)[torch.arange(3), logits.argmax(1)]
+    relevance = lrp.explain(model, x, rule="zero", start="probability")
+    # LRP-0 on a bias-free ReLU network conserves the start relevance: the class probability (seed 004's R = f(x))
+    torch.testing.assert_close(relevance.flatten(1).sum(1), probability)
+    torch.testing.assert_close(relevance, lrp.explain(model, x, rule="zero") * probability.view(3, 1, 1, 1))
+    assert not torch.allclose(relevance, lrp.explain(model, x, rule="zero", start="logit"))
 
 
 def test_composite_precedence():

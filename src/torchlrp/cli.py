@@ -17,7 +17,9 @@ from .explain import explain
 from .models import ARCHITECTURES, cached_weights_available, torchvision_model
 from .rules import rule_names
 
-COMPOSITE_NAMES = ("epsilon-gamma-box", "epsilon-plus", "epsilon-alpha2-beta1", "epsilon-plus-flat")
+
+def _composite_names() -> list[str]:
+    return ["epsilon-gamma-box", *composites.composite_names()]
 
 
 class CommandError(Exception):
@@ -25,18 +27,14 @@ class CommandError(Exception):
 
 
 def _rule(name: str):
-    low, high = imagenet.bounds()
-    presets = {
-        "epsilon-gamma-box": lambda: composites.EpsilonGammaBox(low, high),
-        "epsilon-plus": composites.EpsilonPlus,
-        "epsilon-alpha2-beta1": composites.EpsilonAlpha2Beta1,
-        "epsilon-plus-flat": composites.EpsilonPlusFlat,
-    }
-    if name in presets:
-        return presets[name]()
+    if name == "epsilon-gamma-box":
+        low, high = imagenet.bounds()
+        return composites.EpsilonGammaBox(low, high)
+    if name in composites.composite_names():
+        return composites.as_composite(name)
     if name in rule_names() and not name.startswith("pattern"):
         return name
-    raise CommandError(f"unknown rule {name!r}; choose one of {', '.join(COMPOSITE_NAMES)} or "
+    raise CommandError(f"unknown rule {name!r}; choose one of {', '.join(_composite_names())} or "
                        f"{', '.join(n for n in rule_names() if not n.startswith('pattern'))}")
 
 
@@ -79,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", metavar="FILE", help="state_dict file (loaded with weights_only=True); default: "
                      "torchvision's pretrained weights from the local torch cache")
     run.add_argument("--random-weights", action="store_true", help="random weights (a smoke test, not an explanation)")
-    run.add_argument("--rule", default="epsilon-gamma-box", help=f"composite ({', '.join(COMPOSITE_NAMES)}) or "
+    run.add_argument("--rule", default="epsilon-gamma-box", help=f"composite ({', '.join(_composite_names())}) or "
                      f"rule for every layer (epsilon, gamma, zplus, alpha2beta1, ...); default epsilon-gamma-box "
                      f"with bounds from the ImageNet normalization")
     run.add_argument("--target", type=int, help="class index to explain (default: each image's top class)")

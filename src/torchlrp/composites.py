@@ -9,13 +9,13 @@ then conserves exactly) unless the default rule propagates a gradient; ``by_name
 from __future__ import annotations
 
 import fnmatch
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
 from .modules.affine import ExplainableAffine
 from .modules.operation import Operation
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, ZBox, ZPlus, resolve
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus, resolve
 
 #: torch modules explained by the proportional split (through forward hooks while explaining)
 PROPORTIONAL_MODULES = (
@@ -26,6 +26,15 @@ PROPORTIONAL_MODULES = (
 MIXING_TYPES = (Operation, *PROPORTIONAL_MODULES)
 CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
                 torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+
+
+def _layer_rule(rule: "str | tuple[str, float] | Rule") -> Rule:
+    """The rule of one group of layers; a composite key here is an error that says so."""
+    if isinstance(rule, str) and rule.strip().lower() in _presets():
+        raise ValueError(f"{rule!r} is a composite (a rule per layer), not the rule of one layer; pass it as the "
+                         f"model's rule (explain(model, x, rule={rule!r})) or give a layer a rule of "
+                         f"torchlrp.rules.rule_names()")
+    return resolve(rule)
 
 
 class Composite:
@@ -45,20 +54,21 @@ class Composite:
     default : rule, optional
         Rule of every other layer (``Epsilon()`` when omitted).
 
-    Rules may be given as :class:`~torchlrp.rules.Rule` objects or string keys.
+    Rules may be given as :class:`~torchlrp.rules.Rule` objects, string keys or ``(key, parameter)`` pairs (see
+    :func:`torchlrp.rules.resolve`).
     """
 
     def __init__(self, by_name: Mapping[str, "str | Rule"] | None = None,
                  by_type: Mapping[type | tuple[type, ...], "str | Rule"] | None = None,
                  first: "str | Rule | None" = None, default: "str | Rule | None" = None) -> None:
-        self.by_name = {str(k): resolve(v) for k, v in (by_name or {}).items()}
+        self.by_name = {str(k): _layer_rule(v) for k, v in (by_name or {}).items()}
         for key in (by_type or {}):
             types = key if isinstance(key, tuple) else (key,)
             if not all(isinstance(t, type) for t in types):
                 raise ValueError(f"by_type keys must be classes or tuples of classes, got {key!r}")
-        self.by_type = {k: resolve(v) for k, v in (by_type or {}).items()}
-        self.first = None if first is None else resolve(first)
-        self.default = Epsilon() if default is None else resolve(default)
+        self.by_type = {k: _layer_rule(v) for k, v in (by_type or {}).items()}
+        self.first = None if first is None else _layer_rule(first)
+        self.default = Epsilon() if default is None else _layer_rule(default)
 
     def rule_for(self, name: str, module: torch.nn.Module, is_first: bool = False) -> Rule:
         """Return the rule of one module.
@@ -131,20 +141,30 @@ class Composite:
                 f"default={self.default!r})")
 
 
-def as_composite(rule: "str | Rule | Composite") -> Composite:
+def as_composite(rule: "str | tuple[str, float] | Rule | Composite") -> Composite:
     """Return ``rule`` as a composite (a single rule becomes the default of every layer).
 
     Parameters
     ----------
-    rule : str, Rule or Composite
-        What the user passed.
+    rule : str, tuple, Rule or Composite
+        What the user passed: a composite, a key of :func:`composite_names`, or anything
+        :func:`torchlrp.rules.resolve` takes.
 
     Returns
     -------
     Composite
         The composite.
+
+    Raises
+    ------
+    ValueError
+        For an unknown key (the message lists every rule and composite key).
     """
-    return rule if isinstance(rule, Composite) else Composite(default=resolve(rule))
+    if isinstance(rule, Composite):
+        return rule
+    if isinstance(rule, str) and rule.strip().lower() in _presets():
+        return _presets()[rule.strip().lower()]()
+    return Composite(default=resolve(rule, tuple(_presets())))
 
 
 class EpsilonPlus(Composite):
@@ -210,14 +230,59 @@ class EpsilonGammaBox(Composite):
 
 
 class DeepTaylor(Composite):
-    """Deep Taylor decomposition (seed 001's ``"zbab"``-style preset): ``ZBox(low, high)`` first layer, ``ZPlus``
-    everywhere above.
+    """Deep Taylor decomposition (seed 001's ``"deeptaylor"``): ``ZBox(low, high)`` first layer, ``ZPlus`` above.
 
     Parameters
     ----------
-    low, high : float or Tensor
-        Input bounds (see :class:`~torchlrp.rules.ZBox`).
+    low, high : float, Tensor or None
+        Input bounds (see :class:`~torchlrp.rules.ZBox`); None (the default) takes each sample's own minimum and
+        maximum.
     """
 
-    def __init__(self, low, high) -> None:
+    def __init__(self, low: "float | torch.Tensor | None" = None, high: "float | torch.Tensor | None" = None) -> None:
         super().__init__(first=ZBox(low, high), default=ZPlus())
+
+
+class ZBoxAlpha2Beta1(Composite):
+    """Seed 001's ``"zbab"``: ``ZBox(low, high)`` first layer, ``AlphaBeta(2, 1)`` above.
+
+    Parameters
+    ----------
+    low, high : float, Tensor or None
+        Input bounds (see :class:`~torchlrp.rules.ZBox`); None (the default) takes each sample's own minimum and
+        maximum.
+    """
+
+    def __init__(self, low: "float | torch.Tensor | None" = None, high: "float | torch.Tensor | None" = None) -> None:
+        super().__init__(first=ZBox(low, high), default=AlphaBeta(2.0, 1.0))
+
+
+class WSquareAlpha2Beta1(Composite):
+    """Seed 001's ``"wwab"``: ``WSquare`` first layer, ``AlphaBeta(2, 1)`` above."""
+
+    def __init__(self) -> None:
+        super().__init__(first=WSquare(), default=AlphaBeta(2.0, 1.0))
+
+
+def _presets() -> dict[str, Callable[[], Composite]]:
+    return {
+        "deeptaylor": DeepTaylor,
+        "zbab": ZBoxAlpha2Beta1,
+        "wwab": WSquareAlpha2Beta1,
+        "epsilon-plus": EpsilonPlus,
+        "epsilon-plus-flat": EpsilonPlusFlat,
+        "epsilon-alpha2-beta1": EpsilonAlpha2Beta1,
+    }
+
+
+def composite_names() -> list[str]:
+    """Return the composite keys accepted wherever a model's rule is (not for a single layer).
+
+    Returns
+    -------
+    list of str
+        ``"deeptaylor"`` (:class:`DeepTaylor` with each sample's range as bounds; seed 001), ``"zbab"``
+        (:class:`ZBoxAlpha2Beta1`), ``"wwab"`` (:class:`WSquareAlpha2Beta1`), ``"epsilon-plus"``,
+        ``"epsilon-plus-flat"``, ``"epsilon-alpha2-beta1"`` (the presets with default parameters).
+    """
+    return list(_presets())

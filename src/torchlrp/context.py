@@ -4,8 +4,9 @@
 :class:`~torchlrp.state.ExplainState` -- each layer's rule (from a rule or a composite), batch norms that directly
 follow a torchlrp layer in a ``Sequential`` (folded into it), layers whose input follows a ReLU (non-negative
 input) -- and activates it for the current thread/context. Average pooling is made to split relevance
-proportionally and a final softmax is skipped through forward hooks that act only for this state. Everything is
-undone when the context ends, also on error, and nothing is written on the modules.
+proportionally and a final softmax to pass relevance unchanged to the scores before it (its output stays the same)
+through forward hooks that act only for this state. Everything is undone when the context ends, also on error, and
+nothing is written on the modules.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import check_foldable
 from .composites import PROPORTIONAL_MODULES, Composite, as_composite
+from .functional.operations import identity_rule
 from .functional.relevance import proportional
 from .modules.affine import ExplainableAffine
 from .modes import in_training_mode
@@ -106,6 +108,14 @@ def _proportional_pool(state: ExplainState) -> Callable[[torch.nn.Module, Tensor
 
 def _skip(module: torch.nn.Module, input: Tensor, output: Tensor) -> Tensor:
     return input
+
+
+def _output_softmax(state: ExplainState) -> Callable[[torch.nn.Module, Tensor, Tensor], Tensor]:
+    """The model's final softmax: same output, relevance passed to the scores unchanged (which are recorded)."""
+    def transform(module: torch.nn.Module, input: Tensor, output: Tensor) -> Tensor:
+        state.output_scores = input.detach()
+        return identity_rule(input, module.forward)
+    return transform
 
 
 def _kept(module: torch.nn.Module, arg: Any) -> bool:
@@ -245,7 +255,7 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
                 handles.append(module.register_forward_pre_hook(out_of_place))
         softmax = final_softmax(model)
         if softmax is not None:
-            handles.append(softmax.register_forward_hook(skip))
+            handles.append(softmax.register_forward_hook(_when_active(state, _output_softmax(state))))
         yield state
     finally:
         ACTIVE.reset(token)

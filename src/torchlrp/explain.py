@@ -12,7 +12,7 @@ from .context import rules_applied
 from .patterns import PatternsLike
 from .rules import Rule
 
-_STARTS = ("one", "logit")
+_STARTS = ("one", "logit", "probability")
 
 
 def _as_target(target: Any) -> int | Tensor | None:
@@ -61,8 +61,9 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
     """Explain ``model``'s decision on ``input``: return the input relevance.
 
     Relevance starts at the target logit of each sample (1 there, 0 elsewhere; ``start="logit"`` starts it at the
-    logit's value) and is propagated back by the rule(s) in one backward for the whole batch. A final
-    ``Softmax``/``LogSoftmax`` of a sequential model is skipped: the score before it is explained.
+    logit's value, ``start="probability"`` at the target's softmax probability, as seed 004's ``R = f(x)``) and is
+    propagated back by the rule(s) in one backward for the whole batch. A final ``Softmax``/``LogSoftmax`` of the
+    model passes relevance unchanged: the score before it is explained (and is the logit of ``start="logit"``).
 
     Parameters
     ----------
@@ -79,8 +80,9 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
         Rule for every layer, or a composite.
     pattern : dict or list, optional
         Patterns for the pattern rules (see :mod:`torchlrp.patterns`).
-    start : {"one", "logit"}
-        Start relevance at the target: 1, or the logit's value.
+    start : {"one", "logit", "probability"}
+        Start relevance at the target: 1, the logit's value, or the class probability (the softmax over the
+        classes of the logits; the model's own output where it ends in a softmax).
     output_relevance : Tensor, optional
         Start relevance of the model output's shape; replaces ``target``/``start`` (needed for models whose
         output is not ``(batch, classes)``).
@@ -114,8 +116,9 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
         if per_sample > 1:
             carrier = carrier.repeat_interleave(per_sample, dim=0)
         carrier.requires_grad_(True)
-        with rules_applied(model, rule, pattern, fused):
+        with rules_applied(model, rule, pattern, fused) as state:
             output = model(carrier)
+        scores = output.detach() if state.output_scores is None else state.output_scores
         if output_relevance is None:
             if output.dim() != 2:
                 raise ValueError(f"the model output has shape {tuple(output.shape)}, not (batch, classes); pass "
@@ -123,7 +126,9 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
             targets = _targets(target, output[::per_sample], batch).reshape(-1, 1)
             output_relevance = torch.zeros_like(output).scatter_(1, targets, 1.0)
             if start == "logit":
-                output_relevance = output_relevance * output.detach()
+                output_relevance = output_relevance * scores
+            elif start == "probability":
+                output_relevance = output_relevance * scores.softmax(dim=1)
         elif output_relevance.shape != output.shape:
             raise ValueError(f"output_relevance has shape {tuple(output_relevance.shape)}, the model output "
                              f"{tuple(output.shape)}")

@@ -152,7 +152,7 @@ class Rule(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot fold a following ReLU")
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({params})"
 
 
@@ -278,8 +278,11 @@ class AlphaBeta(Rule):
 
     Parameters
     ----------
-    alpha, beta : float
-        Non-negative weights with ``alpha - beta == 1`` (conservation).
+    alpha : float
+        Weight of the positive contributions, at least 1.
+    beta : float, optional
+        Weight of the negative contributions; ``alpha - 1`` when omitted (the seeds' ``("alphabeta", alpha)``), so
+        that ``alpha - beta == 1`` (conservation).
     stabilizer : float
         Non-negative stabilizer of the denominators.
     ignore_bias : bool
@@ -291,10 +294,10 @@ class AlphaBeta(Rule):
         If ``alpha`` or ``beta`` is negative or ``alpha - beta != 1``.
     """
 
-    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6,
+    def __init__(self, alpha: float = 2.0, beta: float | None = None, stabilizer: float = 1e-6,
                  ignore_bias: bool = False) -> None:
-        self.alpha = _check_number("alpha", alpha)
-        self.beta = _check_number("beta", beta)
+        self.alpha = _check_number("alpha", alpha, minimum=1.0 if beta is None else 0.0)
+        self.beta = _check_number("beta", self.alpha - 1.0 if beta is None else beta)
         if not math.isclose(self.alpha - self.beta, 1.0, rel_tol=0, abs_tol=1e-12):
             raise ValueError(f"AlphaBeta needs alpha - beta == 1, got alpha={alpha!r}, beta={beta!r}")
         self.stabilizer = _check_number("stabilizer", stabilizer)
@@ -421,9 +424,10 @@ class ZBox(Rule):
 
     Parameters
     ----------
-    low, high : float or Tensor
+    low, high : float, Tensor or None
         Bounds of the input, broadcastable to the input's shape (e.g. ``(1, 3, 1, 1)`` per colour channel, or
-        without the batch dimension).
+        without the batch dimension). None takes each sample's own minimum (``low``) or maximum (``high``) over
+        all its features, the seeds' deep Taylor default when the data range is not given.
     stabilizer : float
         Non-negative stabilizer of the denominator.
 
@@ -433,9 +437,9 @@ class ZBox(Rule):
         If a bound is not a number or tensor, or does not broadcast to the input (raised at the forward).
     """
 
-    def __init__(self, low: float | Tensor, high: float | Tensor, stabilizer: float = 1e-6) -> None:
+    def __init__(self, low: float | Tensor | None, high: float | Tensor | None, stabilizer: float = 1e-6) -> None:
         for name, bound in (("low", low), ("high", high)):
-            if not isinstance(bound, Tensor):
+            if bound is not None and not isinstance(bound, Tensor):
                 _check_number(name, bound, minimum=-math.inf)
         self.low = low
         self.high = high
@@ -453,7 +457,11 @@ class ZBox(Rule):
         self._placed[key] = (bound, version, placed)
         return placed
 
-    def _bound(self, name: str, bound: float | Tensor, input: Tensor) -> Tensor:
+    def _bound(self, name: str, bound: float | Tensor | None, input: Tensor) -> Tensor:
+        if bound is None:  # the sample's own range
+            features = tuple(range(1, input.dim()))
+            detached = input.detach()
+            return detached.amin(features, keepdim=True) if name == "low" else detached.amax(features, keepdim=True)
         bound = self._placed_bound(name, bound, input)
         shape = input.shape if bound.dim() == input.dim() and bound.shape[0] != 1 else (1, *input.shape[1:])
         try:
@@ -611,17 +619,28 @@ def _rule_factories() -> dict[str, type[Rule] | Any]:
         "gradient": Gradient,
         "epsilon": Epsilon,
         "zero": Zero,
+        "simple": Zero,
         "gamma": Gamma,
         "gamma+epsilon": lambda: Gamma(gamma=0.1, stabilizer=0.1),
         "alpha1beta0": lambda: AlphaBeta(alpha=1.0, beta=0.0),
         "alpha2beta1": lambda: AlphaBeta(alpha=2.0, beta=1.0),
+        "alphabeta": AlphaBeta,
         "zplus": ZPlus,
         "flat": Flat,
         "wsquare": WSquare,
+        "ww": WSquare,
         "zplus_ones": ZPlusOnes,
         "patternnet": PatternNet,
         "patternattribution": PatternAttribution,
     }
+
+
+#: keys that take one number: ``(key, parameter)``, as the seeds' ``lrp_rule_param``
+_PARAMETERIZED = {
+    "epsilon": lambda epsilon: Epsilon(epsilon),
+    "gamma": lambda gamma: Gamma(gamma),
+    "alphabeta": lambda alpha: AlphaBeta(alpha),
+}
 
 
 def rule_names() -> list[str]:
@@ -630,21 +649,36 @@ def rule_names() -> list[str]:
     Returns
     -------
     list of str
-        ``"gradient"``, ``"epsilon"``, ``"zero"``, ``"gamma"``, ``"gamma+epsilon"``, ``"alpha1beta0"``,
-        ``"alpha2beta1"``, ``"zplus"``, ``"flat"``, ``"wsquare"``, ``"zplus_ones"``, ``"patternnet"``,
-        ``"patternattribution"``.
+        ``"gradient"``, ``"epsilon"``, ``"zero"`` (alias ``"simple"``, LRP-0), ``"gamma"``, ``"gamma+epsilon"``,
+        ``"alpha1beta0"``, ``"alpha2beta1"``, ``"alphabeta"`` (alpha 2, beta 1), ``"zplus"``, ``"flat"``,
+        ``"wsquare"`` (alias ``"ww"``), ``"zplus_ones"``, ``"patternnet"``, ``"patternattribution"``. The composite
+        keys of :func:`torchlrp.composites.composite_names` are accepted wherever a model's rule is.
     """
     return list(_rule_factories())
 
 
-def resolve(rule: "str | Rule") -> Rule:
-    """Turn a string key or a rule into a rule.
+def _unknown(rule: Any, composite_names: tuple[str, ...]) -> ValueError:
+    keys = ", ".join(repr(k) for k in (*_rule_factories(), *composite_names))
+    parameterized = ", ".join(f"({k!r}, number)" for k in _PARAMETERIZED)
+    if isinstance(rule, (str, tuple, list)):
+        return ValueError(f"unknown rule {rule!r}; valid keys are {keys}, and {parameterized}; or a "
+                          f"torchlrp.rules.Rule object")
+    return ValueError(f"a rule must be a torchlrp.rules.Rule, a composite, one of the keys {keys}, or "
+                      f"{parameterized}; got {type(rule).__name__} {rule!r}")
+
+
+def resolve(rule: "str | tuple[str, float] | Rule", composite_names: tuple[str, ...] = ()) -> Rule:
+    """Turn a string key, a ``(key, parameter)`` pair or a rule into a rule.
 
     Parameters
     ----------
-    rule : str or Rule
+    rule : str, tuple or Rule
         A key from :func:`rule_names` (each maps to the rule with default parameters; ``"gamma+epsilon"`` is
-        ``Gamma(gamma=0.1, stabilizer=0.1)`` as in TorchLRP) or a :class:`Rule`.
+        ``Gamma(gamma=0.1, stabilizer=0.1)`` as in TorchLRP), a pair ``("epsilon", eps)``, ``("gamma", gamma)``
+        or ``("alphabeta", alpha)`` (beta = alpha - 1; the seeds' ``lrp_rule_param``), or a :class:`Rule`.
+    composite_names : tuple of str
+        Keys of composite presets, named in the error for an unknown key (used by
+        :func:`torchlrp.composites.as_composite`).
 
     Returns
     -------
@@ -654,7 +688,7 @@ def resolve(rule: "str | Rule") -> Rule:
     Raises
     ------
     ValueError
-        For an unknown key or a value that is not a rule.
+        For an unknown key, a bad parameter or a value that is not a rule.
     """
     if isinstance(rule, Rule):
         return rule
@@ -662,7 +696,11 @@ def resolve(rule: "str | Rule") -> Rule:
         factories = _rule_factories()
         key = rule.strip().lower()
         if key not in factories:
-            raise ValueError(f"unknown rule {rule!r}; valid keys are {', '.join(repr(k) for k in factories)}")
+            raise _unknown(rule, composite_names)
         return factories[key]()
-    raise ValueError(f"a rule must be a torchlrp.rules.Rule, a composite or one of the keys "
-                     f"{', '.join(repr(k) for k in _rule_factories())}; got {type(rule).__name__} {rule!r}")
+    if isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str):
+        key = rule[0].strip().lower()
+        if key not in _PARAMETERIZED:
+            raise _unknown(rule, composite_names)
+        return _PARAMETERIZED[key](rule[1])
+    raise _unknown(rule, composite_names)

@@ -40,6 +40,9 @@ class ExplainState:
     repeat_rule : Rule or None
         The rule of ``first_layer`` at its later calls, for a layer called more than once (weight tying) whose calls
         :func:`torchlrp.convert` told apart.
+    output_scores : Tensor or None
+        The scores a final softmax of the model took (set in the forward; detached): relevance passes that softmax
+        unchanged, so they are what is explained, and ``start="logit"`` starts at them.
     """
 
     rules: dict[torch.nn.Module, Rule] = field(default_factory=dict)
@@ -50,6 +53,7 @@ class ExplainState:
     fused: bool = False
     first_layer: torch.nn.Module | None = None
     repeat_rule: Rule | None = None
+    output_scores: Tensor | None = None
 
 
 ACTIVE: ContextVar[ExplainState | None] = ContextVar("torchlrp_explain_state", default=None)

@@ -275,9 +275,10 @@ class Bilinear(Operation, torch.nn.Module):
 
 
 class OutputSoftmax(FunctionOperation):
-    """A softmax (or log-softmax) that produces the model's output: skipped while explaining.
+    """A softmax (or log-softmax) that produces the model's output: relevance passes it unchanged while explaining.
 
-    The score before it is explained, as for a final ``Softmax`` module of a ``Sequential``.
+    The score before it is explained, as for a final ``Softmax`` module of a ``Sequential``; the output stays the
+    softmax's.
 
     Parameters
     ----------
@@ -298,8 +299,11 @@ class OutputSoftmax(FunctionOperation):
         Returns
         -------
         Tensor
-            ``function(input, *args, **kwargs)``, or ``input`` while explaining.
+            ``function(input, *args, **kwargs)``; while explaining, its backward passes relevance unchanged to
+            ``input`` (recorded as the explanation's ``output_scores``).
         """
-        if self.explaining():
-            return input
-        return self.function(input, *args, **kwargs)
+        state = current()
+        if state is None or self not in state.rules:
+            return self.function(input, *args, **kwargs)
+        state.output_scores = input.detach()
+        return identity_rule(input, lambda scores: self.function(scores, *args, **kwargs))
