@@ -15,15 +15,19 @@ import torch
 
 from .modules.affine import ExplainableAffine
 from .modules.operation import Operation
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus, resolve
+from .modules.pooling import MAX_POOLING_MODULES, MaxPool
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, Gradient, Rule, WSquare, ZBox, ZPlus, resolve
 
 #: torch modules explained by the proportional split (through forward hooks while explaining)
 PROPORTIONAL_MODULES = (
     torch.nn.AvgPool1d, torch.nn.AvgPool2d, torch.nn.AvgPool3d,
     torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d, torch.nn.Upsample,
 )
+#: max poolings: a gradient-type rule (winner takes all) or ``Epsilon`` (in proportion to the pooled activations)
+MAX_POOLING_TYPES = (*MAX_POOLING_MODULES, MaxPool)
 #: parameter-free (or per-channel) operations: they take ``Epsilon`` (proportional split) or a gradient-type rule
-MIXING_TYPES = (Operation, *PROPORTIONAL_MODULES)
+MIXING_TYPES = (Operation, *PROPORTIONAL_MODULES, *MAX_POOLING_MODULES)
+MAX_POOLING_CHOICES = ("winner", "proportional")
 CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
                 torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
@@ -53,6 +57,11 @@ class Composite:
         registered.
     default : rule, optional
         Rule of every other layer (``Epsilon()`` when omitted).
+    max_pooling : {"winner", "proportional"}
+        How max poolings pass relevance unless ``by_name``/``by_type`` say otherwise: all of a window's relevance
+        to its maximum (``"winner"``, the gradient; TorchLRP's and zennit's choice) or in proportion to the window's
+        activations (``"proportional"``, seed 004's ``pooling_type``). Per layer, ``by_name``/``by_type`` give a max
+        pooling ``Gradient()`` (winner) or ``Epsilon(eps)`` (proportional).
 
     Rules may be given as :class:`~torchlrp.rules.Rule` objects, string keys or ``(key, parameter)`` pairs (see
     :func:`torchlrp.rules.resolve`).
@@ -60,7 +69,11 @@ class Composite:
 
     def __init__(self, by_name: Mapping[str, "str | Rule"] | None = None,
                  by_type: Mapping[type | tuple[type, ...], "str | Rule"] | None = None,
-                 first: "str | Rule | None" = None, default: "str | Rule | None" = None) -> None:
+                 first: "str | Rule | None" = None, default: "str | Rule | None" = None,
+                 max_pooling: str = "winner") -> None:
+        if max_pooling not in MAX_POOLING_CHOICES:
+            raise ValueError(f"max_pooling must be one of {MAX_POOLING_CHOICES}, got {max_pooling!r}")
+        self.max_pooling = max_pooling
         self.by_name = {str(k): _layer_rule(v) for k, v in (by_name or {}).items()}
         for key in (by_type or {}):
             types = key if isinstance(key, tuple) else (key,)
@@ -95,11 +108,15 @@ class Composite:
         for types, rule in self.by_type.items():
             if isinstance(module, types):
                 return rule
+        if isinstance(module, MAX_POOLING_TYPES):
+            return Gradient() if self.max_pooling == "winner" else self._proportional()
         if isinstance(module, MIXING_TYPES):
-            if self.default.propagates_gradient:
-                return self.default
-            return Epsilon(min(self.default.epsilon, 1e-6) if isinstance(self.default, Epsilon) else 1e-6)
+            return self.default if self.default.propagates_gradient else self._proportional()
         return self.default
+
+    def _proportional(self) -> Epsilon:
+        """The proportional split of parameter-free operations: epsilon 1e-6, or the default's if smaller."""
+        return Epsilon(min(self.default.epsilon, 1e-6) if isinstance(self.default, Epsilon) else 1e-6)
 
     def assign(self, model: torch.nn.Module, first_layer: torch.nn.Module | None = None) -> dict[torch.nn.Module, Rule]:
         """Map every torchlrp layer and operation module of ``model`` to its rule.
@@ -138,7 +155,7 @@ class Composite:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(by_name={self.by_name!r}, by_type={self.by_type!r}, first={self.first!r}, "
-                f"default={self.default!r})")
+                f"default={self.default!r}, max_pooling={self.max_pooling!r})")
 
 
 def as_composite(rule: "str | tuple[str, float] | Rule | Composite") -> Composite:
@@ -174,10 +191,12 @@ class EpsilonPlus(Composite):
     ----------
     epsilon : float
         Epsilon of the linear layers.
+    max_pooling : {"winner", "proportional"}
+        How max poolings pass relevance (see :class:`Composite`).
     """
 
-    def __init__(self, epsilon: float = 1e-6) -> None:
-        super().__init__(by_type={CONVOLUTIONS: ZPlus()}, default=Epsilon(epsilon))
+    def __init__(self, epsilon: float = 1e-6, max_pooling: str = "winner") -> None:
+        super().__init__(by_type={CONVOLUTIONS: ZPlus()}, default=Epsilon(epsilon), max_pooling=max_pooling)
 
 
 class EpsilonAlpha2Beta1(Composite):
@@ -187,10 +206,13 @@ class EpsilonAlpha2Beta1(Composite):
     ----------
     epsilon : float
         Epsilon of the linear layers.
+    max_pooling : {"winner", "proportional"}
+        How max poolings pass relevance (see :class:`Composite`).
     """
 
-    def __init__(self, epsilon: float = 1e-6) -> None:
-        super().__init__(by_type={CONVOLUTIONS: AlphaBeta(2.0, 1.0)}, default=Epsilon(epsilon))
+    def __init__(self, epsilon: float = 1e-6, max_pooling: str = "winner") -> None:
+        super().__init__(by_type={CONVOLUTIONS: AlphaBeta(2.0, 1.0)}, default=Epsilon(epsilon),
+                         max_pooling=max_pooling)
 
 
 class EpsilonPlusFlat(Composite):
@@ -200,10 +222,13 @@ class EpsilonPlusFlat(Composite):
     ----------
     epsilon : float
         Epsilon of the linear layers.
+    max_pooling : {"winner", "proportional"}
+        How max poolings pass relevance (see :class:`Composite`).
     """
 
-    def __init__(self, epsilon: float = 1e-6) -> None:
-        super().__init__(by_type={CONVOLUTIONS: ZPlus()}, first=Flat(), default=Epsilon(epsilon))
+    def __init__(self, epsilon: float = 1e-6, max_pooling: str = "winner") -> None:
+        super().__init__(by_type={CONVOLUTIONS: ZPlus()}, first=Flat(), default=Epsilon(epsilon),
+                         max_pooling=max_pooling)
 
 
 class EpsilonGammaBox(Composite):
@@ -220,10 +245,14 @@ class EpsilonGammaBox(Composite):
         Epsilon of the linear layers.
     gamma : float
         Gamma of the convolutions.
+    max_pooling : {"winner", "proportional"}
+        How max poolings pass relevance (see :class:`Composite`).
     """
 
-    def __init__(self, low, high, epsilon: float = 1e-6, gamma: float = 0.25) -> None:
-        super().__init__(by_type={CONVOLUTIONS: Gamma(gamma)}, first=ZBox(low, high), default=Epsilon(epsilon))
+    def __init__(self, low: "float | torch.Tensor | None", high: "float | torch.Tensor | None",
+                 epsilon: float = 1e-6, gamma: float = 0.25, max_pooling: str = "winner") -> None:
+        super().__init__(by_type={CONVOLUTIONS: Gamma(gamma)}, first=ZBox(low, high), default=Epsilon(epsilon),
+                         max_pooling=max_pooling)
 
     def rule_for(self, name: str, module: torch.nn.Module, is_first: bool = False) -> Rule:  # noqa: D102
         return super().rule_for(name, module, is_first and isinstance(module, CONVOLUTIONS))
@@ -237,10 +266,13 @@ class DeepTaylor(Composite):
     low, high : float, Tensor or None
         Input bounds (see :class:`~torchlrp.rules.ZBox`); None (the default) takes each sample's own minimum and
         maximum.
+    max_pooling : {"winner", "proportional"}
+        How max poolings pass relevance (see :class:`Composite`).
     """
 
-    def __init__(self, low: "float | torch.Tensor | None" = None, high: "float | torch.Tensor | None" = None) -> None:
-        super().__init__(first=ZBox(low, high), default=ZPlus())
+    def __init__(self, low: "float | torch.Tensor | None" = None, high: "float | torch.Tensor | None" = None,
+                 max_pooling: str = "winner") -> None:
+        super().__init__(first=ZBox(low, high), default=ZPlus(), max_pooling=max_pooling)
 
 
 class ZBoxAlpha2Beta1(Composite):
@@ -251,17 +283,26 @@ class ZBoxAlpha2Beta1(Composite):
     low, high : float, Tensor or None
         Input bounds (see :class:`~torchlrp.rules.ZBox`); None (the default) takes each sample's own minimum and
         maximum.
+    max_pooling : {"winner", "proportional"}
+        How max poolings pass relevance (see :class:`Composite`).
     """
 
-    def __init__(self, low: "float | torch.Tensor | None" = None, high: "float | torch.Tensor | None" = None) -> None:
-        super().__init__(first=ZBox(low, high), default=AlphaBeta(2.0, 1.0))
+    def __init__(self, low: "float | torch.Tensor | None" = None, high: "float | torch.Tensor | None" = None,
+                 max_pooling: str = "winner") -> None:
+        super().__init__(first=ZBox(low, high), default=AlphaBeta(2.0, 1.0), max_pooling=max_pooling)
 
 
 class WSquareAlpha2Beta1(Composite):
-    """Seed 001's ``"wwab"``: ``WSquare`` first layer, ``AlphaBeta(2, 1)`` above."""
+    """Seed 001's ``"wwab"``: ``WSquare`` first layer, ``AlphaBeta(2, 1)`` above.
 
-    def __init__(self) -> None:
-        super().__init__(first=WSquare(), default=AlphaBeta(2.0, 1.0))
+    Parameters
+    ----------
+    max_pooling : {"winner", "proportional"}
+        How max poolings pass relevance (see :class:`Composite`).
+    """
+
+    def __init__(self, max_pooling: str = "winner") -> None:
+        super().__init__(first=WSquare(), default=AlphaBeta(2.0, 1.0), max_pooling=max_pooling)
 
 
 def _presets() -> dict[str, Callable[[], Composite]]:

@@ -22,6 +22,7 @@ from .composites import PROPORTIONAL_MODULES, Composite, as_composite
 from .functional.operations import identity_rule
 from .functional.relevance import proportional
 from .modules.affine import ExplainableAffine
+from .modules.pooling import MAX_POOLING_MODULES, proportional_max_pool, window_mean
 from .modes import in_training_mode
 from .modules.rectifier import ReLU
 from .patterns import PatternsLike, patterns_by_module
@@ -103,6 +104,12 @@ def _proportional_pool(state: ExplainState) -> Callable[[torch.nn.Module, Tensor
     def transform(module: torch.nn.Module, input: Tensor, output: Tensor) -> Tensor:
         rule = state.rules[module]
         return output if rule.propagates_gradient else proportional(input, module.forward, rule.epsilon)
+    return transform
+
+
+def _proportional_max_pool(state: ExplainState) -> Callable[[torch.nn.Module, Tensor, Tensor], Tensor]:
+    def transform(module: torch.nn.Module, input: Tensor, output: Tensor) -> Tensor:
+        return proportional_max_pool(module, input, state.rules[module].epsilon)
     return transform
 
 
@@ -244,9 +251,13 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
     try:
         pooling = _when_active(state, _proportional_pool(state))
         skip = _when_active(state, _skip)
-        for module in state.rules:
+        max_pooling = _when_active(state, _proportional_max_pool(state))
+        for module, module_rule in state.rules.items():
             if isinstance(module, PROPORTIONAL_MODULES):
                 handles.append(module.register_forward_hook(pooling))
+            elif isinstance(module, MAX_POOLING_MODULES) and not module_rule.propagates_gradient:
+                window_mean(module)  # a max pooling the proportional split cannot take fails here, clearly
+                handles.append(module.register_forward_hook(max_pooling))
         for batchnorm in state.batchnorms.values():
             handles.append(batchnorm.register_forward_hook(skip))
         out_of_place = _out_of_place(state)

@@ -35,6 +35,7 @@ import torchvision
 from .modules.activation import ACTIVATION_TWINS, Hardsigmoid, ReLU6, Sigmoid
 from .modules.affine import ExplainableAffine
 from .modules.norm import NORM_TWINS
+from .modules.pooling import MaxPool
 from .modules.operation import Activation, Bilinear, LayerNormFunction, OutputSoftmax, Proportional, Scale, Softmax
 from .modules.rectifier import ReLU
 from .modules.residual import Add
@@ -256,6 +257,15 @@ def _product(operation: Callable) -> OperationEntry:
     return OperationEntry("uniform rule (AttnLRP); epsilon with a constant factor", build, "none")
 
 
+def _max_pool(function: Callable) -> OperationEntry:
+    def build(node: torch.fx.Node, view: GraphView) -> torch.nn.Module | None:
+        positional_indices = 2 if "adaptive" in function.__name__ else 6
+        returns_indices = node.kwargs.get("return_indices", False) or (
+            len(node.args) > positional_indices and node.args[positional_indices])
+        return None if returns_indices else MaxPool(function)  # with indices: winner takes all only
+    return OperationEntry("winner takes all, or proportional (composite's max_pooling)", build, "preserve")
+
+
 def _softmax_module(node: torch.fx.Node, view: GraphView) -> None:
     if not view.is_output(node):
         raise Unsupported("a softmax inside the model (only a softmax that gives the output is supported: it is "
@@ -309,7 +319,7 @@ def default_registry() -> OperationRegistry:
     # pooling and reductions
     for function in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
                      F.adaptive_max_pool3d):
-        add_function(function, _keep("winner takes all"))
+        add_function(function, _max_pool(function))
     for function in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                      F.adaptive_avg_pool3d, torch.mean, torch.sum):
         add_function(function, _proportional(function))
@@ -387,7 +397,7 @@ def default_registry() -> OperationRegistry:
         add_module(twin, _keep(rule, "none"))
     for module_type in (torch.nn.MaxPool1d, torch.nn.MaxPool2d, torch.nn.MaxPool3d, torch.nn.AdaptiveMaxPool1d,
                         torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d):
-        add_module(module_type, _keep("winner takes all"))
+        add_module(module_type, _keep("winner takes all, or proportional (composite's max_pooling)", "preserve"))
     for module_type in (torch.nn.AvgPool1d, torch.nn.AvgPool2d, torch.nn.AvgPool3d, torch.nn.AdaptiveAvgPool1d,
                         torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d):
         add_module(module_type, _keep("proportional"))

@@ -461,7 +461,8 @@ class ZBox(Rule):
         if bound is None:  # the sample's own range
             features = tuple(range(1, input.dim()))
             detached = input.detach()
-            return detached.amin(features, keepdim=True) if name == "low" else detached.amax(features, keepdim=True)
+            own = detached.amin(features, keepdim=True) if name == "low" else detached.amax(features, keepdim=True)
+            return own.expand(input.shape)
         bound = self._placed_bound(name, bound, input)
         shape = input.shape if bound.dim() == input.dim() and bound.shape[0] != 1 else (1, *input.shape[1:])
         try:

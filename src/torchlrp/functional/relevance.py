@@ -92,22 +92,27 @@ def _versions(op: AffineOp) -> tuple[int, ...]:
 
 
 class ProportionalRelevance(torch.autograd.Function):
-    """Relevance through a bias-free linear map ``fn``: ``R_in = x * J^T (R / stabilize(fn(x)))``."""
+    """Relevance through a bias-free linear map ``fn``: ``R_in = x * J^T (R / stabilize(fn(x)))``.
+
+    The forward returns ``value(x)`` where given (max pooling: the maximum, split as the window mean), else
+    ``fn(x)``.
+    """
 
     @staticmethod
-    def forward(ctx, input: Tensor, fn: Callable[[Tensor], Tensor], epsilon: float) -> Tensor:  # noqa: D102
+    def forward(ctx, input: Tensor, fn: Callable[[Tensor], Tensor], epsilon: float,
+                value: Callable[[Tensor], Tensor] | None) -> Tensor:  # noqa: D102
         output = fn(input)
         ctx.fn = fn
         ctx.save_for_backward(input, stabilize(output, epsilon))
-        return output
+        return output if value is None else value(input)
 
     @staticmethod
-    def backward(ctx, relevance: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
         input, denominator = ctx.saved_tensors
         with torch.enable_grad():
             carrier = input.detach().requires_grad_(True)
             (transposed,) = torch.autograd.grad(ctx.fn(carrier), carrier, relevance / denominator)
-        return input * transposed, None, None
+        return input * transposed, None, None, None
 
 
 class SumRelevance(torch.autograd.Function):
@@ -133,7 +138,8 @@ class SumRelevance(torch.autograd.Function):
         return (None, None, None, *ctx.kernels.sum_backward(relevance, output, ctx.epsilon, ctx.rectified, *others))
 
 
-def proportional(input: Tensor, fn: Callable[[Tensor], Tensor], epsilon: float = 1e-6) -> Tensor:
+def proportional(input: Tensor, fn: Callable[[Tensor], Tensor], epsilon: float = 1e-6,
+                 value: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Apply the bias-free linear map ``fn`` with proportional relevance redistribution.
 
     Parameters
@@ -144,13 +150,17 @@ def proportional(input: Tensor, fn: Callable[[Tensor], Tensor], epsilon: float =
         A linear, parameter-free map such as ``torch.nn.functional.avg_pool2d`` with fixed arguments.
     epsilon : float
         Stabilizer of the denominator.
+    value : callable, optional
+        The function whose output is returned (default ``fn``): a max pooling returns its maxima, while relevance
+        splits as through ``fn``, the mean over the same windows.
 
     Returns
     -------
     Tensor
-        ``fn(input)``, whose backward redistributes relevance in proportion to each input's contribution.
+        ``fn(input)`` (or ``value(input)``), whose backward redistributes relevance in proportion to each input's
+        contribution to ``fn``.
     """
-    return ProportionalRelevance.apply(input, fn, epsilon)
+    return ProportionalRelevance.apply(input, fn, epsilon, value)
 
 
 def sum_relevance(inputs: tuple[Tensor, ...] | list[Tensor], epsilon: float = 1e-6, fused: bool = False,

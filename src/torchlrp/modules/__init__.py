@@ -7,6 +7,7 @@ from .affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, C
 from .norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm
 from .operation import (Activation, Bilinear, FunctionOperation, LayerNormFunction, Operation, OutputSoftmax,
                         Proportional, Scale, Softmax)
+from .pooling import MaxPool, MaxPool1d, MaxPool2d, MaxPool3d
 from .rectifier import ReLU
 from .residual import Add
 from .sequential import Sequential
@@ -15,7 +16,8 @@ __all__ = [
     "Activation", "Add", "BatchNorm1d", "Bilinear", "BatchNorm2d", "BatchNorm3d", "CELU", "Conv1d", "Conv2d", "Conv3d",
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ELU", "ExplainableAffine", "FunctionOperation", "GELU",
     "GroupNorm",
-    "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction", "LeakyReLU", "Linear", "Mish",
+    "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction", "LeakyReLU", "Linear", "MaxPool", "MaxPool1d",
+    "MaxPool2d", "MaxPool3d", "Mish",
     "Operation", "OutputSoftmax", "PReLU", "Proportional", "ReLU", "ReLU6", "SELU", "Scale", "Sequential", "SiLU",
     "Sigmoid", "Softmax", "Softplus", "Tanh",
 ]
