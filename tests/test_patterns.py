@@ -72,13 +72,14 @@ def test_positive_patterns_on_trained_net_and_save_load(tmp_path):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=16)
     positive = patterns.fit_patternnet_positive(model, loader)
     linear = patterns.fit_patternnet(model, loader)
-    assert list(positive) == ["0", "4"] and positive["0"].shape == model[0].weight.shape
-    assert all(torch.isfinite(p).all() for p in positive.values())
+    assert positive.names == ["0", "4"] and positive["0"].shape == model[0].weight.shape
+    assert isinstance(positive, list) and positive[0] is positive["0"] and positive.keys() == ["0", "4"]
+    assert all(torch.isfinite(p).all() for p in positive)
     assert not torch.allclose(positive["0"], linear["0"])
     path = tmp_path / "patterns.pt"
     patterns.save(positive, str(path))
     loaded = patterns.load(str(path))
-    assert all(torch.equal(loaded[k], positive[k]) for k in positive)
+    assert loaded.names == positive.names and all(torch.equal(loaded[k], positive[k]) for k in positive.names)
     relevance = lrp.explain(model, x[:4], rule="patternattribution", pattern=loaded)
     assert relevance.shape == (4, 1, 8, 8) and torch.isfinite(relevance).all()
 
@@ -100,3 +101,41 @@ def test_pattern_errors(tmp_path):
     torch.save({"0": [1, 2]}, bad)
     with pytest.raises(ValueError, match="does not hold patterns"):
         patterns.load(str(bad))
+
+
+def test_torchlrp_pattern_calls(tmp_path):
+    """TorchLRP's pattern code as its examples write it: a list back, max_iter, numpy pickles, a copied list."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = lrp.Sequential(lrp.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                           lrp.Linear(4 * 8 * 8, 3)).eval()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(64, 1, 8, 8),
+                                                                        torch.zeros(64)), batch_size=16)
+    counting = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(64, 1, 8, 8),
+                                                                          torch.zeros(64)), batch_size=16)
+    first_two = patterns.fit_patternnet(model, [batch for batch in counting][:2])
+    limited = patterns.fit_patternnet(model, counting, max_iter=2)  # TorchLRP's argument: the first 2 batches
+    assert all(torch.equal(a, b) for a, b in zip(first_two, limited))
+    fitted = patterns.fit_patternnet_positive(model, loader, None, "cpu")  # TorchLRP's positional order
+    path = tmp_path / "pattern_pos.pkl"
+    with open(path, "wb") as f:  # TorchLRP's store_patterns
+        pickle.dump([p.detach().cpu().numpy() for p in fitted], f)
+    with open(path, "rb") as f:
+        stored = pickle.load(f)
+    as_tensors = [torch.tensor(p, dtype=torch.float32) for p in stored]
+    x = torch.rand(3, 1, 8, 8, requires_grad=True)
+    y = model.forward(x, explain=True, rule="patternattribution", pattern=as_tensors)
+    y[torch.arange(3), y.max(1)[1]].sum().backward()
+    expected = lrp.explain(model, x, rule="patternattribution", pattern=fitted)
+    torch.testing.assert_close(x.grad, expected)
+    torch.testing.assert_close(lrp.explain(model, x, rule="patternattribution", pattern=stored), expected)
+    assert len(as_tensors) == 2  # the caller's list is not consumed
+    scaled = patterns.normalize_per_sample(expected)
+    torch.testing.assert_close(scaled.abs().flatten(1).amax(1), torch.ones(3))
+    torch.testing.assert_close(scaled * expected.abs().flatten(1).amax(1).view(3, 1, 1, 1), expected)
+    assert torch.equal(patterns.normalize_per_sample(torch.zeros(2, 5)), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="max_iter must be a positive"):
+        patterns.fit_patternnet(model, loader, max_iter=0)
+    with pytest.raises(KeyError, match="no pattern for layer 'fc'"):
+        fitted["fc"]

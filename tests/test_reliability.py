@@ -281,7 +281,7 @@ def test_every_rule_explains_under_autocast(dtype, device):
     patterns = lrp.patterns.fit_patternnet(model, data)
     with torch.autocast(device.type, dtype=dtype):
         fitted = lrp.patterns.fit_patternnet(model, data)  # fits under autocast too
-    for name in patterns:  # statistics of lower-precision activations, kept in float32 (the estimate itself is
+    for name in patterns.names:  # statistics of lower-precision activations, kept in float32 (the estimate itself is
         # ill-conditioned on a random model: its digits differ, see the float32 patterns used below)
         assert fitted[name].shape == patterns[name].shape and fitted[name].dtype == torch.float32
         assert torch.isfinite(fitted[name]).all()

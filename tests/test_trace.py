@@ -101,6 +101,47 @@ def test_legacy_torchlrp_trace_api():
     assert trace.collect_and_disable() == []
 
 
+def test_legacy_trace_enabled_after_the_forward_records():
+    """TorchLRP's documented order: forward, enable_and_clean(), backward(), collect_and_disable()."""
+    model = torchlrp_readme_model()
+    x = torch.rand(2, 1, 28, 28, requires_grad=True)
+    y = model(x, explain=True, rule="epsilon")
+    trace.enable_and_clean()
+    y[:, 3].sum().backward()
+    after = trace.collect_and_disable()
+    x.grad = None
+    trace.enable_and_clean()
+    y = model(x, explain=True, rule="epsilon")
+    y[:, 3].sum().backward()
+    before = trace.collect_and_disable()
+    assert len(after) == len(before) == 2
+    for late, early in zip(after, before):
+        torch.testing.assert_close(late, early)
+    torch.testing.assert_close(after[-1], x.grad)
+
+
+def test_legacy_trace_is_per_thread():
+    import threading
+
+    model = torchlrp_readme_model()
+    recorded = {}
+
+    def run(name, enable):
+        x = torch.rand(1, 1, 28, 28, requires_grad=True)
+        y = model(x, explain=True)
+        if enable:
+            trace.enable_and_clean()
+        y[:, 0].sum().backward()
+        recorded[name] = trace.collect_and_disable()
+
+    threads = [threading.Thread(target=run, args=(name, name == "on")) for name in ("on", "off")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(recorded["on"]) == 2 and recorded["off"] == []
+
+
 def count_tensors():
     gc.collect()
     return sum(1 for obj in gc.get_objects() if type(obj) in (torch.Tensor, torch.nn.Parameter))

@@ -1,7 +1,10 @@
-"""State of TorchLRP's global trace API (``enable_and_clean``/``collect_and_disable``), kept per context.
+"""State of TorchLRP's trace API (``enable_and_clean``/``collect_and_disable``), kept per context.
 
-The recorder lives in a :class:`contextvars.ContextVar`, so threads and asyncio tasks each have their own; the
-layers read it in their forward (in the caller's thread) and hook the tensors, so the backward never touches it.
+Each thread (or asyncio task) has its own :class:`LegacyTrace` in a :class:`contextvars.ContextVar`, made at the
+first explain-mode forward there. A torchlrp layer hands that object to its backward at the forward, and the
+backward records only if the trace is enabled *by then*: TorchLRP's documented order (forward, then
+``enable_and_clean()``, ``backward()``, ``collect_and_disable()``) works, as does enabling before the forward.
+The backward reads only that object, never the context variable (autograd may run it on another thread).
 """
 from __future__ import annotations
 
@@ -9,25 +12,39 @@ from contextvars import ContextVar
 
 from torch import Tensor
 
-RECORDER: ContextVar[list[Tensor] | None] = ContextVar("torchlrp_legacy_trace", default=None)
+
+class LegacyTrace:
+    """Relevances recorded at the torchlrp layers' inputs while enabled, in backward order."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.relevances: list[Tensor] = []
+
+    def record(self, relevance: Tensor) -> None:
+        """Append a copy of ``relevance`` if the trace is enabled.
+
+        Parameters
+        ----------
+        relevance : Tensor
+            A layer's input relevance.
+        """
+        if self.enabled:
+            self.relevances.append(relevance.detach().clone())
 
 
-def watch(input: Tensor) -> Tensor:
-    """If the legacy trace is on, return a view of ``input`` whose relevance gets appended to it.
+RECORDER: ContextVar[LegacyTrace | None] = ContextVar("torchlrp_legacy_trace", default=None)
 
-    Parameters
-    ----------
-    input : Tensor
-        A layer input.
+
+def recorder() -> LegacyTrace:
+    """Return this context's trace, making it on first use.
 
     Returns
     -------
-    Tensor
-        ``input`` itself, or a hooked view of it.
+    LegacyTrace
+        The trace that layers explained in this context record to.
     """
-    recorder = RECORDER.get()
-    if recorder is None or not input.requires_grad:
-        return input
-    view = input.view_as(input)
-    view.register_hook(lambda relevance: recorder.append(relevance.detach()))
-    return view
+    trace = RECORDER.get()
+    if trace is None:
+        trace = LegacyTrace()
+        RECORDER.set(trace)
+    return trace

@@ -7,8 +7,14 @@ Statistics stream over a DataLoader in one pass: per batch, the sums ``sum x y``
 come from one weight-gradient convolution each (so stride, padding, dilation and groups are honoured exactly), and
 are merged into float64 running means and co-moments (Chan et al.'s pairwise update).
 
-Patterns are returned as a ``dict`` mapping layer names to tensors of the weight's shape; pass them as
-``pattern=`` together with ``rule="patternnet"`` or ``rule="patternattribution"``.
+Patterns are returned as :class:`Patterns`: a list of tensors of the weights' shapes in layer order, as
+TorchLRP returns them (``[p.detach() for p in patterns]`` works), that also knows the layers' names
+(``patterns["features.0"]``, ``patterns.items()``). Pass them as ``pattern=`` together with ``rule="patternnet"``
+or ``rule="patternattribution"``; a plain list, or a dict of layer name to tensor, works as well.
+
+The PatternNet signal and the PatternAttribution relevance are returned unscaled. TorchLRP (after iNNvestigate)
+divides the backward signal of image-shaped tensors by its per-sample maximum magnitude at each layer, which
+only rescales each sample's result: :func:`normalize_per_sample` gives that scaling (max magnitude 1 per sample).
 """
 from __future__ import annotations
 
@@ -21,6 +27,74 @@ from .functional.affine import AffineOp
 from .modules.affine import ExplainableAffine
 
 PatternsLike = Union[Mapping[str, Tensor], Sequence[Tensor]]
+
+
+class Patterns(list):
+    """Patterns in layer order (a ``list`` of tensors, TorchLRP's return type) that know their layers' names.
+
+    Parameters
+    ----------
+    by_name : mapping of str to Tensor
+        Layer name to pattern, in layer order.
+
+    Attributes
+    ----------
+    names : list of str
+        The layer names, one per pattern.
+    """
+
+    def __init__(self, by_name: Mapping[str, Tensor]) -> None:
+        super().__init__(by_name.values())
+        self.names = list(by_name)
+
+    def __getitem__(self, key):  # noqa: D105
+        if isinstance(key, str):
+            if key not in self.names:
+                raise KeyError(f"no pattern for layer {key!r}; the layers are {self.names}")
+            return super().__getitem__(self.names.index(key))
+        return super().__getitem__(key)
+
+    def keys(self) -> list[str]:
+        """Return the layer names.
+
+        Returns
+        -------
+        list of str
+            One name per pattern, in layer order.
+        """
+        return list(self.names)
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        """Return ``(layer name, pattern)`` pairs in layer order.
+
+        Returns
+        -------
+        list of tuple
+            The pairs.
+        """
+        return list(zip(self.names, self))
+
+
+def normalize_per_sample(signal: Tensor) -> Tensor:
+    """Divide each sample of ``signal`` by its maximum magnitude (TorchLRP's scaling of pattern signals).
+
+    TorchLRP scales the PatternNet/PatternAttribution backward signal of every image-shaped (more than 2-D) tensor
+    per sample at each layer; the result differs from torchlrp's unscaled one by one positive factor per sample,
+    which this function removes. All-zero samples stay zero.
+
+    Parameters
+    ----------
+    signal : Tensor
+        Shape ``(batch, ...)``.
+
+    Returns
+    -------
+    Tensor
+        ``signal / max|signal|`` per sample, in ``[-1, 1]``.
+    """
+    magnitude = signal.detach().abs().flatten(1).amax(1)
+    magnitude = torch.where(magnitude == 0, torch.ones_like(magnitude), magnitude)
+    return signal / magnitude.view(-1, *([1] * (signal.dim() - 1)))
 
 
 class _RunningCovariance:
@@ -81,8 +155,10 @@ def _layers(model: torch.nn.Module) -> list[tuple[str, ExplainableAffine]]:
     return layers
 
 
-def _fit(model: torch.nn.Module, loader: Iterable, device: torch.device | str | None, positive: bool,
-         progress: bool | None) -> dict[str, Tensor]:
+def _fit(model: torch.nn.Module, loader: Iterable, max_iter: int | None, device: torch.device | str | None,
+         positive: bool, progress: bool | None) -> Patterns:
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
+        raise ValueError(f"max_iter must be a positive number of batches or None (all), got {max_iter!r}")
     layers = _layers(model)
     statistics = {name: _RunningCovariance() for name, _ in layers}
 
@@ -112,16 +188,18 @@ def _fit(model: torch.nn.Module, loader: Iterable, device: torch.device | str | 
                 inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
                 model(inputs.to(device))
                 seen += 1
+                if seen == max_iter:
+                    break
     finally:
         for handle in handles:
             handle.remove()
     if seen == 0:
         raise ValueError("the loader yielded no batch; patterns need data")
-    return {name: statistics[name].pattern(module.weight.detach()) for name, module in layers}
+    return Patterns({name: statistics[name].pattern(module.weight.detach()) for name, module in layers})
 
 
-def fit_patternnet(model: torch.nn.Module, loader: Iterable, device: torch.device | str | None = None,
-                   progress: bool | None = None) -> dict[str, Tensor]:
+def fit_patternnet(model: torch.nn.Module, loader: Iterable, max_iter: int | None = None,
+                   device: torch.device | str | None = None, progress: bool | None = None) -> Patterns:
     """Fit the linear PatternNet estimator ``S_a`` for every torchlrp layer of ``model``.
 
     Parameters
@@ -130,6 +208,8 @@ def fit_patternnet(model: torch.nn.Module, loader: Iterable, device: torch.devic
         A model with torchlrp layers, in eval mode.
     loader : iterable
         Batches of inputs, or ``(input, label, ...)`` tuples (e.g. a DataLoader). One pass is made.
+    max_iter : int, optional
+        Stop after this many batches (TorchLRP's argument; default: the whole loader).
     device : torch.device or str, optional
         Where to run (default: the model's device).
     progress : bool, optional
@@ -137,32 +217,32 @@ def fit_patternnet(model: torch.nn.Module, loader: Iterable, device: torch.devic
 
     Returns
     -------
-    dict of str to Tensor
-        Layer name to pattern (weight-shaped), in layer order.
+    Patterns
+        One pattern (weight-shaped) per torchlrp layer, in layer order; also by layer name.
 
     Raises
     ------
     ValueError
-        If the loader yields nothing or the model has no torchlrp layer.
+        If the loader yields nothing, ``max_iter`` is not a positive int, or the model has no torchlrp layer.
     """
-    return _fit(model, loader, device, positive=False, progress=progress)
+    return _fit(model, loader, max_iter, device, positive=False, progress=progress)
 
 
-def fit_patternnet_positive(model: torch.nn.Module, loader: Iterable, device: torch.device | str | None = None,
-                            progress: bool | None = None) -> dict[str, Tensor]:
+def fit_patternnet_positive(model: torch.nn.Module, loader: Iterable, max_iter: int | None = None,
+                            device: torch.device | str | None = None, progress: bool | None = None) -> Patterns:
     """Fit the two-component estimator ``S_a+-`` restricted to positive outputs (statistics over ``y > 0`` only).
 
     Parameters
     ----------
-    model, loader, device, progress
+    model, loader, max_iter, device, progress
         As in :func:`fit_patternnet`.
 
     Returns
     -------
-    dict of str to Tensor
-        Layer name to pattern (weight-shaped), in layer order.
+    Patterns
+        One pattern (weight-shaped) per torchlrp layer, in layer order; also by layer name.
     """
-    return _fit(model, loader, device, positive=True, progress=progress)
+    return _fit(model, loader, max_iter, device, positive=True, progress=progress)
 
 
 def patterns_by_module(model: torch.nn.Module, patterns: PatternsLike) -> dict[torch.nn.Module, Tensor]:
@@ -172,8 +252,8 @@ def patterns_by_module(model: torch.nn.Module, patterns: PatternsLike) -> dict[t
     ----------
     model : torch.nn.Module
         The model.
-    patterns : dict or list
-        Layer name to pattern, or TorchLRP's plain list with one pattern per torchlrp layer in layer order.
+    patterns : Patterns, dict or list
+        Layer name to pattern, or a list (TorchLRP's) with one pattern per torchlrp layer in layer order.
 
     Returns
     -------
@@ -196,6 +276,8 @@ def patterns_by_module(model: torch.nn.Module, patterns: PatternsLike) -> dict[t
     elif isinstance(patterns, Sequence) and not isinstance(patterns, (str, Tensor)):
         if len(patterns) != len(layers):
             raise ValueError(f"got {len(patterns)} patterns for {len(layers)} torchlrp layers")
+        patterns = [torch.as_tensor(p) if not isinstance(p, Tensor) and hasattr(p, "__array__") else p
+                    for p in patterns]  # numpy arrays from a TorchLRP pickle
         matched = {module: (name, pattern) for (name, module), pattern in zip(layers, patterns)}
     else:
         raise ValueError(f"patterns must be a dict of layer name to tensor or a list of tensors, "
@@ -213,15 +295,16 @@ def save(patterns: PatternsLike, path: str) -> None:
 
     Parameters
     ----------
-    patterns : dict or list
-        Patterns as returned by :func:`fit_patternnet`.
+    patterns : Patterns, dict or list
+        Patterns as returned by :func:`fit_patternnet` (saved with their layer names).
     path : str
         File to write.
     """
-    torch.save(dict(patterns) if isinstance(patterns, Mapping) else list(patterns), path)
+    named = isinstance(patterns, (Mapping, Patterns))
+    torch.save(dict(patterns.items()) if named else list(patterns), path)
 
 
-def load(path: str, map_location: torch.device | str | None = None) -> PatternsLike:
+def load(path: str, map_location: torch.device | str | None = None) -> Patterns | list[Tensor]:
     """Load patterns saved by :func:`save`, with ``weights_only=True`` (no code is unpickled).
 
     Parameters
@@ -233,8 +316,8 @@ def load(path: str, map_location: torch.device | str | None = None) -> PatternsL
 
     Returns
     -------
-    dict or list
-        The patterns.
+    Patterns or list
+        The patterns (with their layer names where they were saved with them).
 
     Raises
     ------
@@ -245,4 +328,4 @@ def load(path: str, map_location: torch.device | str | None = None) -> PatternsL
     values = patterns.values() if isinstance(patterns, dict) else patterns
     if not isinstance(patterns, (dict, list)) or not all(isinstance(v, Tensor) for v in values):
         raise ValueError(f"{path} does not hold patterns (a dict or list of tensors)")
-    return patterns
+    return Patterns(patterns) if isinstance(patterns, dict) else patterns

@@ -18,8 +18,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
-from .composites import MIXING_TYPES
-from .legacy import RECORDER
+from .composites import MAX_POOLING_TYPES, MIXING_TYPES
+from .legacy import recorder
 from .modules.affine import ExplainableAffine
 
 INPUT = "input"
@@ -105,7 +105,8 @@ def conservation(trace: Trace) -> Conservation:
 
 def _selected(model: torch.nn.Module, layers: Iterable[str | type] | None) -> list[tuple[str, torch.nn.Module]]:
     if layers is None:
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, (ExplainableAffine, *MIXING_TYPES))]
+        return [(n, m) for n, m in model.named_modules()
+                if isinstance(m, (ExplainableAffine, *MIXING_TYPES)) and not isinstance(m, MAX_POOLING_TYPES)]
     patterns = [l for l in layers if isinstance(l, str)]
     types = tuple(l for l in layers if isinstance(l, type))
     bad = [l for l in layers if not isinstance(l, (str, type))]
@@ -129,7 +130,7 @@ def collect(model: torch.nn.Module, layers: Iterable[str | type] | None = None,
         The model (Sequential or not).
     layers : iterable of str or type, optional
         Modules to watch, by dotted name (glob patterns allowed) or class. Default: every torchlrp layer and
-        mixing layer (average pooling, residual sums). The model input is always recorded as ``"input"``.
+        mixing layer (average pooling, residual sums), not max pooling. The model input is always recorded as ``"input"``.
     to : torch.device or str, optional
         Move the recorded (detached) relevances there, e.g. ``"cpu"``.
 
@@ -183,8 +184,14 @@ def collect(model: torch.nn.Module, layers: Iterable[str | type] | None = None,
 
 
 def enable_and_clean() -> None:
-    """TorchLRP API: start recording the relevance at each torchlrp layer's input (in this thread/context)."""
-    RECORDER.set([])
+    """TorchLRP API: start recording the relevance at each torchlrp layer's input (in this thread/context).
+
+    Call it any time before the backward: before the explain-mode forward or between it and ``backward()``
+    (TorchLRP's order).
+    """
+    trace = recorder()
+    trace.relevances = []
+    trace.enabled = True
 
 
 def collect_and_disable() -> list[Tensor]:
@@ -195,6 +202,6 @@ def collect_and_disable() -> list[Tensor]:
     list of Tensor
         One relevance per torchlrp layer call in the backward.
     """
-    recorded = RECORDER.get() or []
-    RECORDER.set(None)
+    trace = recorder()
+    recorded, trace.relevances, trace.enabled = trace.relevances, [], False
     return recorded

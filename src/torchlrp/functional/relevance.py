@@ -36,11 +36,13 @@ class AffineRelevance(torch.autograd.Function):
     output itself (the epsilon rule, a folded ReLU): an identity-rule activation after the layer then keeps that
     same tensor, and the next layer, instead of its own input ``f(z)``, keeps ``z`` and recomputes ``f(z)`` in the
     backward (:class:`~torchlrp.functional.operations.IdentityRelevance`): one tensor instead of two.
+    ``record``, if given, is called with the input relevance in the backward (TorchLRP's trace).
     """
 
     @staticmethod
-    def forward(ctx, input: Tensor, op: AffineOp, rule: "Rule") -> Tensor:  # noqa: D102
-        ctx.op, ctx.rule, ctx.input_shape = op, rule, input.shape
+    def forward(ctx, input: Tensor, op: AffineOp, rule: "Rule",
+                record: Callable[[Tensor], None] | None = None) -> Tensor:  # noqa: D102
+        ctx.op, ctx.rule, ctx.input_shape, ctx.record = op, rule, input.shape, record
         ctx.autocast = autocast_enabled(input)
         if op.rectified:
             ctx.output_rectified = True
@@ -59,7 +61,14 @@ class AffineRelevance(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, relevance: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
+        input_relevance = AffineRelevance._relevance(ctx, relevance)
+        if ctx.record is not None:
+            ctx.record(input_relevance)
+        return input_relevance, None, None, None
+
+    @staticmethod
+    def _relevance(ctx, relevance: Tensor) -> Tensor:
         try:
             saved = ctx.saved_tensors
         except RuntimeError as error:
@@ -82,8 +91,8 @@ class AffineRelevance(torch.autograd.Function):
         if op.rectified:
             input, output = saved
             form = ctx.rule.rectified_form(op, input)
-            return rectified_relevance(op, form, relevance, input, output, ctx.input_shape), None, None
-        return ctx.rule.backward(op, relevance, saved, ctx.input_shape), None, None
+            return rectified_relevance(op, form, relevance, input, output, ctx.input_shape)
+        return ctx.rule.backward(op, relevance, saved, ctx.input_shape)
 
 
 def _versions(op: AffineOp) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..batchnorm import fold_batchnorm
 from ..functional.affine import AffineOp
 from ..functional.relevance import AffineRelevance
-from ..legacy import watch
+from ..legacy import recorder
 from ..rules import Rule, resolve
 from ..state import ExplainState, current
 
@@ -87,7 +87,7 @@ class ExplainableAffine:
         rectified = self.feeds_rectifier if feeds_rectifier is None else feeds_rectifier
         if active and (rectified or self in state.feeds_rectifier) and rule.folds_rectifier(op):
             op = dataclasses.replace(op, rectified=True)
-        return AffineRelevance.apply(watch(input), op, rule)
+        return AffineRelevance.apply(input, op, rule, recorder().record)
 
     def _plain_forward(self, input: Tensor) -> Tensor:
         return super().forward(input)
