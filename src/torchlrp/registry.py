@@ -39,6 +39,7 @@ from .modules.pooling import MaxPool
 from .modules.operation import Activation, Bilinear, LayerNormFunction, OutputSoftmax, Proportional, Scale, Softmax
 from .modules.rectifier import ReLU
 from .modules.residual import Add
+from .modules.rotation import CyclicPool, Rotate
 
 Sign = Literal["none", "preserve", "nonnegative"]
 
@@ -283,7 +284,7 @@ INDEX_FUNCTIONS = (
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.t,
     torch.squeeze, torch.unsqueeze, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack,
     torch.vstack, torch.chunk, torch.split, torch.tensor_split, torch.unbind, torch.narrow, torch.select,
-    torch.flip, torch.roll, torch.clone, operator.getitem, F.pad, F.channel_shuffle, torch.channel_shuffle,
+    torch.flip, torch.roll, torch.rot90, torch.clone, operator.getitem, F.pad, F.channel_shuffle, torch.channel_shuffle,
     F.pixel_shuffle, F.pixel_unshuffle,
 )
 SHAPE_METHODS = ("size", "dim", "numel", "ndimension", "nelement", "stride", "element_size", "is_contiguous")
@@ -407,6 +408,8 @@ def default_registry() -> OperationRegistry:
                         torch.nn.Unflatten, torch.nn.ChannelShuffle, torch.nn.PixelShuffle, torch.nn.PixelUnshuffle):
         add_module(module_type, _keep("identity" if "Dropout" in module_type.__name__ else "index map"))
     add_module(Add, _keep("sum"))
+    add_module(Rotate, _keep("index map (rotations)"))
+    add_module(CyclicPool, _keep("proportional (mean, rms), winner takes all (max)"))
     for module_type in (torch.nn.Softmax, torch.nn.LogSoftmax):
         add_module(module_type, OperationEntry("skipped at the output", _softmax_module, "nonnegative"))
     return registry

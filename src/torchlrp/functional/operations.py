@@ -201,6 +201,41 @@ class NormalizationRelevance(torch.autograd.Function):
         return result.reshape(input.shape), None, None, None, None
 
 
+class SquareShareRelevance(torch.autograd.Function):
+    """Forward: the root mean square over dimension 0. Backward: ``R_k = x_k^2 R / stab(sum_j x_j^2)``."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, epsilon: float) -> Tensor:  # noqa: D102
+        total = input.square().sum(0)
+        ctx.epsilon = epsilon
+        ctx.save_for_backward(input, total)
+        return (total / input.shape[0]).sqrt()
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        input, total = ctx.saved_tensors
+        return input.square() * kernels(False).quotient(relevance, total, ctx.epsilon), None
+
+
+def root_mean_square_rule(input: Tensor, epsilon: float = 1e-6) -> Tensor:
+    """Root mean square over dimension 0; each entry gets relevance in proportion to its square.
+
+    Parameters
+    ----------
+    input : Tensor
+        Shape ``(K, ...)``: the ``K`` terms pooled.
+    epsilon : float
+        Stabilizer of the sum of squares.
+
+    Returns
+    -------
+    Tensor
+        ``sqrt(mean_k x_k^2)``, shape ``input.shape[1:]``; its backward gives ``R_k = x_k^2 R / stab(sum_j x_j^2)``
+        (conserving).
+    """
+    return SquareShareRelevance.apply(input, epsilon)
+
+
 def identity_rule(input: Tensor, function: Callable[[Tensor], Tensor]) -> Tensor:
     """Apply an element-wise ``function`` whose relevance passes unchanged (the identity rule).
 
@@ -375,4 +410,4 @@ def group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias:
     return NormalizationRelevance.apply(input, normalize, groups, channel_weight, epsilon)
 
 
-__all__ += ["bilinear_rule", "group_norm_rule", "layer_norm_rule", "softmax_rule"]
+__all__ += ["bilinear_rule", "group_norm_rule", "layer_norm_rule", "root_mean_square_rule", "softmax_rule"]

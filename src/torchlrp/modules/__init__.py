@@ -9,15 +9,16 @@ from .operation import (Activation, Bilinear, FunctionOperation, LayerNormFuncti
                         Proportional, Scale, Softmax)
 from .pooling import MaxPool, MaxPool1d, MaxPool2d, MaxPool3d
 from .rectifier import ReLU
+from .rotation import CyclicPool, Rotate
 from .residual import Add
 from .sequential import Sequential
 
 __all__ = [
-    "Activation", "Add", "BatchNorm1d", "Bilinear", "BatchNorm2d", "BatchNorm3d", "CELU", "Conv1d", "Conv2d", "Conv3d",
+    "Activation", "Add", "BatchNorm1d", "Bilinear", "BatchNorm2d", "BatchNorm3d", "CELU", "Conv1d", "Conv2d", "Conv3d", "CyclicPool",
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ELU", "ExplainableAffine", "FunctionOperation", "GELU",
     "GroupNorm",
     "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction", "LeakyReLU", "Linear", "MaxPool", "MaxPool1d",
     "MaxPool2d", "MaxPool3d", "Mish",
-    "Operation", "OutputSoftmax", "PReLU", "Proportional", "ReLU", "ReLU6", "SELU", "Scale", "Sequential", "SiLU",
+    "Operation", "OutputSoftmax", "PReLU", "Proportional", "ReLU", "ReLU6", "Rotate", "SELU", "Scale", "Sequential", "SiLU",
     "Sigmoid", "Softmax", "Softplus", "Tanh",
 ]
