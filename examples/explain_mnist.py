@@ -2,8 +2,9 @@
 
 Data: torchvision's MNIST when it is on disk under ``--data-dir``; otherwise the handwritten digits that ship
 inside scikit-learn (``sklearn.datasets.load_digits``, 8x8 pixels upsampled to 28x28; no download). Writes
-``mnist_explanations.png`` (input digits, one heatmap column per rule) and ``mnist_classes.png`` (the heatmap of
-every class for one digit) to ``--out`` (default ``examples/plots``).
+``mnist_explanations.png`` (input digits, one heatmap column per rule) and ``mnist_classes.png`` (seed 001's
+per-class view: the true class, the all-zero class filter and every class with its logit, for two digits) to
+``--out`` (default ``examples/plots``).
 
     python examples/explain_mnist.py            # about a minute on a laptop CPU
     python examples/explain_mnist.py --quick    # a few seconds (CI)
@@ -131,11 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"positive relevance on ink pixels ({name}, 200 test digits): "
               f"{ink_fraction(relevance, test_x[:200]):.1%}")
 
-    digit = test_x[(test_y == 3).nonzero()[0, 0]][None]
-    per_class = lrp.explain(model, digit, target=torch.arange(10)[None], rule="epsilon")[0]
+    chosen = torch.stack([(test_y == d).nonzero()[0, 0] for d in (3, 7)])
     classes = os.path.join(args.out, "mnist_classes.png")
-    image.save_grid(classes, [[image.as_image(digit)[0], *image.heatmap(per_class, percentile=99.5)]],
-                    ["input"] + [f"class {c}" for c in range(10)], title="epsilon relevance for every class")
+    image.save_classes(classes, model, test_x[chosen], labels=test_y[chosen], rule="epsilon")
     print(f"wrote {explanations} and {classes} in {time.time() - start:.1f} s")
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+import torchlrp as lrp
 from torchlrp import image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +64,41 @@ def test_mnist_example_quick_and_ink_fraction(tmp_path):
     fractions = dict(re.findall(r"ink pixels \((\w+), 200 test digits\): ([\d.]+)%", result.stdout))
     # measured after 2 epochs: epsilon 0.95, alpha2beta1 0.95 (8 epochs: 0.96 / 0.96)
     assert float(fractions["epsilon"]) > 85 and float(fractions["alpha2beta1"]) > 85
+
+
+def test_transient_example_quick_accuracy_invariance_and_control(tmp_path):
+    result = run("examples/explain_transients.py", "--quick", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "transients.png").is_file()
+    accuracy, control = map(float, re.search(r"test accuracy: ([\d.]+)% rotation-invariant CNN, ([\d.]+)% ordinary",
+                                             result.stdout).groups())
+    change, control_change = map(float, re.search(r"rotations: ([\d.e+-]+) \(ordinary CNN: ([\d.e+-]+)\)",
+                                                  result.stdout).groups())
+    equivariance = float(re.search(r"rotated heatmaps: largest difference ([\d.e+-]+)", result.stdout).group(1))
+    # measured with --quick: 99.3% (ordinary CNN 97.7%), logit change 4e-6 (ordinary CNN 13), heatmaps 1e-7
+    assert accuracy > 90 and control > 60
+    assert change < 1e-3 < 0.1 < control_change  # invariant; the control without Rotate/CyclicPool is not
+    assert equivariance < 1e-4
+
+
+def test_class_figure_true_class_empty_filter_and_every_class(tmp_path):
+    torch.manual_seed(0)
+    model = lrp.Sequential(lrp.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                           lrp.Linear(4 * 6 * 6, 5)).double().eval()
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    path = tmp_path / "classes.png"
+    relevance = image.save_classes(str(path), model, x, labels=[1, 3], rule="zero",
+                                   class_names=list("abcde"))
+    assert path.is_file() and relevance.shape == (2, 5, 1, 6, 6)
+    logits = model(x)
+    for c in range(5):  # one batched backward gives what one explanation per class gives (start at the logit)
+        torch.testing.assert_close(relevance[:, c], lrp.explain(model, x, c, rule="zero", start="logit"))
+    empty = lrp.explain(model, x, rule="zero", output_relevance=torch.zeros_like(logits))
+    assert torch.equal(empty, torch.zeros_like(x))
+    with pytest.raises(ValueError, match="labels must be 2 class indices"):
+        image.save_classes(str(tmp_path / "bad.png"), model, x, labels=[1, 7])
+    with pytest.raises(ValueError, match="3 class names for 5 classes"):
+        image.save_classes(str(tmp_path / "bad.png"), model, x, class_names=list("abc"))
 
 
 def test_vgg_example_without_weights_says_how_to_get_them(tmp_path):

@@ -146,7 +146,8 @@ def test_proportional_max_pooling_matches_its_formula(kernel, stride, padding, c
     out_h, out_w = output.shape[-2:]
     windows = [_windows(7, kernel, stride, padding, 1, ceil_mode, n) for n in (out_h, out_w)]
     at_hidden = _proportional_reference(hidden, start, *windows)
-    expected = reference_relevance(model[0], "zero", x.reshape(-1, 7), at_hidden.reshape(-1, 7), epsilon=0.0).reshape_as(x)
+    expected = reference_relevance(model[0], "zero", x.reshape(-1, 7), at_hidden.reshape(-1, 7), epsilon=0.0)
+    expected = expected.reshape_as(x)
     torch.testing.assert_close(ours, expected)
     torch.testing.assert_close(model(x, explain=True, rule=lrp.Composite(max_pooling="proportional")), output)
 

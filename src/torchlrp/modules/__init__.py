@@ -14,11 +14,10 @@ from .residual import Add
 from .sequential import Sequential
 
 __all__ = [
-    "Activation", "Add", "BatchNorm1d", "Bilinear", "BatchNorm2d", "BatchNorm3d", "CELU", "Conv1d", "Conv2d", "Conv3d", "CyclicPool",
-    "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ELU", "ExplainableAffine", "FunctionOperation", "GELU",
-    "GroupNorm",
-    "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction", "LeakyReLU", "Linear", "MaxPool", "MaxPool1d",
-    "MaxPool2d", "MaxPool3d", "Mish",
-    "Operation", "OutputSoftmax", "PReLU", "Proportional", "ReLU", "ReLU6", "Rotate", "SELU", "Scale", "Sequential", "SiLU",
-    "Sigmoid", "Softmax", "Softplus", "Tanh",
+    "Activation", "Add", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Bilinear", "CELU", "Conv1d", "Conv2d", "Conv3d",
+    "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "CyclicPool", "ELU", "ExplainableAffine",
+    "FunctionOperation", "GELU", "GroupNorm", "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction",
+    "LeakyReLU", "Linear", "MaxPool", "MaxPool1d", "MaxPool2d", "MaxPool3d", "Mish", "Operation", "OutputSoftmax",
+    "PReLU", "Proportional", "ReLU", "ReLU6", "Rotate", "SELU", "Scale", "Sequential", "SiLU", "Sigmoid", "Softmax",
+    "Softplus", "Tanh",
 ]
