@@ -13,7 +13,9 @@ from typing import Callable, Mapping
 
 import torch
 
+from .functional.attention import ATTENTION_MODES
 from .modules.affine import ExplainableAffine
+from .modules.attention import ATTENTION_TYPES
 from .modules.operation import Operation
 from .modules.pooling import MAX_POOLING_MODULES, MaxPool
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Gradient, Rule, WSquare, ZBox, ZPlus, resolve
@@ -62,6 +64,10 @@ class Composite:
         to its maximum (``"winner"``, the gradient; TorchLRP's and zennit's choice) or in proportion to the window's
         activations (``"proportional"``, seed 004's ``pooling_type``). Per layer, ``by_name``/``by_type`` give a max
         pooling ``Gradient()`` (winner) or ``Epsilon(eps)`` (proportional).
+    attention : {"attnlrp", "cp"}
+        How attention passes relevance: AttnLRP's rules (softmax rule, uniform rule on the two matrix products;
+        Achtibat et al. 2024), or the attention weights held constant (``"cp"``, CP-LRP, Ali et al. 2022: relevance
+        only through the values).
 
     Rules may be given as :class:`~torchlrp.rules.Rule` objects, string keys or ``(key, parameter)`` pairs (see
     :func:`torchlrp.rules.resolve`).
@@ -70,10 +76,13 @@ class Composite:
     def __init__(self, by_name: Mapping[str, "str | Rule"] | None = None,
                  by_type: Mapping[type | tuple[type, ...], "str | Rule"] | None = None,
                  first: "str | Rule | None" = None, default: "str | Rule | None" = None,
-                 max_pooling: str = "winner") -> None:
+                 max_pooling: str = "winner", attention: str = "attnlrp") -> None:
         if max_pooling not in MAX_POOLING_CHOICES:
             raise ValueError(f"max_pooling must be one of {MAX_POOLING_CHOICES}, got {max_pooling!r}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.max_pooling = max_pooling
+        self.attention = attention
         self.by_name = {str(k): _layer_rule(v) for k, v in (by_name or {}).items()}
         for key in (by_type or {}):
             types = key if isinstance(key, tuple) else (key,)
@@ -145,6 +154,8 @@ class Composite:
         for name, module in model.named_modules():
             if isinstance(module, ExplainableAffine):
                 assignment[module] = self.rule_for(name, module, is_first=module is first_layer)
+            elif isinstance(module, ATTENTION_TYPES):  # its projections take the rule of a linear layer
+                assignment[module] = self.rule_for(name, module)
             elif isinstance(module, MIXING_TYPES):
                 rule = self.rule_for(name, module)
                 if not (isinstance(rule, Epsilon) or rule.propagates_gradient):
@@ -155,7 +166,7 @@ class Composite:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(by_name={self.by_name!r}, by_type={self.by_type!r}, first={self.first!r}, "
-                f"default={self.default!r}, max_pooling={self.max_pooling!r})")
+                f"default={self.default!r}, max_pooling={self.max_pooling!r}, attention={self.attention!r})")
 
 
 def as_composite(rule: "str | tuple[str, float] | Rule | Composite") -> Composite:

@@ -22,6 +22,7 @@ from .composites import PROPORTIONAL_MODULES, Composite, as_composite
 from .functional.operations import identity_rule
 from .functional.relevance import proportional
 from .modules.affine import ExplainableAffine
+from .modules.attention import ATTENTION_TYPES
 from .modules.pooling import MAX_POOLING_MODULES, proportional_max_pool, window_mean
 from .modes import in_training_mode
 from .modules.rectifier import ReLU
@@ -190,14 +191,15 @@ def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilo
     _check_eval_mode(model)
     composite = as_composite(rule)
     first_layer, first_call_only = _first_layer(model)
-    state = ExplainState(rules=composite.assign(model, first_layer), fused=bool(fused))
+    state = ExplainState(rules=composite.assign(model, first_layer), fused=bool(fused),
+                         attention=composite.attention)
     layers = [m for m in state.rules if isinstance(m, ExplainableAffine)]
-    if not layers:
+    if not layers and not any(isinstance(m, ATTENTION_TYPES) for m in state.rules):
         raise ValueError(f"{type(model).__name__} contains no torchlrp layer to explain; build it from "
                          f"torchlrp.Linear/Conv2d/... or convert it with torchlrp.convert(model)")
     names = {module: name for name, module in model.named_modules()}
-    state.first_layer = first_layer if first_layer is not None else layers[0]
-    if first_call_only:
+    state.first_layer = first_layer if first_layer is not None else next(iter(layers), None)
+    if first_call_only and state.first_layer is not None:
         state.repeat_rule = composite.rule_for(names[state.first_layer], state.first_layer, is_first=False)
     if pattern is not None:
         state.patterns = patterns_by_module(model, pattern)

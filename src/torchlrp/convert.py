@@ -29,6 +29,7 @@ from .modes import in_training_mode
 from .modules.activation import ACTIVATION_TWINS
 from .modules.affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d,
                              ExplainableAffine, Linear)
+from .modules.attention import MultiheadAttention
 from .modules.norm import NORM_TWINS
 from .modules.rectifier import ReLU
 from .modules.operation import Scale
@@ -38,9 +39,10 @@ from .registry import OperationEntry, OperationRegistry, Unsupported, default_re
 
 #: torch layer class -> torchlrp twin (exact type match: subclasses of the torch layers are left alone)
 TWINS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
-    torch.nn.Linear: Linear, torch.nn.Conv1d: Conv1d, torch.nn.Conv2d: Conv2d, torch.nn.Conv3d: Conv3d,
+    torch.nn.Linear: Linear, torch.nn.modules.linear.NonDynamicallyQuantizableLinear: Linear, torch.nn.Conv1d: Conv1d, torch.nn.Conv2d: Conv2d, torch.nn.Conv3d: Conv3d,
     torch.nn.ConvTranspose1d: ConvTranspose1d, torch.nn.ConvTranspose2d: ConvTranspose2d,
-    torch.nn.ConvTranspose3d: ConvTranspose3d, torch.nn.ReLU: ReLU, **ACTIVATION_TWINS, **NORM_TWINS,
+    torch.nn.ConvTranspose3d: ConvTranspose3d, torch.nn.ReLU: ReLU, torch.nn.MultiheadAttention: MultiheadAttention,
+    **ACTIVATION_TWINS, **NORM_TWINS,
 }
 
 _ACTIVATION, _CONSTANT, _SHAPE = "activation", "constant", "shape"
@@ -102,6 +104,7 @@ class _Analysis:
         self.kind: dict[Node, str] = {}
         self.nonnegative: set[Node] = set()
         self.gates: set[Node] = set()
+        self.attention: set[Node] = set()
         self.unsupported: list[tuple[str, str]] = []
         self.insertions: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
         self.folded: dict[str, str] = {}  # batch norm path -> path of the layer it was folded into
@@ -119,6 +122,9 @@ class _Analysis:
 
     def is_gate(self, argument: Any) -> bool:
         return isinstance(argument, Node) and argument in self.gates
+
+    def is_attention(self, argument: Any) -> bool:
+        return isinstance(argument, Node) and argument in self.attention
 
     def is_output(self, node: Node) -> bool:
         return node in self.output_values
@@ -187,6 +193,8 @@ class _Analysis:
     def _signs(self, node: Node, entry: OperationEntry, active: list[Node]) -> None:
         if entry.gate or (entry.rule == "index map" and all(a in self.gates for a in active)):
             self.gates.add(node)  # a reshaped gate is a gate
+        if entry.attention or (entry.rule in ("index map", "identity") and all(a in self.attention for a in active)):
+            self.attention.add(node)  # reshaped attention weights, or after dropout
         if entry.sign == "nonnegative" or (entry.sign == "preserve" and all(a in self.nonnegative for a in active)):
             self.nonnegative.add(node)
         module = self.modules.get(node.target) if node.op == "call_module" else None
@@ -310,9 +318,15 @@ def _graph_module(model: torch.nn.Module, graph: Graph) -> GraphModule:
 
 def _check_leaves(model: torch.nn.Module, registry: OperationRegistry, allowed: set[str]) -> list[tuple[str, str]]:
     """Module-only check for models that torch.fx cannot trace."""
-    unsupported = []
+    unsupported, inside_known = [], []
     for name, module in model.named_modules():
-        if next(module.children(), None) is not None or _is_allowed(name, allowed):
+        if any(name.startswith(prefix + ".") for prefix in inside_known):
+            continue  # explained by the registered module that holds it (the attention's out_proj)
+        if next(module.children(), None) is not None:
+            if registry.for_module(module) is not None and name:
+                inside_known.append(name)
+            continue
+        if _is_allowed(name, allowed):
             continue
         if registry.for_module(module) is None:
             unsupported.append((name, type(module).__name__))

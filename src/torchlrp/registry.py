@@ -34,6 +34,7 @@ import torchvision
 
 from .modules.activation import ACTIVATION_TWINS, Hardsigmoid, ReLU6, Sigmoid
 from .modules.affine import ExplainableAffine
+from .modules.attention import MultiheadAttention, ScaledDotProductAttention
 from .modules.norm import NORM_TWINS
 from .modules.pooling import MaxPool
 from .modules.operation import Activation, Bilinear, LayerNormFunction, OutputSoftmax, Proportional, Scale, Softmax
@@ -56,6 +57,9 @@ class GraphView(Protocol):
 
     def is_gate(self, argument: Any) -> bool:
         """Whether ``argument`` is the output of a gate (sigmoid-like), possibly reshaped."""
+
+    def is_attention(self, argument: Any) -> bool:
+        """Whether ``argument`` is attention weights (a softmax inside the model), possibly reshaped."""
 
     def is_output(self, node: torch.fx.Node) -> bool:
         """Whether ``node`` is (part of) the model's output."""
@@ -85,6 +89,8 @@ class OperationEntry:
         The call returns sizes or other non-tensor values (``x.size()``, ``x.shape``).
     constant : bool
         The output carries no relevance although computed from an activation (``zeros_like``, ``detach``).
+    attention : bool
+        The output is attention weights (a softmax inside the model): CP-LRP holds them constant.
     inplace : bool
         The call modifies its first argument (``x.add_(y)``, ``F.relu(x, inplace=True)`` is found from its
         keyword); ``convert`` rewrites it out of place if that argument is not used afterwards.
@@ -96,6 +102,7 @@ class OperationEntry:
     gate: bool = False
     shape: bool = False
     constant: bool = False
+    attention: bool = False
     inplace: bool = False
 
 
@@ -246,7 +253,7 @@ def _softmax(function: Callable, log: bool = False) -> OperationEntry:
         if not isinstance(dim, int) or set(node.kwargs) - {"dim"} or len(node.args) > 2:
             raise Unsupported("a softmax inside the model without an integer dim, or with other arguments")
         return Softmax(dim)
-    return OperationEntry("AttnLRP softmax rule (skipped at the output)", build, "nonnegative")
+    return OperationEntry("AttnLRP softmax rule (skipped at the output)", build, "nonnegative", attention=True)
 
 
 def _product(operation: Callable) -> OperationEntry:
@@ -254,7 +261,9 @@ def _product(operation: Callable) -> OperationEntry:
         if node.kwargs or len(node.args) != 2:
             raise Unsupported("a matrix product with keyword arguments")
         left, right = (view.is_activation(argument) for argument in node.args)
-        return Bilinear(operation, (0.5, 0.5) if left and right else (1.0, 0.0) if left else (0.0, 1.0))
+        attention = [index for index, argument in enumerate(node.args) if view.is_attention(argument)]
+        return Bilinear(operation, (0.5, 0.5) if left and right else (1.0, 0.0) if left else (0.0, 1.0),
+                        attention[0] if len(attention) == 1 and left and right else None)
     return OperationEntry("uniform rule (AttnLRP); epsilon with a constant factor", build, "none")
 
 
@@ -384,6 +393,8 @@ def default_registry() -> OperationRegistry:
     for function in (operator.matmul, torch.matmul, torch.bmm):
         add_function(function, _product(torch.matmul if function is operator.matmul else function))
     add_method("matmul", _product(torch.matmul))
+    add_function(F.scaled_dot_product_attention,
+                 OperationEntry("attention: AttnLRP (or CP-LRP)", lambda node, view: ScaledDotProductAttention()))
     add_method("bmm", _product(torch.bmm))
 
     # leaf modules
@@ -408,6 +419,7 @@ def default_registry() -> OperationRegistry:
                         torch.nn.Unflatten, torch.nn.ChannelShuffle, torch.nn.PixelShuffle, torch.nn.PixelUnshuffle):
         add_module(module_type, _keep("identity" if "Dropout" in module_type.__name__ else "index map"))
     add_module(Add, _keep("sum"))
+    add_module(MultiheadAttention, _keep("attention: AttnLRP (or CP-LRP), projections by the layer rule", "none"))
     add_module(Rotate, _keep("index map (rotations)"))
     add_module(CyclicPool, _keep("proportional (mean, rms), winner takes all (max)"))
     for module_type in (torch.nn.Softmax, torch.nn.LogSoftmax):

@@ -40,6 +40,8 @@ class ExplainState:
     repeat_rule : Rule or None
         The rule of ``first_layer`` at its later calls, for a layer called more than once (weight tying) whose calls
         :func:`torchlrp.convert` told apart.
+    attention : {"attnlrp", "cp"}
+        How attention passes relevance (the composite's choice, see :class:`torchlrp.Composite`).
     output_scores : Tensor or None
         The scores a final softmax of the model took (set in the forward; detached): relevance passes that softmax
         unchanged, so they are what is explained, and ``start="logit"`` starts at them.
@@ -53,6 +55,7 @@ class ExplainState:
     fused: bool = False
     first_layer: torch.nn.Module | None = None
     repeat_rule: Rule | None = None
+    attention: str = "attnlrp"
     output_scores: Tensor | None = None
 
 

@@ -4,6 +4,7 @@ from .activation import (CELU, ELU, GELU, SELU, Hardsigmoid, Hardswish, Hardtanh
                          Sigmoid, SiLU, Softplus, Tanh)
 from .affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, ExplainableAffine,
                      Linear)
+from .attention import MultiheadAttention, ScaledDotProductAttention
 from .norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm
 from .operation import (Activation, Bilinear, FunctionOperation, LayerNormFunction, Operation, OutputSoftmax,
                         Proportional, Scale, Softmax)
@@ -17,7 +18,7 @@ __all__ = [
     "Activation", "Add", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Bilinear", "CELU", "Conv1d", "Conv2d", "Conv3d",
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "CyclicPool", "ELU", "ExplainableAffine",
     "FunctionOperation", "GELU", "GroupNorm", "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction",
-    "LeakyReLU", "Linear", "MaxPool", "MaxPool1d", "MaxPool2d", "MaxPool3d", "Mish", "Operation", "OutputSoftmax",
-    "PReLU", "Proportional", "ReLU", "ReLU6", "Rotate", "SELU", "Scale", "Sequential", "SiLU", "Sigmoid", "Softmax",
+    "LeakyReLU", "Linear", "MaxPool", "MaxPool1d", "MaxPool2d", "MaxPool3d", "Mish", "MultiheadAttention", "Operation", "OutputSoftmax",
+    "PReLU", "Proportional", "ReLU", "ReLU6", "Rotate", "SELU", "ScaledDotProductAttention", "Scale", "Sequential", "SiLU", "Sigmoid", "Softmax",
     "Softplus", "Tanh",
 ]

@@ -200,6 +200,9 @@ class LayerNormFunction(Operation, torch.nn.Module):
 class Softmax(Operation, torch.nn.Module):
     """A softmax inside the model (attention weights), explained by AttnLRP's rule ``R_x = x (R - s sum R)``.
 
+    Under a composite with ``attention="cp"`` its output is a constant (CP-LRP): the products with it give all
+    relevance to their other factor (see :class:`Bilinear`) and the logits receive none.
+
     Parameters
     ----------
     dim : int
@@ -227,6 +230,8 @@ class Softmax(Operation, torch.nn.Module):
         """
         if self.operation_rule() is None:
             return torch.softmax(input, self.dim)
+        if current().attention == "cp":
+            return torch.softmax(input.detach(), self.dim)
         return softmax_rule(input, self.dim)
 
     def extra_repr(self) -> str:  # noqa: D102
@@ -245,12 +250,19 @@ class Bilinear(Operation, torch.nn.Module):
         The product, bilinear in its two arguments (``torch.matmul``, ``torch.mul``, ``torch.bmm``).
     shares : tuple of float
         The two factors' shares, ``(0.5, 0.5)`` (uniform) or ``(1, 0)``/``(0, 1)`` (a constant factor).
+    attention_factor : int or None
+        Which factor (0 or 1) holds attention weights (a softmax inside the model), if one does: under a composite
+        with ``attention="cp"`` (CP-LRP) that factor is a constant and the other takes all the relevance.
     """
 
-    def __init__(self, operation: Callable[[Tensor, Tensor], Tensor], shares: tuple[float, float] = (0.5, 0.5)) -> None:
+    def __init__(self, operation: Callable[[Tensor, Tensor], Tensor], shares: tuple[float, float] = (0.5, 0.5),
+                 attention_factor: int | None = None) -> None:
         super().__init__()
+        if attention_factor not in (None, 0, 1):
+            raise ValueError(f"attention_factor must be None, 0 or 1, got {attention_factor!r}")
         self.operation = operation
         self.shares = tuple(float(share) for share in shares)
+        self.attention_factor = attention_factor
 
     def forward(self, left: Tensor, right: Tensor) -> Tensor:
         """Apply the product.
@@ -268,10 +280,14 @@ class Bilinear(Operation, torch.nn.Module):
         rule = self.operation_rule()
         if rule is None:
             return self.operation(left, right)
-        return bilinear_rule(self.operation, left, right, self.shares, rule.epsilon)
+        shares = self.shares
+        if self.attention_factor is not None and current().attention == "cp":
+            shares = (0.0, 1.0) if self.attention_factor == 0 else (1.0, 0.0)
+        return bilinear_rule(self.operation, left, right, shares, rule.epsilon)
 
     def extra_repr(self) -> str:  # noqa: D102
-        return f"{getattr(self.operation, '__name__', self.operation)}, shares={self.shares}"
+        extra = "" if self.attention_factor is None else f", attention_factor={self.attention_factor}"
+        return f"{getattr(self.operation, '__name__', self.operation)}, shares={self.shares}{extra}"
 
 
 class OutputSoftmax(FunctionOperation):

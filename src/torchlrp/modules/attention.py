@@ -1,0 +1,158 @@
+"""Attention explained through its math: ``torch.nn.MultiheadAttention``'s twin and ``F.scaled_dot_product_attention``.
+
+Outside an explanation both compute exactly what torch computes (its own kernels). While explaining, the
+projections take the rule of a linear layer (the composite's rule for the attention module: by name, by type
+``torch.nn.MultiheadAttention``, or the default; ``Epsilon`` in AttnLRP's preset) and the attention itself is
+written out of rule-carrying operations (:func:`torchlrp.functional.attention.attention_rule`): AttnLRP's softmax and
+uniform product rules, or CP-LRP's constant attention weights under a composite with ``attention="cp"``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..functional.affine import AffineOp
+from ..functional.attention import attention_rule
+from ..functional.relevance import AffineRelevance
+from ..rules import Rule
+from ..state import current
+from .operation import Operation
+
+
+def _projection(input: Tensor, weight: Tensor, bias: Tensor | None, rule: Rule, fused: bool) -> Tensor:
+    return AffineRelevance.apply(input, AffineOp(weight, bias, fused=fused), rule)
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """``torch.nn.MultiheadAttention`` whose explain-mode forward is written out of rule-carrying operations.
+
+    :func:`torchlrp.convert` turns a model's ``nn.MultiheadAttention`` into this twin in place (same parameters and
+    state dict). Supported while explaining: self- and cross-attention, ``batch_first`` either way, unbatched
+    inputs, separate key/value dimensions, ``key_padding_mask`` and ``attn_mask`` (boolean or additive),
+    ``is_causal``, ``need_weights`` (the weights are returned as torch returns them). Not supported while explaining
+    (a ``ValueError`` says so): ``add_bias_kv`` and ``add_zero_attn``.
+    """
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Attend; in explain mode through the relevance rules.
+
+        Parameters
+        ----------
+        query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            As for :meth:`torch.nn.MultiheadAttention.forward`.
+
+        Returns
+        -------
+        tuple
+            The output and the attention weights (or None), as torch returns them.
+
+        Raises
+        ------
+        ValueError
+            While explaining, for ``add_bias_kv`` or ``add_zero_attn``.
+        """
+        state = current()
+        rule = None if state is None else state.rules.get(self)
+        if rule is None or rule.propagates_gradient:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        if self.bias_k is not None or self.add_zero_attn:
+            raise ValueError("torchlrp explains nn.MultiheadAttention without add_bias_kv and add_zero_attn")
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = (tensor.transpose(0, 1) for tensor in (query, key, value))
+        if self._qkv_same_embed_dim:
+            weights = self.in_proj_weight.chunk(3)
+        else:
+            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+        q, k, v = (_projection(tensor, weight, bias, rule, state.fused)
+                   for tensor, weight, bias in zip((query, key, value), weights, biases))
+        batch, length, source, heads = q.shape[0], q.shape[1], k.shape[1], self.num_heads
+        q, k, v = (tensor.unflatten(-1, (heads, -1)).transpose(1, 2) for tensor in (q, k, v))
+        mask = self._allowed_or_additive(key_padding_mask, attn_mask, batch, length, source, q.dtype)
+        epsilon = min(getattr(rule, "epsilon", 1e-6), 1e-6)  # the proportional split's, as for other operations
+        output, weights = attention_rule(q, k, v, mask, is_causal and mask is None, mode=state.attention,
+                                         epsilon=epsilon)
+        output = output.transpose(1, 2).flatten(2)
+        output = _projection(output, self.out_proj.weight, self.out_proj.bias, rule, state.fused)
+        if unbatched:
+            output, weights = output.squeeze(0), weights.squeeze(0)
+        elif not self.batch_first:
+            output = output.transpose(0, 1)
+        if not need_weights:
+            return output, None
+        weights = weights.detach()
+        return output, weights.mean(dim=-3) if average_attn_weights else weights
+
+    def _allowed_or_additive(self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, batch: int, length: int,
+                             source: int, dtype: torch.dtype) -> Tensor | None:
+        """torch's masks (True: not allowed) merged into one additive mask of shape ``(batch, heads, L, S)``."""
+        lowest = torch.finfo(dtype).min
+        merged = None
+        if attn_mask is not None and attn_mask.dim() == 3:  # (batch * heads, L, S)
+            attn_mask = attn_mask.reshape(batch, self.num_heads, length, source)
+        if key_padding_mask is not None:  # (batch, S)
+            key_padding_mask = key_padding_mask.reshape(batch, 1, 1, source)
+        for mask in (attn_mask, key_padding_mask):
+            if mask is None:
+                continue
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, lowest)
+            mask = mask.to(dtype).clamp(min=lowest)
+            merged = mask if merged is None else (merged + mask).clamp(min=lowest)
+        return merged
+
+
+class ScaledDotProductAttention(Operation, torch.nn.Module):
+    """A ``F.scaled_dot_product_attention`` call in a model made by :func:`torchlrp.convert`.
+
+    Outside an explanation (or under a gradient rule) it calls torch's function (any kernel); while explaining it
+    computes the attention through its math with AttnLRP's rules (or CP-LRP's, per the composite).
+    """
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                **kwargs: Any) -> Tensor:
+        """Attend.
+
+        Parameters
+        ----------
+        query, key, value, attn_mask, dropout_p, is_causal, scale, **kwargs
+            As for :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+        Returns
+        -------
+        Tensor
+            The attention output.
+
+        Raises
+        ------
+        ValueError
+            While explaining, for ``dropout_p > 0`` (explanations are of the eval-mode model) or ``enable_gqa``.
+        """
+        rule = self.operation_rule()
+        if rule is None:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, scale=scale, **kwargs)
+        if dropout_p:
+            raise ValueError(f"scaled_dot_product_attention with dropout_p={dropout_p} while explaining: "
+                             f"explanations are of the eval-mode model; pass dropout_p=0.0 outside training")
+        if kwargs.get("enable_gqa"):
+            raise ValueError("torchlrp does not explain scaled_dot_product_attention with enable_gqa=True")
+        output, _ = attention_rule(query, key, value, attn_mask, is_causal, scale, current().attention,
+                                   rule.epsilon)
+        return output
+
+
+#: modules whose explained forward contains attention projections (they take a linear layer's rule)
+ATTENTION_TYPES = (MultiheadAttention,)

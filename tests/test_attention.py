@@ -1,0 +1,205 @@
+"""Attention (issue 13): nn.MultiheadAttention's twin, scaled_dot_product_attention, ViT; formulas and conservation."""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import torchlrp as lrp
+
+
+def _attention_model(batch_first=True, kdim=None, bias=True):
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim,
+                                                         bias=bias)
+
+        def forward(self, x):
+            return self.attention(x, x, x)[0].sum(-1)
+
+    torch.manual_seed(0)
+    return Model().double().eval()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("masks", ["none", "bool", "float", "padding", "causal"])
+def test_multihead_attention_twin_computes_what_torch_computes(batch_first, masks):
+    model = _attention_model(batch_first)
+    converted = lrp.convert(model)
+    assert isinstance(converted.attention, lrp.modules.MultiheadAttention)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1)
+    kwargs = {}
+    if masks == "bool":
+        kwargs["attn_mask"] = torch.rand(5, 5) > 0.7
+        kwargs["attn_mask"].fill_diagonal_(False)
+    elif masks == "float":
+        kwargs["attn_mask"] = torch.randn(2 * 2, 5, 5, dtype=torch.float64)
+    elif masks == "padding":
+        kwargs["key_padding_mask"] = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    elif masks == "causal":
+        kwargs["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+        kwargs["is_causal"] = True
+    expected, expected_weights = model.attention(x, x, x, **kwargs)
+    carrier = x.clone().requires_grad_(True)
+    with lrp.rules_applied(converted, "epsilon"):
+        ours, weights = converted.attention(carrier, carrier, carrier, **kwargs)
+        per_head = converted.attention(x, x, x, average_attn_weights=False, **kwargs)[1]
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(weights, expected_weights)
+    torch.testing.assert_close(per_head, model.attention(x, x, x, average_attn_weights=False, **kwargs)[1])
+    (relevance,) = torch.autograd.grad(ours, carrier, torch.ones_like(ours))
+    assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
+    torch.testing.assert_close(converted(x), model(x))
+
+
+def _reference_attention_relevance(module, x, relevance_out, mode):
+    """Relevance of ``x`` (B, L, E) through self-attention with LRP-0 projections, from the formulas."""
+    E, H = module.embed_dim, module.num_heads
+    wq, wk, wv = module.in_proj_weight.detach().chunk(3)
+    bq, bk, bv = module.in_proj_bias.detach().chunk(3)
+    wo, bo = module.out_proj.weight.detach(), module.out_proj.bias.detach()
+    q, k, v = x @ wq.T + bq, x @ wk.T + bk, x @ wv.T + bv
+    split = lambda t: t.unflatten(-1, (H, -1)).transpose(1, 2)  # noqa: E731
+    qh, kh, vh = split(q), split(k), split(v)
+    d = E // H
+    scores = torch.einsum("bhie,bhje->bhij", qh, kh) / d ** 0.5
+    a = scores.softmax(-1)
+    o = torch.einsum("bhij,bhjf->bhif", a, vh)
+    merged = o.transpose(1, 2).flatten(2)
+    y = merged @ wo.T + bo
+    # out projection, LRP-0: R_m = m * W^T (R / y)
+    r_merged = merged * ((relevance_out / y) @ wo)
+    r_o = r_merged.unflatten(-1, (H, -1)).transpose(1, 2)
+    s = r_o / o
+    share = 0.5 if mode == "attnlrp" else 1.0
+    r_v = share * torch.einsum("bhij,bhjf,bhif->bhjf", a, vh, s)
+    r_q = torch.zeros_like(qh)
+    r_k = torch.zeros_like(kh)
+    if mode == "attnlrp":
+        r_a = 0.5 * torch.einsum("bhij,bhjf,bhif->bhij", a, vh, s)
+        r_scores = scores * (r_a - a * r_a.sum(-1, keepdim=True))  # AttnLRP softmax rule
+        t = r_scores / scores
+        r_q = 0.5 * torch.einsum("bhie,bhje,bhij->bhie", qh, kh, t) / d ** 0.5
+        r_k = 0.5 * torch.einsum("bhie,bhje,bhij->bhje", qh, kh, t) / d ** 0.5
+    merge = lambda t: t.transpose(1, 2).flatten(2)  # noqa: E731
+    total = torch.zeros_like(x)
+    for r, w, z in ((merge(r_q), wq, q), (merge(r_k), wk, k), (merge(r_v), wv, v)):
+        total = total + x * ((r / z) @ w)
+    return total
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_multihead_attention_relevance_matches_the_formulas(mode):
+    model = _attention_model()
+    converted = lrp.convert(model)
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    start = torch.randn(2, 4, 8, dtype=torch.float64)
+
+    class Attend(torch.nn.Module):
+        def __init__(self, attention):
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    wrapped = Attend(converted.attention)
+    ours = lrp.explain(wrapped, x, output_relevance=start, rule=lrp.Composite(default="zero", attention=mode))
+    expected = _reference_attention_relevance(model.attention, x, start, mode)
+    torch.testing.assert_close(ours, expected)
+
+
+def _tiny_vit():
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32, num_classes=5)
+    torch.nn.init.normal_(model.heads.head.weight)  # torchvision initializes the head to zero (every logit 0)
+    return model.double().eval()
+
+
+def test_vit_converts_keeps_outputs_and_conserves_with_cp_lrp():
+    model = _tiny_vit()
+    converted = lrp.convert(model)
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), model(x))
+    # every bias and the position embedding zero: LRP-0 with CP-LRP conserves the logit between the pixels and the
+    # class token (the documented absorbing terms)
+    with torch.no_grad():
+        for name, parameter in converted.named_parameters():
+            if name.endswith("bias") or name.endswith("pos_embedding"):
+                parameter.zero_()
+    logits = converted(x)
+    target = logits.argmax(1)
+    carrier = x.clone().requires_grad_(True)
+    with lrp.rules_applied(converted, lrp.Composite(default="zero", attention="cp")):
+        output = converted(carrier)
+    start = torch.zeros_like(output).scatter_(1, target[:, None], logits.gather(1, target[:, None]))
+    pixels, token = torch.autograd.grad(output, (carrier, converted.class_token), start)
+    torch.testing.assert_close(pixels.sum() + token.sum(), start.sum(), rtol=1e-6, atol=1e-8)
+    assert pixels.sum().abs() > 0.05 * start.sum().abs()  # the pixels get a real share, not all left on the token
+    # AttnLRP's softmax rule does not conserve by itself (the softmax's implicit bias), but stays finite
+    attnlrp = lrp.explain(converted, x, rule=lrp.Composite(default="epsilon"))
+    assert torch.isfinite(attnlrp).all() and not torch.allclose(attnlrp, pixels)
+
+
+def test_scaled_dot_product_attention_converts_and_matches_the_twin():
+    class Model(torch.nn.Module):  # the Hugging Face style: three projections, then the fused attention call
+        def __init__(self, attention):
+            super().__init__()
+            self.heads = attention.num_heads
+            self.projections = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+            with torch.no_grad():
+                for projection, weight, bias in zip(self.projections, attention.in_proj_weight.chunk(3),
+                                                    attention.in_proj_bias.chunk(3)):
+                    projection.weight.copy_(weight)
+                    projection.bias.copy_(bias)
+            self.out_proj = torch.nn.Linear(8, 8)
+            self.out_proj.load_state_dict(attention.out_proj.state_dict())
+
+        def forward(self, x):
+            q, k, v = (projection(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                       for projection in self.projections)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out_proj(out.transpose(1, 2).flatten(2))
+
+    reference = _attention_model()
+    model = Model(reference.attention).double().eval()
+    converted = lrp.convert(model)
+    assert any(isinstance(m, lrp.modules.ScaledDotProductAttention) for m in converted.modules())
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), model(x))
+    start = torch.randn(2, 5, 8, dtype=torch.float64)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+
+    class Twin(torch.nn.Module):
+        def __init__(self, attention):
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x):
+            return self.attention(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
+
+    twin = lrp.convert(Twin(reference.attention))
+    for mode in ("attnlrp", "cp"):
+        composite = lrp.Composite(default="epsilon", attention=mode)
+        torch.testing.assert_close(lrp.explain(converted, x, output_relevance=start, rule=composite),
+                                   lrp.explain(twin, x, output_relevance=start, rule=composite))
+
+
+def test_attention_errors():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        lrp.Composite(attention="rollout")
+    model = torch.nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True).eval()
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = model
+
+        def forward(self, x):
+            return self.attention(x, x, x)[0].sum(-1)
+
+    converted = lrp.convert(Model())
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        lrp.explain(converted, torch.randn(1, 3, 8), output_relevance=torch.ones(1, 3))
