@@ -4,7 +4,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from torchvision.models.swin_transformer import shifted_window_attention
+
 import torchlrp as lrp
+
+torch.fx.wrap("shifted_window_attention")  # a leaf call of the traced graph here too, as in torchvision's module
 
 
 def _attention_model(batch_first=True, kdim=None, bias=True):
@@ -203,3 +207,89 @@ def test_attention_errors():
     converted = lrp.convert(Model())
     with pytest.raises(ValueError, match="add_bias_kv"):
         lrp.explain(converted, torch.randn(1, 3, 8), output_relevance=torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_shifted_window_attention_on_one_window_matches_the_formulas(mode):
+    """One window covering the image, no shift, relative position bias zero: Swin's attention is plain
+    self-attention, so its relevance is the formula reference's for a multi-head attention with the same weights."""
+    reference = _attention_model()
+    attention = reference.attention
+
+    class Window(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv_weight = attention.in_proj_weight
+            self.qkv_bias = attention.in_proj_bias
+            self.proj = attention.out_proj
+            self.register_buffer("bias", torch.zeros(1, 2, 4, 4, dtype=torch.float64))
+
+        def forward(self, x):
+            return shifted_window_attention(x, self.qkv_weight, self.proj.weight, self.bias, [2, 2], 2, [0, 0],
+                                            qkv_bias=self.qkv_bias, proj_bias=self.proj.bias, training=False)
+
+    model = Window().eval()
+    converted = lrp.convert(model)
+    assert any(isinstance(m, lrp.modules.attention.ShiftedWindowAttention) for m in converted.modules())
+    x = torch.randn(2, 2, 2, 8, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), model(x))
+    start = torch.randn(2, 2, 2, 8, dtype=torch.float64)
+    ours = lrp.explain(converted, x, output_relevance=start, rule=lrp.Composite(default="zero", attention=mode))
+    expected = _reference_attention_relevance(attention, x.reshape(2, 4, 8), start.reshape(2, 4, 8), mode)
+    torch.testing.assert_close(ours, expected.reshape(2, 2, 2, 8))
+
+
+def test_shifted_windows_conserve_under_cp_lrp():
+    """Padding, cyclic shifts, the window mask and the bias are index maps or constants: with CP-LRP and zero
+    projection biases, relevance is conserved through a shifted, padded window attention."""
+    torch.manual_seed(0)
+
+    class Window(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24, bias=False)
+            self.proj = torch.nn.Linear(8, 8, bias=False)
+            self.register_buffer("bias", torch.randn(1, 2, 9, 9))
+
+        def forward(self, x):
+            return shifted_window_attention(x, self.qkv.weight, self.proj.weight, self.bias, [3, 3], 2, [1, 1],
+                                            training=False)
+
+    model = Window().double().eval()
+    converted = lrp.convert(model)
+    x = torch.randn(2, 5, 7, 8, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), model(x))
+    start = torch.randn(2, 5, 7, 8, dtype=torch.float64)
+    relevance = lrp.explain(converted, x, output_relevance=start, rule=lrp.Composite(default="zero", attention="cp"))
+    torch.testing.assert_close(relevance.sum(), start.sum())
+    attnlrp = lrp.explain(converted, x, output_relevance=start, rule=lrp.Composite(default="zero"))
+    assert torch.isfinite(attnlrp).all()
+
+
+def test_einsum_products_take_the_uniform_rule():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+
+        def forward(self, a, b):
+            return torch.einsum("bij,bjk->bik", torch.einsum("bij,jk->bik", a, self.weight), b)
+
+    model = Model().eval()
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.linear = torch.nn.Linear(4, 4).double()
+
+        def forward(self, x):
+            return self.model(self.linear(x), x.transpose(1, 2))
+
+    converted = lrp.convert(Pair().eval())
+    kinds = [m for m in converted.modules() if isinstance(m, lrp.modules.Einsum)]
+    assert sorted(m.shares for m in kinds) == [(0.5, 0.5), (1.0, 0.0)]
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), Pair.forward(converted, x))
+    relevance = lrp.explain(converted, x, output_relevance=torch.ones(2, 3, 3, dtype=torch.float64))
+    assert torch.isfinite(relevance).all()

@@ -34,10 +34,10 @@ import torchvision
 
 from .modules.activation import ACTIVATION_TWINS, Hardsigmoid, ReLU6, Sigmoid
 from .modules.affine import ExplainableAffine
-from .modules.attention import MultiheadAttention, ScaledDotProductAttention
+from .modules.attention import MultiheadAttention, ScaledDotProductAttention, ShiftedWindowAttention
 from .modules.norm import NORM_TWINS
 from .modules.pooling import MaxPool
-from .modules.operation import Activation, Bilinear, LayerNormFunction, OutputSoftmax, Proportional, Scale, Softmax
+from .modules.operation import Activation, Bilinear, Einsum, LayerNormFunction, OutputSoftmax, Proportional, Scale, Softmax
 from .modules.rectifier import ReLU
 from .modules.residual import Add
 from .modules.rotation import CyclicPool, Rotate
@@ -250,7 +250,9 @@ def _softmax(function: Callable, log: bool = False) -> OperationEntry:
             raise Unsupported("a log-softmax inside the model (a softmax that gives the output is skipped; a softmax "
                               "inside it takes AttnLRP's rule)")
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        if not isinstance(dim, int) or set(node.kwargs) - {"dim"} or len(node.args) > 2:
+        other = {key: value for key, value in node.kwargs.items() if key != "dim"}
+        if not isinstance(dim, int) or set(other) - {"_stacklevel", "dtype"} or other.get("dtype") is not None \
+                or len(node.args) > 2:
             raise Unsupported("a softmax inside the model without an integer dim, or with other arguments")
         return Softmax(dim)
     return OperationEntry("AttnLRP softmax rule (skipped at the output)", build, "nonnegative", attention=True)
@@ -274,6 +276,18 @@ def _max_pool(function: Callable) -> OperationEntry:
             len(node.args) > positional_indices and node.args[positional_indices])
         return None if returns_indices else MaxPool(function)  # with indices: winner takes all only
     return OperationEntry("winner takes all, or proportional (composite's max_pooling)", build, "preserve")
+
+
+def _einsum(node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if node.kwargs or not isinstance(equation, str) or len(operands) != 2:
+        raise Unsupported("an einsum of other than two operands (or with a non-constant equation)")
+    left, right = (view.is_activation(operand) for operand in operands)
+    attention = [index for index, operand in enumerate(operands) if view.is_attention(operand)]
+    return Einsum(equation, (0.5, 0.5) if left and right else (1.0, 0.0) if left else (0.0, 1.0),
+                  attention[0] if len(attention) == 1 and left and right else None)
 
 
 def _softmax_module(node: torch.fx.Node, view: GraphView) -> None:
@@ -393,6 +407,12 @@ def default_registry() -> OperationRegistry:
     for function in (operator.matmul, torch.matmul, torch.bmm):
         add_function(function, _product(torch.matmul if function is operator.matmul else function))
     add_method("matmul", _product(torch.matmul))
+    add_function(torch.einsum, OperationEntry("uniform rule (AttnLRP); epsilon with a constant factor", _einsum))
+    swin = torchvision.models.swin_transformer
+    add_function(swin.shifted_window_attention, OperationEntry(
+        "attention: AttnLRP (or CP-LRP), bias and mask constant", lambda node, view: ShiftedWindowAttention(
+            swin.shifted_window_attention)))
+    add_function(swin._patch_merging_pad, _keep("index map"))
     add_function(F.scaled_dot_product_attention,
                  OperationEntry("attention: AttnLRP (or CP-LRP)", lambda node, view: ScaledDotProductAttention()))
     add_method("bmm", _product(torch.bmm))

@@ -6,7 +6,7 @@ from .affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, C
                      Linear)
 from .attention import MultiheadAttention, ScaledDotProductAttention
 from .norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm
-from .operation import (Activation, Bilinear, FunctionOperation, LayerNormFunction, Operation, OutputSoftmax,
+from .operation import (Activation, Bilinear, Einsum, FunctionOperation, LayerNormFunction, Operation, OutputSoftmax,
                         Proportional, Scale, Softmax)
 from .pooling import MaxPool, MaxPool1d, MaxPool2d, MaxPool3d
 from .rectifier import ReLU
@@ -16,7 +16,7 @@ from .sequential import Sequential
 
 __all__ = [
     "Activation", "Add", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Bilinear", "CELU", "Conv1d", "Conv2d", "Conv3d",
-    "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "CyclicPool", "ELU", "ExplainableAffine",
+    "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "CyclicPool", "ELU", "Einsum", "ExplainableAffine",
     "FunctionOperation", "GELU", "GroupNorm", "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction",
     "LeakyReLU", "Linear", "MaxPool", "MaxPool1d", "MaxPool2d", "MaxPool3d", "Mish", "MultiheadAttention", "Operation", "OutputSoftmax",
     "PReLU", "Proportional", "ReLU", "ReLU6", "Rotate", "SELU", "ScaledDotProductAttention", "Scale", "Sequential", "SiLU", "Sigmoid", "Softmax",

@@ -8,6 +8,7 @@ uniform product rules, or CP-LRP's constant attention weights under a composite 
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from ..functional.affine import AffineOp
 from ..functional.attention import attention_rule
+from ..functional.operations import bilinear_rule, scale_rule, softmax_rule, weighted_sum_rule
 from ..functional.relevance import AffineRelevance
 from ..rules import Rule
 from ..state import current
@@ -155,4 +157,124 @@ class ScaledDotProductAttention(Operation, torch.nn.Module):
 
 
 #: modules whose explained forward contains attention projections (they take a linear layer's rule)
-ATTENTION_TYPES = (MultiheadAttention,)
+
+
+class ShiftedWindowAttention(torch.nn.Module):
+    """torchvision's ``shifted_window_attention`` call (Swin, Swin V2) in a model made by :func:`torchlrp.convert`.
+
+    Outside an explanation (or under a gradient rule) it calls torchvision's function. While explaining, the
+    function's steps are repeated with rules: the qkv and output projections take the rule of a linear layer (the
+    composite's rule for this module: by name, or the default), the two products AttnLRP's uniform rule, the
+    softmax AttnLRP's rule (or CP-LRP's constant weights), the relative position bias and the shifted-window mask
+    are additive constants (they take their proportional share), Swin V2's cosine normalization of queries and keys
+    and its logit scale are held constant; padding, cyclic shifts and window partitions are index maps.
+
+    Parameters
+    ----------
+    function : callable
+        ``torchvision.models.swin_transformer.shifted_window_attention``.
+    """
+
+    def __init__(self, function: Any) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, input: Tensor, qkv_weight: Tensor, proj_weight: Tensor, relative_position_bias: Tensor,
+                window_size: list[int], num_heads: int, shift_size: list[int], attention_dropout: float = 0.0,
+                dropout: float = 0.0, qkv_bias: Tensor | None = None, proj_bias: Tensor | None = None,
+                logit_scale: Tensor | None = None, training: bool = True) -> Tensor:
+        """Window attention; in explain mode through the relevance rules.
+
+        Parameters
+        ----------
+        input, qkv_weight, proj_weight, relative_position_bias, window_size, num_heads, shift_size,
+        attention_dropout, dropout, qkv_bias, proj_bias, logit_scale, training
+            As for ``torchvision.models.swin_transformer.shifted_window_attention``.
+
+        Returns
+        -------
+        Tensor
+            ``(N, H, W, C)``, as torchvision's function returns it.
+        """
+        state = current()
+        rule = None if state is None else state.rules.get(self)
+        if rule is None or rule.propagates_gradient:
+            return self.function(input, qkv_weight, proj_weight, relative_position_bias, window_size, num_heads,
+                                 shift_size, attention_dropout, dropout, qkv_bias, proj_bias, logit_scale, training)
+        epsilon = min(getattr(rule, "epsilon", 1e-6), 1e-6)
+        batch, height, width, channels = input.shape
+        pad_r = (window_size[1] - width % window_size[1]) % window_size[1]
+        pad_b = (window_size[0] - height % window_size[0]) % window_size[0]
+        x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
+        _, pad_h, pad_w, _ = x.shape
+        shift = [0 if window_size[0] >= pad_h else shift_size[0], 0 if window_size[1] >= pad_w else shift_size[1]]
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        windows = (pad_h // window_size[0]) * (pad_w // window_size[1])
+        x = x.view(batch, pad_h // window_size[0], window_size[0], pad_w // window_size[1], window_size[1], channels)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch * windows, window_size[0] * window_size[1], channels)
+        if logit_scale is not None and qkv_bias is not None:
+            qkv_bias = qkv_bias.clone()
+            length = qkv_bias.numel() // 3
+            qkv_bias[length:2 * length].zero_()
+        qkv = _projection(x, qkv_weight, qkv_bias, rule, state.fused)
+        tokens = x.size(1)
+        qkv = qkv.reshape(x.size(0), tokens, 3, num_heads, channels // num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attention = self._scores(q, k, logit_scale, channels // num_heads, epsilon, state.attention)
+        constant = relative_position_bias.unsqueeze(0)  # (1, 1, heads, N, N)
+        if sum(shift) > 0:
+            constant = constant + self._window_mask(x, pad_h, pad_w, window_size, shift, windows).unsqueeze(0)
+        attention = attention.view(batch, windows, num_heads, tokens, tokens)
+        attention = weighted_sum_rule([attention], [1.0], constant=constant.detach(), epsilon=epsilon)
+        attention = attention.view(-1, num_heads, tokens, tokens)
+        if state.attention == "cp":
+            weights = torch.softmax(attention.detach(), dim=-1)
+            x = bilinear_rule(torch.matmul, weights, v, (0.0, 1.0), epsilon)
+        else:
+            x = bilinear_rule(torch.matmul, softmax_rule(attention, -1), v, (0.5, 0.5), epsilon)
+        x = x.transpose(1, 2).reshape(x.size(0), tokens, channels)
+        x = _projection(x, proj_weight, proj_bias, rule, state.fused)
+        x = x.view(batch, pad_h // window_size[0], pad_w // window_size[1], window_size[0], window_size[1], channels)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, pad_h, pad_w, channels)
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return x[:, :height, :width, :].contiguous()
+
+    @staticmethod
+    def _scores(q: Tensor, k: Tensor, logit_scale: Tensor | None, head_dim: int, epsilon: float,
+                mode: str) -> Tensor:
+        """``q k^T`` scaled (Swin) or cosine similarities times the logit scale (Swin V2): the uniform rule, with
+        the norms and scales held constant (a constant when the weights are, under CP-LRP)."""
+        if logit_scale is not None:
+            factor = torch.clamp(logit_scale, max=math.log(100.0)).exp().detach()
+            q = scale_rule(q, q.detach().norm(dim=-1, keepdim=True).clamp(min=1e-12), torch.div)
+            k = scale_rule(k, k.detach().norm(dim=-1, keepdim=True).clamp(min=1e-12), torch.div)
+        else:
+            factor = head_dim ** -0.5
+        if mode == "cp":
+            with torch.no_grad():
+                return torch.matmul(q, k.transpose(-2, -1)) * factor
+        return bilinear_rule(lambda left, right: torch.matmul(left, right) * factor, q, k.transpose(-2, -1),
+                             (0.5, 0.5), epsilon)
+
+    @staticmethod
+    def _window_mask(x: Tensor, pad_h: int, pad_w: int, window_size: list[int], shift: list[int],
+                     windows: int) -> Tensor:
+        """torchvision's shifted-window mask, ``(windows, 1, N, N)`` with 0 inside a region and -100 across."""
+        regions = x.new_zeros((pad_h, pad_w))
+        h_slices = ((0, -window_size[0]), (-window_size[0], -shift[0]), (-shift[0], None))
+        w_slices = ((0, -window_size[1]), (-window_size[1], -shift[1]), (-shift[1], None))
+        count = 0
+        for h in h_slices:
+            for w in w_slices:
+                regions[h[0]:h[1], w[0]:w[1]] = count
+                count += 1
+        regions = regions.view(pad_h // window_size[0], window_size[0], pad_w // window_size[1], window_size[1])
+        regions = regions.permute(0, 2, 1, 3).reshape(windows, window_size[0] * window_size[1])
+        difference = regions.unsqueeze(1) - regions.unsqueeze(2)
+        return difference.masked_fill(difference != 0, -100.0).masked_fill(difference == 0, 0.0).unsqueeze(1)
+
+
+#: modules whose explained forward contains attention projections (they take a linear layer's rule)
+ATTENTION_TYPES = (MultiheadAttention, ShiftedWindowAttention)

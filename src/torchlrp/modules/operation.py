@@ -9,6 +9,7 @@ proportional split, stabilized by its epsilon) or a gradient-type rule (then the
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -288,6 +289,45 @@ class Bilinear(Operation, torch.nn.Module):
     def extra_repr(self) -> str:  # noqa: D102
         extra = "" if self.attention_factor is None else f", attention_factor={self.attention_factor}"
         return f"{getattr(self.operation, '__name__', self.operation)}, shares={self.shares}{extra}"
+
+
+class Einsum(Bilinear):
+    """A ``torch.einsum`` of two operands (``"bhid,bhjd->bhij"``), explained as :class:`Bilinear` products are.
+
+    Parameters
+    ----------
+    equation : str
+        The einsum equation.
+    shares, attention_factor
+        As for :class:`Bilinear`.
+    """
+
+    def __init__(self, equation: str, shares: tuple[float, float] = (0.5, 0.5),
+                 attention_factor: int | None = None) -> None:
+        super().__init__(functools.partial(torch.einsum, equation), shares, attention_factor)
+        self.equation = equation
+
+    def forward(self, equation: str, *operands: Tensor) -> Tensor:  # noqa: D417
+        """Apply the einsum.
+
+        Parameters
+        ----------
+        equation : str
+            The call's equation (the one given at construction).
+        *operands : Tensor
+            The two operands (or one list of them).
+
+        Returns
+        -------
+        Tensor
+            ``torch.einsum(equation, left, right)``.
+        """
+        left, right = operands[0] if len(operands) == 1 else operands
+        return super().forward(left, right)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{self.equation!r}, shares={self.shares}" + (
+            "" if self.attention_factor is None else f", attention_factor={self.attention_factor}")
 
 
 class OutputSoftmax(FunctionOperation):
