@@ -132,42 +132,53 @@ class ChannelAffineRelevance(torch.autograd.Function):
 
 
 class SoftmaxRelevance(torch.autograd.Function):
-    """Forward: ``softmax(x, dim)``. Backward: ``R_x = x (R - s sum_dim R)`` (AttnLRP)."""
+    """Forward: ``softmax(x, dim)``. Backward: ``R_x = x (R - s sum_dim R)`` (AttnLRP).
+
+    Where the logits are the output of a :class:`BilinearRelevance` (``q @ k^T``, no mask in between), the node
+    keeps only ``s`` and recomputes ``x`` in the backward from the product's factors, which that node keeps anyway:
+    the attention scores (``heads x L x L`` per sample) are not kept from forward to backward, as for the gradient.
+    """
 
     @staticmethod
     def forward(ctx, input: Tensor, dim: int) -> Tensor:  # noqa: D102
         output = torch.softmax(input, dim)
         ctx.dim, ctx.keeps_output = dim, True
-        ctx.save_for_backward(input, output)
+        producer = input.grad_fn
+        ctx.producer = producer if getattr(producer, "recompute_product", None) is not None else None
+        ctx.save_for_backward(output) if ctx.producer is not None else ctx.save_for_backward(input, output)
         return output
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor, None]:  # noqa: D102
-        input, output = ctx.saved_tensors
+        if ctx.producer is not None:
+            (output,) = ctx.saved_tensors
+            input = ctx.producer.recompute_product(*ctx.producer.saved_tensors)
+        else:
+            input, output = ctx.saved_tensors
         return input * (relevance - output * relevance.sum(ctx.dim, keepdim=True)), None
 
 
 class BilinearRelevance(torch.autograd.Function):
     """Forward: ``function(a, b)``, bilinear. Backward: ``R_a = w_a a * J_a^T s``, ``R_b = w_b b * J_b^T s`` with
-    ``s = R / stab(function(a, b))``; the vector-Jacobian products are the function's own backward, on the product
-    recomputed in the backward (one extra product per call)."""
+    ``s = R / stab(function(a, b))``; the product is recomputed in the backward (its vector-Jacobian products are
+    the function's own backward), so only the two factors are kept, as for the gradient."""
 
     @staticmethod
     def forward(ctx, function: Callable[[Tensor, Tensor], Tensor], shares: tuple[float, float], epsilon: float,
                 left: Tensor, right: Tensor) -> Tensor:  # noqa: D102
-        output = function(left, right)
-        ctx.function, ctx.shares, ctx.epsilon, ctx.keeps_output = function, shares, epsilon, True
-        ctx.save_for_backward(left, right, output)
-        return output
+        ctx.function, ctx.shares, ctx.epsilon = function, shares, epsilon
+        ctx.recompute_product = function
+        ctx.save_for_backward(left, right)
+        return function(left, right)
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
-        left, right, output = ctx.saved_tensors
-        signal = kernels(False).quotient(relevance, output, ctx.epsilon)
+        left, right = ctx.saved_tensors
         with torch.enable_grad():
             left_leaf, right_leaf = left.detach().requires_grad_(), right.detach().requires_grad_()
-            left_vjp, right_vjp = torch.autograd.grad(ctx.function(left_leaf, right_leaf), (left_leaf, right_leaf),
-                                                      signal)
+            product = ctx.function(left_leaf, right_leaf)
+            signal = kernels(False).quotient(relevance, product.detach(), ctx.epsilon)
+            left_vjp, right_vjp = torch.autograd.grad(product, (left_leaf, right_leaf), signal)
         left_share, right_share = ctx.shares
         return (None, None, None, left_vjp.mul_(left).mul_(left_share) if left_share else None,
                 right_vjp.mul_(right).mul_(right_share) if right_share else None)
