@@ -118,13 +118,19 @@ class Composite:
             if isinstance(module, types):
                 return rule
         if isinstance(module, MAX_POOLING_TYPES):
-            return Gradient() if self.max_pooling == "winner" else self._proportional()
+            return Gradient() if self.max_pooling == "winner" else self.proportional_rule()
         if isinstance(module, MIXING_TYPES):
-            return self.default if self.default.propagates_gradient else self._proportional()
+            return self.default if self.default.propagates_gradient else self.proportional_rule()
         return self.default
 
-    def _proportional(self) -> Epsilon:
-        """The proportional split of parameter-free operations: epsilon 1e-6, or the default's if smaller."""
+    def proportional_rule(self) -> Epsilon:
+        """Return the rule of parameter-free operations (the proportional split).
+
+        Returns
+        -------
+        Epsilon
+            Epsilon 1e-6, or the default rule's epsilon if that is smaller (0 under LRP-0).
+        """
         return Epsilon(min(self.default.epsilon, 1e-6) if isinstance(self.default, Epsilon) else 1e-6)
 
     def assign(self, model: torch.nn.Module, first_layer: torch.nn.Module | None = None) -> dict[torch.nn.Module, Rule]:

@@ -28,6 +28,7 @@ from .modes import in_training_mode
 from .modules.rectifier import ReLU
 from .patterns import PatternsLike, patterns_by_module
 from .rules import Rule
+from .runtime import RunTimeOperations
 from .state import ACTIVE, ExplainState, current
 
 #: modules after which a non-negative tensor stays non-negative
@@ -269,7 +270,13 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
         softmax = final_softmax(model)
         if softmax is not None:
             handles.append(softmax.register_forward_hook(_when_active(state, _output_softmax(state))))
-        yield state
+        if any(getattr(module, "torchlrp_run_time", False) is True for module in model.modules()):
+            run_time = RunTimeOperations(state, as_composite(rule).proportional_rule().epsilon)
+            with run_time:
+                yield state
+            run_time.report()
+        else:
+            yield state
     finally:
         ACTIVE.reset(token)
         for handle in handles:

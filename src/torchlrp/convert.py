@@ -317,7 +317,8 @@ def _graph_module(model: torch.nn.Module, graph: Graph) -> GraphModule:
 
 
 def _check_leaves(model: torch.nn.Module, registry: OperationRegistry, allowed: set[str]) -> list[tuple[str, str]]:
-    """Module-only check for models that torch.fx cannot trace."""
+    """Module-only check for models that torch.fx cannot trace: torch's own leaf modules need a registry entry;
+    other leaf modules run their forward under :class:`torchlrp.runtime.RunTimeOperations`."""
     unsupported, inside_known = [], []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside_known):
@@ -326,8 +327,8 @@ def _check_leaves(model: torch.nn.Module, registry: OperationRegistry, allowed: 
             if registry.for_module(module) is not None and name:
                 inside_known.append(name)
             continue
-        if _is_allowed(name, allowed):
-            continue
+        if _is_allowed(name, allowed) or not type(module).__module__.startswith("torch."):
+            continue  # a leaf module of its own (GELUActivation): its calls are explained at run time
         if registry.for_module(module) is None:
             unsupported.append((name, type(module).__name__))
         elif hasattr(module, "inplace"):
@@ -401,9 +402,10 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
         unsupported = _check_leaves(model, registry, allowed)
         if unsupported:
             raise ConversionError(unsupported) from None
-        warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: {error}); only its "
-                      f"modules were converted: operations in its forward (sums, products, means) pass relevance by "
-                      f"their gradient", stacklevel=2)
+        warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: {error}); its layers "
+                      f"were converted and the operations of its forward (sums, products, softmax, attention, "
+                      f"means) are explained at run time (torchlrp.runtime)", stacklevel=2)
+        model.torchlrp_run_time = True  # read by rules_applied: explain this model's forward call by call
         return model
     analysis = _Analysis(model, graph, registry, allowed)
     analysis.run()
