@@ -17,8 +17,8 @@ traced graph:
   ``layer_norm``: the standard deviation held constant;
 * index maps (``view``, ``transpose``, ``cat``, indexing, ...), ``relu``, max pooling, dropout: their gradient.
 
-Any other call on an activation passes relevance by its gradient and is reported in a warning after the forward
-(never silently). Calls inside torchlrp's own layers and rules run without the mode (they are under
+Any other call that makes an activation passes relevance by its gradient and is reported in a warning after the
+forward (never silently). Calls inside torchlrp's own layers and rules run without the mode (they are under
 ``torch.no_grad`` inside autograd Functions, or made by the handlers).
 """
 from __future__ import annotations
@@ -87,9 +87,10 @@ class RunTimeOperations(TorchFunctionMode):
             result = handler(self, args, kwargs)
             if result is not NotImplemented:
                 return result
-        elif any(_is_activation(value) for value in (*args, *kwargs.values())) and not _passes_gradient(func):
+        result = func(*args, **kwargs)
+        if handler is None and _is_activation(result) and not _passes_gradient(func):
             self.gradient_only[_name(func)] = self.gradient_only.get(_name(func), 0) + 1
-        return func(*args, **kwargs)
+        return result
 
     def report(self) -> None:
         """Warn about the calls on activations that passed relevance by their gradient, if there were any."""
