@@ -293,3 +293,4 @@ def test_einsum_products_take_the_uniform_rule():
     torch.testing.assert_close(converted(x), Pair.forward(converted, x))
     relevance = lrp.explain(converted, x, output_relevance=torch.ones(2, 3, 3, dtype=torch.float64))
     assert torch.isfinite(relevance).all()
+

