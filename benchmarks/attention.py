@@ -15,14 +15,13 @@ import argparse
 import importlib.util
 import os
 import statistics
-import time
 import warnings
 
 import torch
 import torchvision
 
 import torchlrp as lrp
-from run import input_gradient, peak_tensor_bytes
+from run import input_gradient, peak_tensor_bytes, time_call
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,13 +70,7 @@ def measure(name: str, batch: int, repeats: int, device: torch.device) -> dict[s
         fn(x, target)
     for _ in range(repeats):
         for key, fn in runs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn(x, target)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[key].append(time.perf_counter() - start)
+            times[key].append(time_call(fn, x, target, device))
     memory = {key: peak_tensor_bytes(fn, x, target, device) for key, fn in runs.items()}
     floor = statistics.median(times["gradient"])
     row = {"model": name, "batch": batch, "gradient s": floor}
