@@ -23,7 +23,7 @@ CNNS = [name for name in torchvision.models.list_models(module=torchvision.model
 TRANSFORMER_MODELS = [name for name in torchvision.models.list_models(module=torchvision.models)
                       if name.startswith(TRANSFORMERS)]
 SMALLEST_TRANSFORMERS = ["vit_b_32", "swin_t", "swin_v2_t", "maxvit_t"]
-TRANSFORMER_SIZE = {"maxvit_t": 224}  # ViT is built for 64 px, Swin runs on any size
+TRANSFORMER_SIZE = {"maxvit_t": 224, "vit_h_14": 56}  # ViT is built for 64 px (patch 14: 56), Swin takes any
 SIZE = {"inception_v3": 80, "alexnet": 64, "googlenet": 48, "squeezenet1_0": 48, "squeezenet1_1": 48}  # else 32 px
 
 
@@ -37,7 +37,7 @@ def build(name, bias_free=False):
     torch.manual_seed(0)
     kwargs = {"init_weights": True} if name in ("googlenet", "inception_v3") else {}
     if name.startswith("vit_"):
-        kwargs["image_size"] = 64
+        kwargs["image_size"] = TRANSFORMER_SIZE.get(name, 64)
     model = torchvision.models.get_model(name, num_classes=10, **kwargs).double().eval()
     for module in model.modules():
         if isinstance(module, _BatchNorm):
