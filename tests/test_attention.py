@@ -305,3 +305,23 @@ def test_einsum_products_take_the_uniform_rule():
     relevance = lrp.explain(converted, x, output_relevance=torch.ones(2, 3, 3, dtype=torch.float64))
     assert torch.isfinite(relevance).all()
 
+
+
+def test_vit_trace_records_each_block_output_and_conserves_per_block():
+    model = _tiny_vit()
+    converted = lrp.convert(model)
+    with torch.no_grad():
+        for name, parameter in converted.named_parameters():
+            if name.endswith("bias") or name.endswith("pos_embedding"):
+                parameter.zero_()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    logits = converted(x)
+    block = torchvision.models.vision_transformer.EncoderBlock
+    with lrp.trace.collect(converted, layers=[block]) as trace:
+        lrp.explain(converted, x, rule=lrp.Composite(default="zero", attention="cp"), start="logit")
+    assert list(trace) == ["input", "encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"]
+    for name in list(trace)[1:]:  # each block's output keeps the whole logit (biases zero, CP-LRP, LRP-0)
+        assert trace[name].shape == (2, 17, 16)
+        torch.testing.assert_close(trace[name].flatten(1).sum(1), logits.max(1).values)
+    ratios = trace.conservation().ratios
+    torch.testing.assert_close(ratios["encoder.layers.encoder_layer_1"], torch.ones(2, dtype=torch.float64))

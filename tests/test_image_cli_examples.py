@@ -96,6 +96,18 @@ def test_text_example_tokens_and_faithfulness(tmp_path):
     assert areas["AttnLRP"] > areas["random (mean of 20)"] and areas["CP-LRP"] > areas["random (mean of 20)"]
 
 
+def test_patch_relevance_sums_each_patch():
+    relevance = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    patches = image.patch_relevance(relevance, 4)
+    assert patches.shape == (2, 8, 12)
+    expected = relevance.sum(1).unfold(1, 4, 4).unfold(2, 4, 4).sum((-1, -2))  # (2, 2, 3) patch totals
+    np.testing.assert_allclose(patches[:, ::4, ::4] * 16, expected.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(patches.sum((1, 2)), relevance.sum((1, 2, 3)).numpy(), rtol=1e-5)
+    assert image.heatmap(patches).shape == (2, 8, 12, 3)
+    with pytest.raises(ValueError, match="patch_size must be a positive int dividing"):
+        image.patch_relevance(relevance, 5)
+
+
 def test_class_figure_true_class_empty_filter_and_every_class(tmp_path):
     torch.manual_seed(0)
     model = lrp.Sequential(lrp.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),

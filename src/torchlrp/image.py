@@ -102,6 +102,40 @@ def heatmap(relevance: torch.Tensor | np.ndarray, channels: str = "sum", percent
     return colormap((summed + 1.0) / 2.0)[..., :3].astype(np.float32)
 
 
+def patch_relevance(relevance: torch.Tensor | np.ndarray, patch_size: int) -> np.ndarray:
+    """Sum relevance over each ``patch_size x patch_size`` patch (a ViT's tokens) and spread it back over the patch.
+
+    Parameters
+    ----------
+    relevance : Tensor or ndarray
+        ``(N, C, H, W)`` pixel relevance, ``H`` and ``W`` multiples of ``patch_size``.
+    patch_size : int
+        The patch side (16 for ``vit_b_16``).
+
+    Returns
+    -------
+    ndarray
+        ``(N, H, W)``: every pixel holds its patch's total relevance divided by the patch's pixel count, so the map
+        sums to what the input relevance sums to and renders with :func:`heatmap` or :func:`overlay`.
+
+    Raises
+    ------
+    ValueError
+        For a bad shape or patch size.
+    """
+    values = _as_numpy(relevance)
+    if values.ndim != 4:
+        raise ValueError(f"relevance must have shape (N, C, H, W), got {values.shape}")
+    count, _, height, width = values.shape
+    if not isinstance(patch_size, int) or patch_size < 1 or height % patch_size or width % patch_size:
+        raise ValueError(f"patch_size must be a positive int dividing the image size {height}x{width}, got "
+                         f"{patch_size!r}")
+    rows, columns = height // patch_size, width // patch_size
+    per_patch = values.sum(axis=1).reshape(count, rows, patch_size, columns, patch_size).sum(axis=(2, 4))
+    spread = per_patch / (patch_size * patch_size)
+    return np.repeat(np.repeat(spread, patch_size, axis=1), patch_size, axis=2).astype(np.float32)
+
+
 def as_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """Turn an image batch ``(N, C, H, W)`` (C = 1 or 3) into displayable ``(N, H, W, 3)`` values in [0, 1].
 

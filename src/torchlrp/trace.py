@@ -103,6 +103,27 @@ def conservation(trace: Trace) -> Conservation:
     return Conservation(start, sums)
 
 
+def _inline_blocks(model: torch.nn.Module) -> dict[str, str]:
+    """For a converted model: each submodule its graph runs inline -> the called module that makes its output."""
+    graph = getattr(model, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return {}
+    nodes = list(graph.nodes)
+    called = {node.target for node in nodes if node.op == "call_module"}
+    inside: dict[str, list[torch.fx.Node]] = {}
+    for node in nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            if path and path not in called:
+                inside.setdefault(path, []).append(node)
+    blocks = {}
+    for path, members in inside.items():
+        members_set = set(members)
+        leaving = [node for node in members if any(user not in members_set for user in node.users)]
+        if len(leaving) == 1 and leaving[0].op == "call_module":
+            blocks[path] = leaving[0].target
+    return blocks
+
+
 def _selected(model: torch.nn.Module, layers: Iterable[str | type] | None) -> list[tuple[str, torch.nn.Module]]:
     if layers is None:
         return [(n, m) for n, m in model.named_modules()
@@ -124,13 +145,18 @@ def collect(model: torch.nn.Module, layers: Iterable[str | type] | None = None,
             to: torch.device | str | None = None) -> Iterator[Trace]:
     """Record the relevance at the input of modules during a backward inside the block.
 
+    A block that a model made by :func:`torchlrp.convert` runs inline (a transformer block, a ResNet bottleneck:
+    ``torch.fx`` traced through it, so it is never called) is recorded at its *output* instead: the relevance of
+    the tensor it returns, which the next block receives (the last one's, what the head gets).
+
     Parameters
     ----------
     model : torch.nn.Module
         The model (Sequential or not).
     layers : iterable of str or type, optional
         Modules to watch, by dotted name (glob patterns allowed) or class. Default: every torchlrp layer and
-        mixing layer (average pooling, residual sums), not max pooling. The model input is always recorded as ``"input"``.
+        mixing layer (average pooling, residual sums), not max pooling. The model input is always recorded as
+        ``"input"``.
     to : torch.device or str, optional
         Move the recorded (detached) relevances there, e.g. ``"cpu"``.
 
@@ -170,10 +196,21 @@ def collect(model: torch.nn.Module, layers: Iterable[str | type] | None = None,
         if threading.get_ident() == owner and isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(lambda g: setattr(trace, "start", g.detach() if to is None else g.detach().to(to)))
 
+    def watch_block_output(name: str):
+        def hook(module: torch.nn.Module, args: tuple, output: Tensor) -> None:
+            if threading.get_ident() == owner and isinstance(output, Tensor) and output.requires_grad:
+                trace.setdefault(name, None)
+                output.register_hook(store(name))
+        return hook
+
     handles.append(model.register_forward_pre_hook(watch(INPUT)))
     handles.append(model.register_forward_hook(watch_output))
+    inline = _inline_blocks(model)
     for name, module in _selected(model, layers):
-        handles.append(module.register_forward_pre_hook(watch(name)))
+        if name in inline:
+            handles.append(model.get_submodule(inline[name]).register_forward_hook(watch_block_output(name)))
+        else:
+            handles.append(module.register_forward_pre_hook(watch(name)))
     try:
         yield trace
     finally:
