@@ -8,6 +8,11 @@ gradient's (CPU: the profiler's allocation record; CUDA: max allocated). Writes
 ``benchmarks/results/attention.md``.
 
     python benchmarks/attention.py [--repeats 5] [--batch-sizes 1 4] [--models vit_b_16 swin_t]
+    python benchmarks/attention.py --lxt-python lxtenv/bin/python   # adds LXT's CP-LRP rows on vit_b_16
+
+LXT (``lxt==2.1`` with ``transformers==4.57.6``, see ``benchmarks/lxt_parity.py``) patches torch's modules for the
+whole process, so its rows run in a subprocess of its own environment, which times its own input gradient first
+(same model, weights and input) and then its CP-LRP explanation (input x gradient of the patched model).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import argparse
 import importlib.util
 import os
 import statistics
+import subprocess
 import warnings
 
 import torch
@@ -56,6 +62,44 @@ def _model(name: str, batch: int, device: torch.device) -> tuple[torch.nn.Module
     return model, lrp.convert(model), torch.randn(batch, 3, 224, 224, device=device)
 
 
+LXT_TIMING = r"""
+import statistics, sys, time, torch
+from torchvision.models import vision_transformer
+batch, repeats, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+model = vision_transformer.vit_b_16().eval()
+torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+x = torch.randn(batch, 3, 224, 224)
+def run():
+    carrier = x.clone().requires_grad_(True)
+    model(carrier)[:, 0].sum().backward()
+    return carrier * carrier.grad
+def seconds():
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter(); run(); times.append(time.perf_counter() - start)
+    return statistics.median(times)
+plain = seconds()
+from lxt.efficient import monkey_patch
+monkey_patch(vision_transformer, verbose=False)
+torch.manual_seed(0)
+model = vision_transformer.vit_b_16().eval()
+torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+print(seconds() / plain)
+"""
+
+
+def lxt_ratio(python: str, batch: int, repeats: int) -> float:
+    """LXT's CP-LRP time over the input gradient on vit_b_16, measured in LXT's own environment."""
+    result = subprocess.run([python, "-c", LXT_TIMING, str(batch), str(repeats), str(torch.get_num_threads())],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"the LXT side failed:\n{result.stderr}")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
 def measure(name: str, batch: int, repeats: int, device: torch.device) -> dict[str, float]:
     """Time and memory ratios of AttnLRP and CP-LRP to the input gradient for one model and batch size."""
     model, converted, x = _model(name, batch, device)
@@ -86,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--minilm-batch", type=int, default=8, help="MiniLM batch (0: skip)")
+    parser.add_argument("--lxt-python", help="python of an environment with lxt 2.1: adds LXT's rows (CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "attention.md"))
     args = parser.parse_args(argv)
@@ -103,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"{row['CP-LRP time']:.2f} | {row['AttnLRP memory']:.2f} | {row['CP-LRP memory']:.2f} |")
         print(line, flush=True)
         lines.append(line)
+    if args.lxt_python:
+        lines += ["", "| LXT 2.1 (its efficient mode, CP-LRP) | batch | x gradient |", "|---|---|---|"]
+        for batch in args.batch_sizes:
+            line = f"| vit_b_16 | {batch} | {lxt_ratio(args.lxt_python, batch, args.repeats):.2f} |"
+            print(line, flush=True)
+            lines.append(line)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:
         handle.write("\n".join(lines) + "\n")
