@@ -103,6 +103,10 @@ def faithfulness(models: dict[str, torch.nn.Module], patterns: dict, digits: tor
     methods = {name: (lambda m, x, t, rule=rule, name=name: lrp.explain(
         m, x, t, rule=rule, pattern=patterns.get(m) if name.startswith("pattern") else None))
         for name, rule in RULES if name != "patternnet"}
+    composites = {"EpsilonPlus": lrp.EpsilonPlus(), "EpsilonAlpha2Beta1": lrp.EpsilonAlpha2Beta1(),
+                  "EpsilonGammaBox": lrp.EpsilonGammaBox(0.0, 1.0)}  # digits lie in [0, 1]
+    for name, composite in composites.items():
+        methods[name] = lambda m, x, t, composite=composite: lrp.explain(m, x, t, rule=composite)
     methods["gradient x input"] = gradient_input
     try:
         from captum.attr import IntegratedGradients
@@ -114,9 +118,10 @@ def faithfulness(models: dict[str, torch.nn.Module], patterns: dict, digits: tor
     trained, untrained = models["trained"], models["untrained"]
     for name, method in methods.items():
         check = "--"
-        if name in dict(RULES) and not name.startswith("pattern"):
+        rule = {**dict(RULES), **composites}.get(name)
+        if rule is not None and not name.startswith("pattern"):
             target = trained(digits).argmax(1).detach()
-            result = lrp.evaluate.randomization(trained, digits[:64], target[:64], dict(RULES)[name])
+            result = lrp.evaluate.randomization(trained, digits[:64], target[:64], rule)
             check = f"{float(result.correlation[0].mean()):.2f} / {float(result.correlation[-1].mean()):.2f}"
         print(f"{name:<22} {score(trained, method):>16} {score(untrained, method):>16} {check:>16}")
 
