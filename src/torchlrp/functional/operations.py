@@ -153,9 +153,11 @@ class SoftmaxRelevance(torch.autograd.Function):
         if ctx.producer is not None:
             (output,) = ctx.saved_tensors
             input = ctx.producer.recompute_product(*ctx.producer.saved_tensors)
+            ctx.producer.recomputed = input  # the product's own backward needs it next: computed once
         else:
             input, output = ctx.saved_tensors
-        return input * (relevance - output * relevance.sum(ctx.dim, keepdim=True)), None
+        result = torch.addcmul(relevance, output, relevance.sum(ctx.dim, keepdim=True), value=-1)
+        return result.mul_(input), None
 
 
 class BilinearRelevance(torch.autograd.Function):
@@ -167,19 +169,29 @@ class BilinearRelevance(torch.autograd.Function):
     def forward(ctx, function: Callable[[Tensor, Tensor], Tensor], shares: tuple[float, float], epsilon: float,
                 left: Tensor, right: Tensor) -> Tensor:  # noqa: D102
         ctx.function, ctx.shares, ctx.epsilon = function, shares, epsilon
-        ctx.recompute_product = function
+        ctx.recompute_product, ctx.recomputed = function, None
+        # a batched matrix product without broadcasting: its transposes are written out in the backward
+        ctx.matmul = (function is torch.matmul and left.dim() >= 2 and right.dim() >= 2
+                      and left.shape[:-2] == right.shape[:-2])
         ctx.save_for_backward(left, right)
         return function(left, right)
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         left, right = ctx.saved_tensors
-        with torch.enable_grad():
-            left_leaf, right_leaf = left.detach().requires_grad_(), right.detach().requires_grad_()
-            product = ctx.function(left_leaf, right_leaf)
-            signal = kernels(False).quotient(relevance, product.detach(), ctx.epsilon)
-            left_vjp, right_vjp = torch.autograd.grad(product, (left_leaf, right_leaf), signal)
         left_share, right_share = ctx.shares
+        if ctx.matmul:
+            product = ctx.recomputed if ctx.recomputed is not None else torch.matmul(left, right)
+            ctx.recomputed = None
+            signal = kernels(False).quotient(relevance, product, ctx.epsilon)
+            left_vjp = torch.matmul(signal, right.transpose(-2, -1)) if left_share else None
+            right_vjp = torch.matmul(left.transpose(-2, -1), signal) if right_share else None
+        else:
+            with torch.enable_grad():
+                left_leaf, right_leaf = left.detach().requires_grad_(), right.detach().requires_grad_()
+                product = ctx.function(left_leaf, right_leaf)
+                signal = kernels(False).quotient(relevance, product.detach(), ctx.epsilon)
+                left_vjp, right_vjp = torch.autograd.grad(product, (left_leaf, right_leaf), signal)
         return (None, None, None, left_vjp.mul_(left).mul_(left_share) if left_share else None,
                 right_vjp.mul_(right).mul_(right_share) if right_share else None)
 
