@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from .operations import bilinear_rule, scale_rule, softmax_rule, weighted_sum_rule
+from .operations import bilinear_rule, softmax_rule, weighted_sum_rule
 
 ATTENTION_MODES = ("attnlrp", "cp")
 
@@ -91,8 +91,7 @@ def attention_rule(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | Non
             scores = torch.matmul(query, transposed_key) * scale
             weights = torch.softmax(scores if additive is None else scores + additive, dim=-1)
         return bilinear_rule(torch.matmul, weights, value, (0.0, 1.0), epsilon), weights
-    scaled_query = scale_rule(query, scale)  # a constant factor: relevance passes it unchanged
-    scores = bilinear_rule(torch.matmul, scaled_query, transposed_key, (0.5, 0.5), epsilon)
+    scores = bilinear_rule(torch.matmul, query, transposed_key, (0.5, 0.5), epsilon, scale)
     if additive is not None:
         scores = weighted_sum_rule([scores], [1.0], constant=additive, epsilon=epsilon)
     weights = softmax_rule(scores, -1)

@@ -167,32 +167,35 @@ class BilinearRelevance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, function: Callable[[Tensor, Tensor], Tensor], shares: tuple[float, float], epsilon: float,
-                left: Tensor, right: Tensor) -> Tensor:  # noqa: D102
-        ctx.function, ctx.shares, ctx.epsilon = function, shares, epsilon
-        ctx.recompute_product, ctx.recomputed = function, None
+                scale: float | Tensor | None, left: Tensor, right: Tensor) -> Tensor:  # noqa: D102
+        ctx.function, ctx.shares, ctx.epsilon, ctx.scale = function, shares, epsilon, scale
+        ctx.recomputed = None
+        ctx.recompute_product = function if scale is None else (lambda a, b: function(a, b).mul_(scale))
         # a batched matrix product without broadcasting: its transposes are written out in the backward
         ctx.matmul = (function is torch.matmul and left.dim() >= 2 and right.dim() >= 2
                       and left.shape[:-2] == right.shape[:-2])
         ctx.save_for_backward(left, right)
-        return function(left, right)
+        return ctx.recompute_product(left, right)
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         left, right = ctx.saved_tensors
         left_share, right_share = ctx.shares
         if ctx.matmul:
-            product = ctx.recomputed if ctx.recomputed is not None else torch.matmul(left, right)
+            product = ctx.recomputed if ctx.recomputed is not None else ctx.recompute_product(left, right)
             ctx.recomputed = None
             signal = kernels(False).quotient(relevance, product, ctx.epsilon)
+            if ctx.scale is not None:
+                signal.mul_(ctx.scale)  # the scale's own Jacobian, before the two transposed products
             left_vjp = torch.matmul(signal, right.transpose(-2, -1)) if left_share else None
             right_vjp = torch.matmul(left.transpose(-2, -1), signal) if right_share else None
         else:
             with torch.enable_grad():
                 left_leaf, right_leaf = left.detach().requires_grad_(), right.detach().requires_grad_()
-                product = ctx.function(left_leaf, right_leaf)
+                product = ctx.recompute_product(left_leaf, right_leaf)
                 signal = kernels(False).quotient(relevance, product.detach(), ctx.epsilon)
                 left_vjp, right_vjp = torch.autograd.grad(product, (left_leaf, right_leaf), signal)
-        return (None, None, None, left_vjp.mul_(left).mul_(left_share) if left_share else None,
+        return (None, None, None, None, left_vjp.mul_(left).mul_(left_share) if left_share else None,
                 right_vjp.mul_(right).mul_(right_share) if right_share else None)
 
 
@@ -351,7 +354,8 @@ def softmax_rule(input: Tensor, dim: int) -> Tensor:
 
 
 def bilinear_rule(function: Callable[[Tensor, Tensor], Tensor], left: Tensor, right: Tensor,
-                  shares: tuple[float, float] = (0.5, 0.5), epsilon: float = 1e-6) -> Tensor:
+                  shares: tuple[float, float] = (0.5, 0.5), epsilon: float = 1e-6,
+                  scale: float | Tensor | None = None) -> Tensor:
     """A product of two tensors (``matmul``, ``bmm``, element-wise ``mul``), explained by AttnLRP's uniform rule.
 
     Parameters
@@ -365,13 +369,16 @@ def bilinear_rule(function: Callable[[Tensor, Tensor], Tensor], left: Tensor, ri
         everything to ``left`` (``right`` a constant, e.g. a weight).
     epsilon : float
         Stabilizer of the output.
+    scale : float or Tensor, optional
+        A constant factor of the product (attention's ``1 / sqrt(d)``, Swin V2's per-head logit scale,
+        broadcastable to the output), applied without an extra tensor for the backward.
 
     Returns
     -------
     Tensor
-        ``function(left, right)``.
+        ``function(left, right)`` (times ``scale``).
     """
-    return BilinearRelevance.apply(function, tuple(shares), epsilon, left, right)
+    return BilinearRelevance.apply(function, tuple(shares), epsilon, scale, left, right)
 
 
 def layer_norm_rule(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,

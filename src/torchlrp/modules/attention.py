@@ -255,8 +255,7 @@ class ShiftedWindowAttention(torch.nn.Module):
         if mode == "cp":
             with torch.no_grad():
                 return torch.matmul(q, k.transpose(-2, -1)) * factor
-        # the factor (a number, or V2's per-head logit scale) scales q: relevance passes it unchanged
-        return bilinear_rule(torch.matmul, scale_rule(q, factor), k.transpose(-2, -1), (0.5, 0.5), epsilon)
+        return bilinear_rule(torch.matmul, q, k.transpose(-2, -1), (0.5, 0.5), epsilon, factor)
 
     @staticmethod
     def _window_mask(x: Tensor, pad_h: int, pad_w: int, window_size: list[int], shift: list[int],
