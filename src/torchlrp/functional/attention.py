@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from .operations import bilinear_rule, softmax_rule, weighted_sum_rule
+from .operations import bilinear_rule, softmax_rule
 
 ATTENTION_MODES = ("attnlrp", "cp")
 
@@ -92,7 +92,5 @@ def attention_rule(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | Non
             weights = torch.softmax(scores if additive is None else scores + additive, dim=-1)
         return bilinear_rule(torch.matmul, weights, value, (0.0, 1.0), epsilon), weights
     scores = bilinear_rule(torch.matmul, query, transposed_key, (0.5, 0.5), epsilon, scale)
-    if additive is not None:
-        scores = weighted_sum_rule([scores], [1.0], constant=additive, epsilon=epsilon)
-    weights = softmax_rule(scores, -1)
+    weights = softmax_rule(scores, -1, additive, epsilon)  # a mask is an additive constant of the logits
     return bilinear_rule(torch.matmul, weights, value, (0.5, 0.5), epsilon), weights

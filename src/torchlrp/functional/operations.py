@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .autocast import autocast_enabled
 from .kernels import kernels
+from .stabilize import stabilize
 
 
 def _sum_to(tensor: Tensor, shape: torch.Size) -> Tensor:
@@ -132,32 +133,52 @@ class ChannelAffineRelevance(torch.autograd.Function):
 
 
 class SoftmaxRelevance(torch.autograd.Function):
-    """Forward: ``softmax(x, dim)``. Backward: ``R_x = x (R - s sum_dim R)`` (AttnLRP).
+    """Forward: ``softmax(x + c, dim)`` with ``c`` an optional additive constant (a mask, a relative position bias).
+    Backward: AttnLRP's ``R_z = z (R - s sum_dim R)`` for the logits ``z = x + c``, of which ``x`` takes its
+    proportional share ``x / stab(z)`` (the constant absorbs the rest, as a bias does).
 
-    Where the logits are the output of a :class:`BilinearRelevance` (``q @ k^T``, no mask in between), the node
-    keeps only ``s`` and recomputes ``x`` in the backward from the product's factors, which that node keeps anyway:
-    the attention scores (``heads x L x L`` per sample) are not kept from forward to backward, as for the gradient.
+    Where ``x`` is the output of a :class:`BilinearRelevance` (``q @ k^T``), the node keeps only ``s`` (and the
+    constant) and recomputes ``x`` in the backward from the product's factors, which that node keeps anyway, then
+    hands it to the product's backward: the attention scores (``heads x L x L`` per sample) are not kept from forward
+    to backward, as for the gradient, and are computed once in the backward.
     """
 
     @staticmethod
-    def forward(ctx, input: Tensor, dim: int) -> Tensor:  # noqa: D102
-        output = torch.softmax(input, dim)
-        ctx.dim, ctx.keeps_output = dim, True
+    def _logits(input: Tensor, constant: Tensor) -> Tensor:
+        """``input + constant``; a constant with one more leading dimension (Swin: a mask per window of each image,
+        ``(1, windows, ...)``) is added to the logits viewed as ``(images, windows, ...)``."""
+        if constant.dim() == input.dim() + 1:
+            return (input.view(-1, constant.shape[1], *input.shape[1:]) + constant).view(input.shape)
+        return input + constant
+
+    @staticmethod
+    def forward(ctx, input: Tensor, dim: int, constant: Tensor | None, epsilon: float) -> Tensor:  # noqa: D102
+        logits = input if constant is None else SoftmaxRelevance._logits(input, constant)
+        output = torch.softmax(logits, dim)
+        ctx.dim, ctx.epsilon, ctx.keeps_output = dim, epsilon, True
         producer = input.grad_fn
         ctx.producer = producer if getattr(producer, "recompute_product", None) is not None else None
-        ctx.save_for_backward(output) if ctx.producer is not None else ctx.save_for_backward(input, output)
+        kept = (output,) if ctx.producer is not None else (output, input)
+        ctx.save_for_backward(*kept, *(() if constant is None else (constant,)))
+        ctx.has_constant = constant is not None
         return output
 
     @staticmethod
-    def backward(ctx, relevance: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
+        saved = list(ctx.saved_tensors)
+        constant = saved.pop() if ctx.has_constant else None
         if ctx.producer is not None:
-            (output,) = ctx.saved_tensors
+            (output,) = saved
             input = ctx.producer.recompute_product(*ctx.producer.saved_tensors)
             ctx.producer.recomputed = input  # the product's own backward needs it next: computed once
         else:
-            input, output = ctx.saved_tensors
+            output, input = saved
         result = torch.addcmul(relevance, output, relevance.sum(ctx.dim, keepdim=True), value=-1)
-        return result.mul_(input), None
+        if constant is None:
+            return result.mul_(input), None, None, None
+        logits = SoftmaxRelevance._logits(input, constant)  # R_z = z * core; the scores' share: core * x * z / stab(z)
+        ratio = torch.div(logits, stabilize(logits, ctx.epsilon))
+        return result.mul_(input).mul_(ratio), None, None, None
 
 
 class BilinearRelevance(torch.autograd.Function):
@@ -335,22 +356,29 @@ __all__ = [
 ]
 
 
-def softmax_rule(input: Tensor, dim: int) -> Tensor:
+def softmax_rule(input: Tensor, dim: int, constant: Tensor | None = None, epsilon: float = 1e-6) -> Tensor:
     """A softmax inside a model (attention weights), explained by AttnLRP's softmax rule.
 
     Parameters
     ----------
     input : Tensor
-        The logits.
+        The logits (the attention scores).
     dim : int
         The dimension the softmax normalizes.
+    constant : Tensor, optional
+        An additive constant of the logits (a mask, a relative position bias), broadcastable to ``input`` (or, with
+        one more leading dimension, to ``input`` viewed as ``(-1, constant.shape[1], *input.shape[1:])``): the
+        softmax is of ``input + constant``, and the constant takes its proportional share of the logits' relevance.
+    epsilon : float
+        Stabilizer of that share's denominator.
 
     Returns
     -------
     Tensor
-        ``softmax(input, dim)``; its backward gives ``R_x = x (R - s sum_dim R)``.
+        ``softmax(input + constant, dim)``; its backward gives ``R_z = z (R - s sum_dim R)`` for ``z = input +
+        constant`` and ``input`` the share ``input / stab(z)`` of it.
     """
-    return SoftmaxRelevance.apply(input, dim)
+    return SoftmaxRelevance.apply(input, dim, constant, epsilon)
 
 
 def bilinear_rule(function: Callable[[Tensor, Tensor], Tensor], left: Tensor, right: Tensor,

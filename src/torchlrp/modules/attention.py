@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..functional.affine import AffineOp
 from ..functional.attention import attention_rule
-from ..functional.operations import bilinear_rule, scale_rule, softmax_rule, weighted_sum_rule
+from ..functional.operations import bilinear_rule, scale_rule, softmax_rule
 from ..functional.relevance import AffineRelevance
 from ..rules import Rule
 from ..state import current
@@ -225,14 +225,14 @@ class ShiftedWindowAttention(torch.nn.Module):
         constant = relative_position_bias.unsqueeze(0)  # (1, 1, heads, N, N)
         if sum(shift) > 0:
             constant = constant + self._window_mask(x, pad_h, pad_w, window_size, shift, windows).unsqueeze(0)
-        attention = attention.view(batch, windows, num_heads, tokens, tokens)
-        attention = weighted_sum_rule([attention], [1.0], constant=constant.detach(), epsilon=epsilon)
-        attention = attention.view(-1, num_heads, tokens, tokens)
+        constant = constant.detach()  # (1, 1 or windows, heads or 1, N, N): per window of each image
         if state.attention == "cp":
-            weights = torch.softmax(attention.detach(), dim=-1)
+            with torch.no_grad():
+                logits = (attention.view(batch, windows, num_heads, tokens, tokens) + constant)
+                weights = torch.softmax(logits.view(-1, num_heads, tokens, tokens), dim=-1)
             x = bilinear_rule(torch.matmul, weights, v, (0.0, 1.0), epsilon)
-        else:
-            x = bilinear_rule(torch.matmul, softmax_rule(attention, -1), v, (0.5, 0.5), epsilon)
+        else:  # the bias and the mask are additive constants of the logits
+            x = bilinear_rule(torch.matmul, softmax_rule(attention, -1, constant, epsilon), v, (0.5, 0.5), epsilon)
         x = x.transpose(1, 2).reshape(x.size(0), tokens, channels)
         x = _projection(x, proj_weight, proj_bias, rule, state.fused)
         x = x.view(batch, pad_h // window_size[0], pad_w // window_size[1], window_size[0], window_size[1], channels)
