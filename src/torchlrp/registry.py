@@ -37,7 +37,8 @@ from .modules.affine import ExplainableAffine
 from .modules.attention import MultiheadAttention, ScaledDotProductAttention, ShiftedWindowAttention
 from .modules.norm import NORM_TWINS
 from .modules.pooling import MaxPool
-from .modules.operation import Activation, Bilinear, Einsum, LayerNormFunction, OutputSoftmax, Proportional, Scale, Softmax
+from .modules.operation import (Activation, Bilinear, Einsum, LayerNormFunction, OutputSoftmax, Proportional, Scale,
+                                Softmax)
 from .modules.rectifier import ReLU
 from .modules.residual import Add
 from .modules.rotation import CyclicPool, Rotate
@@ -247,15 +248,15 @@ def _softmax(function: Callable, log: bool = False) -> OperationEntry:
         if view.is_output(node):
             return OutputSoftmax(function)
         if log:
-            raise Unsupported("a log-softmax inside the model (a softmax that gives the output is skipped; a softmax "
-                              "inside it takes AttnLRP's rule)")
+            raise Unsupported("a log-softmax inside the model (one that gives the output passes relevance to its "
+                              "scores; a softmax inside it takes AttnLRP's rule)")
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         other = {key: value for key, value in node.kwargs.items() if key != "dim"}
         if not isinstance(dim, int) or set(other) - {"_stacklevel", "dtype"} or other.get("dtype") is not None \
                 or len(node.args) > 2:
             raise Unsupported("a softmax inside the model without an integer dim, or with other arguments")
         return Softmax(dim)
-    return OperationEntry("AttnLRP softmax rule (skipped at the output)", build, "nonnegative", attention=True)
+    return OperationEntry("AttnLRP softmax rule (identity at the output)", build, "nonnegative", attention=True)
 
 
 def _product(operation: Callable) -> OperationEntry:
@@ -292,8 +293,8 @@ def _einsum(node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
 
 def _softmax_module(node: torch.fx.Node, view: GraphView) -> None:
     if not view.is_output(node):
-        raise Unsupported("a softmax inside the model (only a softmax that gives the output is supported: it is "
-                          "skipped, the scores before it are explained)")
+        raise Unsupported("a Softmax module inside the model (only one that gives the output is supported: it "
+                          "passes relevance unchanged to the scores before it; write F.softmax for attention)")
 
 
 #: tensor methods that only move, copy or select entries: relevance follows the index map (their gradient)
@@ -444,7 +445,7 @@ def default_registry() -> OperationRegistry:
     add_module(Rotate, _keep("index map (rotations)"))
     add_module(CyclicPool, _keep("proportional (mean, rms), winner takes all (max)"))
     for module_type in (torch.nn.Softmax, torch.nn.LogSoftmax):
-        add_module(module_type, OperationEntry("skipped at the output", _softmax_module, "nonnegative"))
+        add_module(module_type, OperationEntry("identity at the output", _softmax_module, "nonnegative"))
     return registry
 
 
