@@ -19,10 +19,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import check_foldable
 from .composites import PROPORTIONAL_MODULES, Composite, as_composite
-from .functional.operations import identity_rule
 from .functional.relevance import proportional
 from .modules.affine import ExplainableAffine
 from .modules.attention import ATTENTION_TYPES
+from .modules.operation import output_softmax_rule
 from .modules.pooling import MAX_POOLING_MODULES, proportional_max_pool, window_mean
 from .modes import in_training_mode
 from .modules.rectifier import ReLU
@@ -122,8 +122,7 @@ def _skip(module: torch.nn.Module, input: Tensor, output: Tensor) -> Tensor:
 def _output_softmax(state: ExplainState) -> Callable[[torch.nn.Module, Tensor, Tensor], Tensor]:
     """The model's final softmax: same output, relevance passed to the scores unchanged (which are recorded)."""
     def transform(module: torch.nn.Module, input: Tensor, output: Tensor) -> Tensor:
-        state.output_scores = input.detach()
-        return identity_rule(input, module.forward)
+        return output_softmax_rule(state, input, module.forward)
     return transform
 
 

@@ -10,6 +10,7 @@ through the values, and the queries and keys receive none.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -19,8 +20,38 @@ from .operations import bilinear_rule, softmax_rule
 ATTENTION_MODES = ("attnlrp", "cp")
 
 
+def additive_mask(masks: Sequence[tuple[Tensor | None, bool]], dtype: torch.dtype) -> Tensor | None:
+    """Merge attention masks into one additive mask with finite values (``-inf`` becomes the dtype's minimum).
+
+    Parameters
+    ----------
+    masks : sequence of (Tensor or None, bool)
+        Each mask with the meaning of True in it when boolean: ``True`` if True marks a position to attend
+        (``scaled_dot_product_attention``), ``False`` if it marks one to leave out (``nn.MultiheadAttention``).
+        Float masks are additive already. Shapes must broadcast together.
+    dtype : torch.dtype
+        The dtype of the scores.
+
+    Returns
+    -------
+    Tensor or None
+        Their sum as one additive mask, or None when every mask is None.
+    """
+    lowest = torch.finfo(dtype).min
+    merged = None
+    for mask, true_attends in masks:
+        if mask is None:
+            continue
+        if mask.dtype == torch.bool:
+            left_out = ~mask if true_attends else mask
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(left_out, lowest)
+        mask = mask.to(dtype).clamp(min=lowest)
+        merged = mask if merged is None else (merged + mask).clamp(min=lowest)
+    return merged
+
+
 def attention_mask(mask: Tensor | None, is_causal: bool, query: Tensor, key: Tensor) -> Tensor | None:
-    """Turn SDPA's mask arguments into one additive mask with finite values (``-inf`` becomes the dtype's minimum).
+    """Turn SDPA's mask arguments into one additive mask with finite values (see :func:`additive_mask`).
 
     Parameters
     ----------
@@ -36,19 +67,10 @@ def attention_mask(mask: Tensor | None, is_causal: bool, query: Tensor, key: Ten
     Tensor or None
         An additive mask broadcastable to ``(..., L, S)``, or None.
     """
-    lowest = torch.finfo(query.dtype).min
-    length, source = query.shape[-2], key.shape[-2]
-    additive = None
+    causal = None
     if is_causal:
-        allowed = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
-        additive = torch.zeros(length, source, dtype=query.dtype, device=query.device).masked_fill(~allowed, lowest)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            extra = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, lowest)
-        else:
-            extra = mask.to(query.dtype).clamp(min=lowest)
-        additive = extra if additive is None else (additive + extra).clamp(min=lowest)
-    return additive
+        causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+    return additive_mask([(causal, True), (mask, True)], query.dtype)
 
 
 def attention_rule(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None, is_causal: bool = False,

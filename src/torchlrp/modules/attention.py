@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..functional.affine import AffineOp
-from ..functional.attention import attention_rule
+from ..functional.attention import additive_mask, attention_rule
 from ..functional.operations import bilinear_rule, scale_rule, softmax_rule
 from ..functional.relevance import AffineRelevance
 from ..rules import Rule
@@ -81,7 +81,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                    for tensor, weight, bias in zip((query, key, value), weights, biases))
         batch, length, source, heads = q.shape[0], q.shape[1], k.shape[1], self.num_heads
         q, k, v = (tensor.unflatten(-1, (heads, -1)).transpose(1, 2) for tensor in (q, k, v))
-        mask = self._allowed_or_additive(key_padding_mask, attn_mask, batch, length, source, q.dtype)
+        mask = self._additive_mask(key_padding_mask, attn_mask, batch, length, source, q.dtype)
         epsilon = min(getattr(rule, "epsilon", 1e-6), 1e-6)  # the proportional split's, as for other operations
         output, weights = attention_rule(q, k, v, mask, is_causal and mask is None, mode=state.attention,
                                          epsilon=epsilon)
@@ -96,23 +96,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         weights = weights.detach()
         return output, weights.mean(dim=-3) if average_attn_weights else weights
 
-    def _allowed_or_additive(self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, batch: int, length: int,
-                             source: int, dtype: torch.dtype) -> Tensor | None:
-        """torch's masks (True: not allowed) merged into one additive mask of shape ``(batch, heads, L, S)``."""
-        lowest = torch.finfo(dtype).min
-        merged = None
+    def _additive_mask(self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, batch: int, length: int,
+                       source: int, dtype: torch.dtype) -> Tensor | None:
+        """torch's masks (True: left out) merged into one additive mask broadcastable to ``(batch, heads, L, S)``."""
         if attn_mask is not None and attn_mask.dim() == 3:  # (batch * heads, L, S)
             attn_mask = attn_mask.reshape(batch, self.num_heads, length, source)
         if key_padding_mask is not None:  # (batch, S)
             key_padding_mask = key_padding_mask.reshape(batch, 1, 1, source)
-        for mask in (attn_mask, key_padding_mask):
-            if mask is None:
-                continue
-            if mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, lowest)
-            mask = mask.to(dtype).clamp(min=lowest)
-            merged = mask if merged is None else (merged + mask).clamp(min=lowest)
-        return merged
+        return additive_mask([(attn_mask, False), (key_padding_mask, False)], dtype)
 
 
 class ScaledDotProductAttention(Operation, torch.nn.Module):

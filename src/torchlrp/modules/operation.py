@@ -18,7 +18,7 @@ from torch import Tensor
 from ..functional.operations import bilinear_rule, identity_rule, layer_norm_rule, scale_rule, softmax_rule
 from ..functional.relevance import proportional
 from ..rules import Rule
-from ..state import current
+from ..state import ExplainState, current
 
 
 class Operation:
@@ -330,6 +330,28 @@ class Einsum(Bilinear):
             "" if self.attention_factor is None else f", attention_factor={self.attention_factor}")
 
 
+def output_softmax_rule(state: ExplainState, scores: Tensor, softmax: Callable[[Tensor], Tensor]) -> Tensor:
+    """The softmax that gives a model's output, while explaining: its output, relevance passed unchanged to the
+    scores, which are recorded as the explanation's ``output_scores`` (``start="logit"`` starts there).
+
+    Parameters
+    ----------
+    state : ExplainState
+        The active explanation.
+    scores : Tensor
+        The softmax's input.
+    softmax : callable
+        The softmax (or log-softmax) with its arguments bound.
+
+    Returns
+    -------
+    Tensor
+        ``softmax(scores)``.
+    """
+    state.output_scores = scores.detach()
+    return identity_rule(scores, softmax)
+
+
 class OutputSoftmax(FunctionOperation):
     """A softmax (or log-softmax) that produces the model's output: relevance passes it unchanged while explaining.
 
@@ -361,5 +383,4 @@ class OutputSoftmax(FunctionOperation):
         state = current()
         if state is None or self not in state.rules:
             return self.function(input, *args, **kwargs)
-        state.output_scores = input.detach()
-        return identity_rule(input, lambda scores: self.function(scores, *args, **kwargs))
+        return output_softmax_rule(state, input, lambda scores: self.function(scores, *args, **kwargs))
