@@ -57,7 +57,8 @@ def _targets(target: int | Tensor | None, output: Tensor, batch: int) -> Tensor:
 
 def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] | Tensor | None = None,
             rule: "str | Rule | Composite" = "epsilon", pattern: PatternsLike | None = None, start: str = "one",
-            output_relevance: Tensor | None = None, fused: bool = False) -> Tensor:
+            output_relevance: Tensor | None = None, fused: bool = False,
+            return_scores: bool = False) -> "Tensor | tuple[Tensor, Tensor]":
     """Explain ``model``'s decision on ``input``: return the input relevance.
 
     Relevance starts at the target logit of each sample (1 there, 0 elsewhere; ``start="logit"`` starts it at the
@@ -89,11 +90,15 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
     fused : bool
         Run the rules' elementwise work as ``torch.compile``'d kernels (faster; the first call compiles them, which
         takes seconds and needs a C++ compiler on the CPU or Triton on CUDA). Same results.
+    return_scores : bool
+        Also return the model's scores from the same forward (the logits; the scores before a final softmax), so
+        a caller that needs the prediction too does not run the model twice.
 
     Returns
     -------
-    Tensor
-        Relevance of ``input``'s shape, or ``(batch, k, *input.shape[1:])`` for a ``(batch, k)`` target.
+    Tensor or (Tensor, Tensor)
+        Relevance of ``input``'s shape, or ``(batch, k, *input.shape[1:])`` for a ``(batch, k)`` target; with
+        ``return_scores=True`` also the detached scores, ``(batch, classes)``.
 
     Raises
     ------
@@ -137,4 +142,6 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
         (relevance,) = torch.autograd.grad(output, carrier, output_relevance)
     if multi:
         relevance = relevance.reshape(batch, per_sample, *input.shape[1:])
+    if return_scores:
+        return relevance, scores[::per_sample]
     return relevance
