@@ -231,3 +231,60 @@ def test_indexing(tmp_path):
     with pytest.raises(IndexError, match="boolean mask"):
         relevances[np.ones(3, dtype=bool)]
     assert "37 written" in repr(relevances)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """A folder of class folders (3 cats, 2 rockets) and a flat folder of the same 5 images, 48 px."""
+    import skimage.data
+    from PIL import Image
+
+    pictures = {"cat": skimage.data.chelsea(), "rocket": skimage.data.rocket()}
+    for name, count in (("cat", 3), ("rocket", 2)):
+        (tmp_path / "classes" / name).mkdir(parents=True)
+        for number in range(count):
+            picture = Image.fromarray(pictures[name]).resize((64, 48))
+            picture.save(tmp_path / "classes" / name / f"{number}.png")
+            (tmp_path / "flat").mkdir(exist_ok=True)
+            picture.save(tmp_path / "flat" / f"{name}{number}.png")
+    return tmp_path
+
+
+def test_cli_explain_dataset(photos, capsys):
+    from torchlrp.cli import main
+
+    common = ["--model", "mobilenet_v3_small", "--random-weights", "--size", "48", "--batch-size", "2",
+              "--num-workers", "0", "--rule", "epsilon-plus"]
+    store = photos / "classes.zarr"
+    assert main(["explain-dataset", str(photos / "classes"), "--store", str(store), "--num-classes", "2",
+                 "--target", "label", *common]) == 0
+    assert "5 samples explained" in capsys.readouterr().out
+    relevances = open_relevances(store)
+    assert relevances.complete and relevances.shape == (5, 3, 48, 48)
+    assert relevances.labels.tolist() == [0, 0, 0, 1, 1] and torch.equal(relevances.targets, relevances.labels)
+    assert relevances.settings["model"] == "mobilenet_v3_small" and relevances.settings["rule"] == "EpsilonPlus"
+    # the same command again: nothing left to do (resumed), output quiet
+    assert main(["explain-dataset", str(photos / "classes"), "--store", str(store), "--num-classes", "2",
+                 "--target", "label", "--quiet", *common]) == 0
+    assert capsys.readouterr().out == ""
+    # a flat folder has no labels
+    assert main(["explain-dataset", str(photos / "flat"), "--store", str(photos / "flat.zarr"), *common]) == 0
+    flat = open_relevances(photos / "flat.zarr")
+    assert flat.labels.tolist() == [-1] * 5 and flat.logits.shape == (5, 1000)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["flat", "--target", "label"], "target='label' needs"),
+    (["flat", "--target", "cat"], "--target must be"),
+    (["nowhere"], "is not a folder"),
+    (["classes", "--num-classes", "2"], "--num-classes 2 needs --weights"),
+    (["flat", "--dtype", "float16", "--rule", "bogus"], "unknown rule"),
+])
+def test_cli_explain_dataset_errors(photos, capsys, args, message):
+    from torchlrp.cli import main
+
+    folder, *rest = args
+    rest = [*rest] if "--num-classes" in rest else ["--random-weights", *rest]
+    status = main(["explain-dataset", str(photos / folder), "--store", str(photos / "out.zarr"), "--size", "48",
+                   "--model", "mobilenet_v3_small", "--num-workers", "0", "--quiet", *rest])
+    assert status == 2 and message in capsys.readouterr().err

@@ -1,6 +1,8 @@
-"""The ``torchlrp`` command line: explain images with a torchvision model.
+"""The ``torchlrp`` command line: explain images, or a whole folder of them, with a torchvision model.
 
     torchlrp explain cat.jpg dog.png --model vgg16 --rule epsilon-gamma-box --out heatmaps/
+    torchlrp explain-dataset photos/ --model resnet50 --store relevance.zarr
+    torchrun --nproc-per-node 4 -m torchlrp.cli explain-dataset photos/ --model resnet50 --store relevance.zarr
 """
 from __future__ import annotations
 
@@ -38,16 +40,20 @@ def _rule(name: str):
                        f"{', '.join(n for n in rule_names() if not n.startswith('pattern'))}")
 
 
-def _model(name: str, weights: str | None, random_weights: bool) -> torch.nn.Module:
+def _model(name: str, weights: str | None, random_weights: bool, num_classes: int | None = None) -> torch.nn.Module:
     if random_weights:
-        return torchvision_model(name, None)
+        torch.manual_seed(0)  # the same random model on every run and every rank (a resumed run must match)
+        return torchvision_model(name, None, num_classes)
     if weights is not None:
         if not os.path.isfile(weights):
             raise CommandError(f"weights file {weights!r} does not exist")
         try:
-            return torchvision_model(name, weights)
+            return torchvision_model(name, weights, num_classes)
         except ValueError as error:
             raise CommandError(str(error)) from None
+    if num_classes not in (None, 1000):
+        raise CommandError(f"--num-classes {num_classes} needs --weights FILE (your fine-tuned model); "
+                           f"torchvision's weights have 1000 classes")
     if not cached_weights_available(name):
         raise CommandError(
             f"no pretrained weights for {name} in the torch cache ({torch.hub.get_dir()}/checkpoints). Download them "
@@ -73,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "evidence for the class, blue: against) and with --save-relevance the raw relevance next to it "
                     "(.npy, 3xSIZExSIZE). Existing files are never overwritten.")
     run.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
-    run.add_argument("--model", default="vgg16", choices=ARCHITECTURES, help="torchvision architecture (vgg16)")
+    run.add_argument("--model", default="vgg16", choices=ARCHITECTURES, metavar="MODEL",
+                     help="torchvision classifier name (vgg16; any of torchvision.models.list_models())")
     run.add_argument("--weights", metavar="FILE", help="state_dict file (loaded with weights_only=True); default: "
                      "torchvision's pretrained weights from the local torch cache")
     run.add_argument("--random-weights", action="store_true", help="random weights (a smoke test, not an explanation)")
@@ -90,7 +97,65 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-relevance", action="store_true", help="also write the raw relevance as .npy")
     run.add_argument("--fused", action="store_true", help="fuse the rules' elementwise work with torch.compile "
                      "(faster for many images; compiling takes seconds and needs a C++ compiler or Triton)")
+    _add_dataset_parser(commands)
     return parser
+
+
+def _add_dataset_parser(commands: "argparse._SubParsersAction") -> None:
+    run = commands.add_parser(
+        "explain-dataset", help="explain every image of a folder into a Zarr store (also under torchrun)",
+        description="Explain every image of DATA (a folder of class folders, as torchvision's ImageFolder, or a flat "
+                    "folder of images) and write relevance, logits, predictions, targets and labels into a Zarr "
+                    "store (read it with torchlrp.dataset.open_relevances). Under torchrun each process explains "
+                    "its own share on its own GPU (or CPU). Run the same command again to resume a stopped run.")
+    run.add_argument("data", metavar="DATA", help="image folder (class folders, or images directly)")
+    run.add_argument("--store", required=True, metavar="PATH|URL", help="Zarr store to create or continue "
+                     "(relevance.zarr; fsspec URLs such as s3://bucket/run.zarr where fsspec has the backend)")
+    run.add_argument("--model", default="vgg16", choices=ARCHITECTURES, metavar="MODEL",
+                     help="torchvision classifier name (vgg16; any of torchvision.models.list_models())")
+    run.add_argument("--weights", metavar="FILE", help="state_dict file (loaded with weights_only=True); default: "
+                     "torchvision's pretrained weights from the local torch cache")
+    run.add_argument("--num-classes", type=int, metavar="K", help="classes of the model in --weights (default 1000)")
+    run.add_argument("--random-weights", action="store_true", help="random weights (a smoke test, not an explanation)")
+    run.add_argument("--rule", default="epsilon-gamma-box", help=f"composite ({', '.join(_composite_names())}) or "
+                     f"rule for every layer; default epsilon-gamma-box")
+    run.add_argument("--target", default="prediction", metavar="prediction|label|CLASS",
+                     help="class to explain: each image's top class (default), its class folder's label, or one "
+                          "class index for all")
+    run.add_argument("--batch-size", type=int, default=32, help="images per backward and per store chunk (32)")
+    run.add_argument("--num-workers", type=int, default=2, help="data-loading processes per rank (2)")
+    run.add_argument("--size", type=int, default=224, help="input side length after resize and crop (224)")
+    run.add_argument("--dtype", default="float16", choices=("float16", "float32", "float64"),
+                     help="relevance dtype in the store (float16, scaled per image)")
+    run.add_argument("--device", help="torch device (default: this process's GPU when CUDA is present, else cpu)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar and no summary (for logs)")
+
+
+def run_explain_dataset(args: argparse.Namespace) -> None:
+    """Execute ``torchlrp explain-dataset``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments.
+    """
+    from .dataset import explain_dataset
+
+    if args.size < 1:
+        raise CommandError(f"--size must be a positive number of pixels, got {args.size}")
+    target: str | int = args.target
+    if target not in ("prediction", "label"):
+        if not target.isdigit():
+            raise CommandError(f"--target must be 'prediction', 'label' or a class index, got {target!r}")
+        target = int(target)
+    try:
+        data = imagenet.ImageFiles(args.data, args.size)
+        model = _model(args.model, args.weights, args.random_weights, args.num_classes)
+        explain_dataset(model, data, _rule(args.rule), args.store, target=target, batch_size=args.batch_size,
+                        num_workers=args.num_workers, dtype=args.dtype, device=args.device, quiet=args.quiet,
+                        model_name=args.model)
+    except (ValueError, PermissionError, ImportError) as error:
+        raise CommandError(str(error)) from None
 
 
 def run_explain(args: argparse.Namespace) -> None:
@@ -195,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        run_explain(args)
+        (run_explain_dataset if args.command == "explain-dataset" else run_explain)(args)
     except CommandError as error:
         print(f"torchlrp: error: {error}", file=sys.stderr)
         return 2

@@ -54,7 +54,7 @@ STORE_FORMAT = 1
 #: relevance dtypes a store can hold (bfloat16 has no numpy/Zarr type: float16 with the per-sample scale keeps more)
 STORE_DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
 #: settings that must be equal to continue a store
-_MATCHING = ("format", "model", "parameters_sha256", "rule", "target", "start", "samples", "batch_size", "dtype",
+_MATCHING = ("format", "model", "parameters_sha256", "rule_definition", "target", "start", "samples", "batch_size", "dtype",
              "input_shape", "classes")
 
 
@@ -140,7 +140,7 @@ def _parameters_sha256(model: torch.nn.Module) -> str:
             continue
         values = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(values.shape)}:{values.dtype}".encode())
-        digest.update(values.view(torch.uint8).numpy().tobytes() if values.numel() else b"")
+        digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -224,7 +224,8 @@ def _settings(model: torch.nn.Module, model_name: str | None, rule: Any, target:
 
     return {"format": STORE_FORMAT, "torchlrp_version": __version__,
             "model": model_name or type(model).__name__, "parameters_sha256": _parameters_sha256(model),
-            "rule": repr(as_composite(rule)), "target": target, "start": start,
+            "rule": rule if isinstance(rule, str) else type(rule).__name__,
+            "rule_definition": repr(as_composite(rule)), "target": target, "start": start,
             "samples": samples, "batch_size": batch_size, "dtype": dtype, "input_shape": list(input_shape),
             "classes": classes, "chunks": math.ceil(samples / batch_size)}
 
@@ -248,7 +249,11 @@ def _open_for_writing(store: Any, settings: dict, storage_options: dict | None) 
                              f"new path")
         differ = [key for key in _MATCHING if found.get(key) != settings[key]]
         if differ:
-            details = "; ".join(f"{key}: store {found.get(key)!r}, now {settings[key]!r}" for key in differ)
+            shown = {"rule_definition": "rule"}  # the rule's name; its full definition is long
+            details = "; ".join(f"{shown.get(key, key)}: store {found.get(shown.get(key, key))!r}, now "
+                                f"{settings[shown.get(key, key)]!r}" for key in differ)
+            if "rule_definition" in differ and found.get("rule") == settings["rule"]:
+                details += " (same name, other parameters)"
             raise ValueError(f"the store {name!r} was made by another run ({details}); nothing was written. Give a "
                              f"new store path, or delete this one to start over")
         read_only = getattr(store, "read_only", False) is True or (
@@ -414,8 +419,9 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
                 if inputs.shape[1:] != first.shape[1:]:
                     raise ValueError(f"sample {begin}..{begin + len(inputs) - 1} has shape {tuple(inputs.shape[1:])}, "
                                      f"the first sample {tuple(first.shape[1:])}: every input must have one shape")
-                if target_setting == "label" and labels is None:
-                    raise ValueError("target='label' needs (input, label) samples with integer labels")
+                if target_setting == "label" and (labels is None or bool((labels < 0).any())):
+                    raise ValueError(f"target='label' needs (input, label) samples with integer labels >= 0; "
+                                     f"samples {begin}..{begin + len(inputs) - 1} have none")
                 inputs = inputs.to(ranks.device, non_blocking=True)
                 chosen = None if target_setting == "prediction" else (
                     labels.to(ranks.device) if target_setting == "label" else target_setting)

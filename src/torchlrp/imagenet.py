@@ -1,5 +1,8 @@
-"""ImageNet input handling shared by the VGG example and the command line."""
+"""ImageNet input handling shared by the VGG example and the command line: loading, normalizing, folders of
+images as datasets."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -121,3 +124,69 @@ def categories() -> list[str]:
     import torchvision
 
     return list(torchvision.models.VGG16_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+#: file name endings :class:`ImageFiles` reads
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """The images of a folder as a dataset of normalized ``(3, size, size)`` tensors with labels.
+
+    A folder of class folders (``root/<class>/<image>``, torchvision's ``ImageFolder`` layout) gives each image its
+    class folder's index in sorted order; a flat folder of images gives label -1.
+
+    Parameters
+    ----------
+    root : str
+        The folder.
+    size : int
+        Side length after resizing the shorter side and centre-cropping (:func:`load_image`).
+    normalize : bool
+        Apply the ImageNet normalization (:func:`normalize`).
+
+    Attributes
+    ----------
+    files : list of str
+        The image paths, sorted (class folders first, then file names).
+    labels : list of int
+        Each file's label.
+    classes : list of str
+        The class folder names (empty for a flat folder).
+
+    Raises
+    ------
+    ValueError
+        If ``root`` is not a folder or holds no images.
+    """
+
+    def __init__(self, root: str, size: int = 224, normalize: bool = True) -> None:
+        if not os.path.isdir(root):
+            raise ValueError(f"{root!r} is not a folder")
+        entries = sorted(os.listdir(root))
+        self.classes = [entry for entry in entries if os.path.isdir(os.path.join(root, entry))]
+        self.files, self.labels = [], []
+        if self.classes:
+            for label, name in enumerate(self.classes):
+                for current, _, names in sorted(os.walk(os.path.join(root, name))):
+                    images = [os.path.join(current, file) for file in sorted(names) if _is_image(file)]
+                    self.files += images
+                    self.labels += [label] * len(images)
+        else:
+            self.files = [os.path.join(root, entry) for entry in entries if _is_image(entry)]
+            self.labels = [-1] * len(self.files)
+        if not self.files:
+            raise ValueError(f"{root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}), neither directly nor in "
+                             f"class folders")
+        self.size, self.normalize = size, normalize
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        picture = load_image(self.files[index], self.size)
+        return (normalize(picture[None])[0] if self.normalize else picture), self.labels[index]
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")

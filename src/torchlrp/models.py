@@ -6,12 +6,11 @@ import os
 import torch
 import torchvision
 
-#: the torchvision architectures torchlrp knows how to convert
-ARCHITECTURES = ("alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
-                 "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+#: torchvision's image classifiers (all of them convert; see the README's model table)
+ARCHITECTURES = tuple(torchvision.models.list_models(module=torchvision.models))
 
 
-def torchvision_model(name: str, weights: str | None = "DEFAULT") -> torch.nn.Module:
+def torchvision_model(name: str, weights: str | None = "DEFAULT", num_classes: int | None = None) -> torch.nn.Module:
     """Build a torchvision classifier in eval mode.
 
     Parameters
@@ -22,6 +21,9 @@ def torchvision_model(name: str, weights: str | None = "DEFAULT") -> torch.nn.Mo
         ``"DEFAULT"`` (or another torchvision weights name such as ``"IMAGENET1K_V1"``): torchvision's pretrained
         weights, from the local torch cache or downloaded; a path to a ``state_dict`` file, loaded with
         ``torch.load(..., weights_only=True)`` (no code is unpickled); None: random weights.
+    num_classes : int, optional
+        Classes of the model's head for a weights file or random weights (a fine-tuned model); default 1000.
+        torchvision's own weights have 1000.
 
     Returns
     -------
@@ -39,13 +41,16 @@ def torchvision_model(name: str, weights: str | None = "DEFAULT") -> torch.nn.Mo
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
     builder = getattr(torchvision.models, name)
+    head = {} if num_classes is None else {"num_classes": num_classes}
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if weights is None:
-        return builder(weights=None).eval()
+        return builder(weights=None, **head).eval()
     looks_like_path = os.sep in weights or weights.endswith((".pt", ".pth", ".bin"))
     if looks_like_path or os.path.exists(weights):
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"weights file {weights!r} does not exist")
-        model = builder(weights=None)
+        model = builder(weights=None, **head)
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle.UnpicklingError, RuntimeError, EOFError, ...: not a plain state dict
@@ -62,6 +67,9 @@ def torchvision_model(name: str, weights: str | None = "DEFAULT") -> torch.nn.Mo
             first = lines[1].strip() if len(lines) > 1 else lines[0]
             raise ValueError(f"{weights!r} is not a state_dict of {name}: {first}") from None
         return model.eval()
+    if num_classes not in (None, 1000):
+        raise ValueError(f"torchvision's {weights} weights of {name} have 1000 classes, not {num_classes}: give a "
+                         f"weights file of your fine-tuned model")
     return builder(weights=weights).eval()
 
 
