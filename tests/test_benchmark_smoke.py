@@ -17,3 +17,10 @@ def test_benchmark_smoke(tmp_path):
     assert {"input gradient", "torchlrp Epsilon", "torchlrp EpsilonGammaBox", "zennit EpsilonGammaBox"} <= methods
     assert all(float(row["seconds"]) > 0 for row in rows if not row["error"])
     assert "| x gradient |" in (tmp_path / "latest.md").read_text()
+
+
+def test_dataset_benchmark_smoke():
+    result = subprocess.run([sys.executable, "benchmarks/dataset.py", "--images", "8", "--size", "32",
+                             "--batch-size", "4"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "torchrun 2 processes" in result.stdout and "x the bare loop's time" in result.stdout

@@ -75,7 +75,7 @@ class DatasetReport:
     per_rank : tuple of int
         Samples written by each rank.
     seconds : float
-        Wall time of the explaining loop.
+        Wall time of the explaining loop (the slowest rank's).
     """
 
     store: str
@@ -449,7 +449,9 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
                 future.result()
         seconds = time.perf_counter() - began
         bar.close()
-        per_rank = tuple(ranks.gather(written))
+        counts = ranks.gather((written, seconds))
+        per_rank = tuple(count for count, _ in counts)
+        seconds = max(rank_seconds for _, rank_seconds in counts)
         report = DatasetReport(_store_name(store), samples, sum(per_rank), skipped, per_rank, seconds)
         if ranks.rank == 0 and not quiet:
             counts = ", ".join(f"rank {rank}: {count}" for rank, count in enumerate(per_rank))
