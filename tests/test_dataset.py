@@ -288,3 +288,15 @@ def test_cli_explain_dataset_errors(photos, capsys, args, message):
     status = main(["explain-dataset", str(photos / folder), "--store", str(photos / "out.zarr"), "--size", "48",
                    "--model", "mobilenet_v3_small", "--num-workers", "0", "--quiet", *rest])
     assert status == 2 and message in capsys.readouterr().err
+
+
+def test_an_fsspec_url_store(tmp_path):
+    """A URL goes through fsspec (memory:// here; s3://, gs://, ... where fsspec has the backend)."""
+    pytest.importorskip("fsspec")
+    url = f"memory://{tmp_path.name}/run.zarr"
+    run(tmp_path / "local.zarr")
+    with pytest.raises(RuntimeError):
+        run(url, crash_at=9)
+    assert run(url).skipped == 8
+    torch.testing.assert_close(open_relevances(url)[:], open_relevances(tmp_path / "local.zarr")[:], rtol=0, atol=0)
+    assert torch.equal(open_relevances(url).logits, open_relevances(tmp_path / "local.zarr").logits)

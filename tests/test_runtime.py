@@ -114,3 +114,122 @@ def test_pretrained_minilm_similarity_tokens_and_conservation():
     conserved = lrp.explain(similarity, embeddings, output_relevance=value,
                             rule=lrp.Composite(default="zero", attention="cp"))
     torch.testing.assert_close(conserved.sum(), value.sum(), rtol=1e-6, atol=0)
+
+
+class HandRMSNorm(torch.nn.Module):
+    """LLaMA's RMSNorm as its modeling code writes it."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(size) + 0.5)
+        self.eps = 1e-6
+
+    def forward(self, x):
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps))
+
+
+class Normed(torch.nn.Module):
+    """linear -> norm -> silu -> linear, no biases; ``branch=True`` makes it untraceable (run-time mode)."""
+
+    def __init__(self, norm, branch=False):
+        super().__init__()
+        self.first, self.norm, self.last, self.branch = torch.nn.Linear(6, 8, bias=False), norm, \
+            torch.nn.Linear(8, 3, bias=False), branch
+
+    def forward(self, x):
+        if self.branch and float(x.detach().abs().sum()) < 0:
+            x = -x
+        return self.last(-F.silu(self.norm(self.first(x))))
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["traced", "run time"])
+def test_rms_norm_holds_the_root_mean_square_constant(branch):
+    """nn.RMSNorm, F.rms_norm and the hand-written form agree, pass relevance unchanged (the identity, by the
+    formula: with s = 1/rms(x) constant, y_i = w_i s x_i and x_i w_i s R_i / y_i = R_i), and conserve under LRP-0."""
+    torch.manual_seed(0)
+    hand = Normed(HandRMSNorm(8), branch).double().eval()
+    module = Normed(torch.nn.RMSNorm(8, eps=1e-6), branch).double().eval()
+    module.load_state_dict(hand.state_dict())
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = [lrp.convert(hand), lrp.convert(module)]
+        relevances = [lrp.explain(model, x, rule="zero", start="logit") for model in converted]
+    assert not [w for w in caught if "no relevance rule" in str(w.message)]
+    torch.testing.assert_close(relevances[0], relevances[1], rtol=1e-10, atol=1e-12)
+    logits = hand(x).detach()
+    torch.testing.assert_close(relevances[0].sum(1), logits.max(1).values, rtol=1e-10, atol=0)
+    # by the formula: relevance at the norm's output, passed unchanged, then the first layer's LRP-0
+    h = x @ hand.first.weight.T
+    y = -F.silu(torch.nn.functional.rms_norm(h, [8], hand.norm.weight, 1e-6))
+    top = logits.argmax(1)
+    at_norm = y * hand.last.weight[top] * (logits.max(1).values / logits.max(1).values)[:, None]
+    expected = x * ((at_norm / h) @ hand.first.weight)
+    torch.testing.assert_close(relevances[0], expected, rtol=1e-8, atol=1e-12)
+
+
+def test_a_power_or_root_that_is_not_a_norm_statistic_is_refused():
+    class Cube(torch.nn.Module):
+        def forward(self, x):
+            return (x ** 3).sum(1, keepdim=True)
+
+    class SquaredFeatures(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.linear(x.pow(2))
+
+    class Root(torch.nn.Module):
+        def forward(self, x):
+            return torch.sqrt(x.abs()) + x
+
+    for model, message in ((Cube(), "a power 3"), (SquaredFeatures(), "not a norm's statistic"),
+                           (Root(), "does not scale an activation")):
+        with pytest.raises(lrp.ConversionError, match=message):
+            lrp.convert(model.eval())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_llama_from_its_config_eager_and_sdpa_agree_and_conserve():
+    """A 2-layer LLaMA (random weights, grouped-query attention, rotary embeddings, RMSNorm, SiLU gate), explained
+    at run time: eager attention and SDPA give the same relevance, every call has a rule (no warning), and with
+    CP-LRP + LRP-0 (LLaMA has no biases) the embeddings' relevance adds up to the logit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class LastToken(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, embeddings):
+            return self.model(inputs_embeds=embeddings).logits[:, -1, :]
+
+    torch.manual_seed(0)
+    models = {}
+    for implementation in ("eager", "sdpa"):
+        config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             attn_implementation=implementation)
+        torch.manual_seed(0)
+        models[implementation] = LlamaForCausalLM(config).double().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    embeddings = models["eager"].model.embed_tokens(ids).detach()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explained = {name: LastToken(lrp.convert(model)) for name, model in models.items()}
+        logits = explained["eager"](embeddings).detach()
+        target = logits.argmax(1)
+        results = {(name, attention): lrp.explain(model, embeddings, target, start="logit",
+                                                  rule=lrp.Composite(default="zero", attention=attention))
+                   for name, model in explained.items() for attention in ("attnlrp", "cp")}
+    assert not [w for w in caught if "no relevance rule" in str(w.message)], [str(w.message) for w in caught]
+    torch.testing.assert_close(LastToken(models["eager"])(embeddings), logits)
+    for attention in ("attnlrp", "cp"):
+        # the same rules; the two paths apply the 1e-6 stabilizers at different places (scaling before or after)
+        torch.testing.assert_close(results["eager", attention], results["sdpa", attention], rtol=1e-4, atol=1e-8)
+        assert torch.isfinite(results["eager", attention]).all()
+    torch.testing.assert_close(results["eager", "cp"].sum((1, 2)), logits.gather(1, target[:, None])[:, 0],
+                               rtol=1e-7, atol=0)

@@ -153,6 +153,11 @@ class _Analysis:
         entry = self.registry.lookup(node, self.modules)
         if entry is not None and (entry.shape or entry.constant):
             self.kind[node] = _SHAPE if entry.shape else _CONSTANT
+            if entry.build is not None and active:  # a constant made from an activation: its entry checks the use
+                try:
+                    entry.build(node, self)
+                except Unsupported as reason:
+                    self.unsupported.append((self._label(node)[0], f"{self._label(node)[1]}: {reason}"))
             return
         if not active:  # nothing derived from the input flows through: a constant or a size computation
             self.kind[node] = _CONSTANT if any(self.kind.get(a) == _CONSTANT for a in arguments) else _SHAPE
@@ -398,7 +403,7 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
     _swap_twins(model)
     try:
         graph = _Tracer(registry, allowed).trace(model, concrete_args=_sequential_options(model))
-    except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, AttributeError) as error:
+    except (torch.fx.proxy.TraceError, TypeError, ValueError, NotImplementedError, RuntimeError, AttributeError) as error:
         unsupported = _check_leaves(model, registry, allowed)
         if unsupported:
             raise ConversionError(unsupported) from None

@@ -208,6 +208,36 @@ def _activation(function: Callable, sign: Sign = "none", gate: bool = False) -> 
     return OperationEntry("identity", lambda node, view: Activation(function), sign, gate=gate)
 
 
+_PRODUCTS = (operator.mul, torch.mul, torch.multiply, operator.truediv, torch.div, torch.true_divide, torch.divide,
+             "mul", "div")
+_ROOTS = (torch.rsqrt, torch.sqrt, "rsqrt", "sqrt")
+
+
+def _statistic(square: bool) -> OperationEntry:
+    """A norm's statistic of an activation, held constant (AttnLRP): ``rsqrt``/``sqrt`` whose every use scales an
+    activation (``x * rsqrt(v)``, ``x / sqrt(v)``), and the square ``x ** 2`` whose every path ends in such a root."""
+    def check(node: torch.fx.Node, view: GraphView) -> None:
+        if square:
+            exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+            if exponent != 2:
+                raise Unsupported(f"a power {exponent!r} of an activation (only a norm's square x ** 2 has a rule)")
+            frontier, seen = list(node.users), set()
+            while frontier:
+                user = frontier.pop()
+                if user in seen or user.target in _ROOTS:
+                    continue
+                seen.add(user)
+                if user.op in ("output", "call_module", "placeholder"):
+                    raise Unsupported("a square of an activation that is not a norm's statistic (only "
+                                      "x * rsqrt(mean(x ** 2) + eps) and the like have a rule)")
+                frontier.extend(user.users)
+        elif any(user.target not in _PRODUCTS for user in node.users):
+            raise Unsupported("a square root of an activation that does not scale an activation (only a norm's "
+                              "x * rsqrt(v) or x / sqrt(v) has a rule)")
+        return None
+    return OperationEntry("held constant (a norm's statistic)", check, "none", constant=True)
+
+
 def _rectifier(inplace: bool = False) -> OperationEntry:
     return OperationEntry("rectifier", lambda node, view: ReLU(), "nonnegative", inplace=inplace)
 
@@ -394,9 +424,22 @@ def default_registry() -> OperationRegistry:
         add_function(function, _activation(function, "nonnegative", gate=True))
     add_method("sigmoid", _activation(torch.sigmoid, "nonnegative", gate=True))
     add_method("tanh", _activation(torch.tanh))
+    for function in (operator.neg, torch.neg):  # -x: relevance passes unchanged (its gradient would flip its sign)
+        add_function(function, _activation(torch.neg))
+    add_method("neg", _activation(torch.neg))
 
     # normalization and the output softmax
     add_function(F.layer_norm, OperationEntry("layer norm", lambda node, view: LayerNormFunction()))
+    for function in (torch.rsqrt, torch.sqrt):
+        add_function(function, _statistic(square=False))
+    for name in ("rsqrt", "sqrt"):
+        add_method(name, _statistic(square=False))
+    for function in (torch.pow, operator.pow):
+        add_function(function, _statistic(square=True))
+    add_method("pow", _statistic(square=True))
+    if hasattr(F, "rms_norm"):  # torch >= 2.4
+        add_function(F.rms_norm, OperationEntry("rms norm (rms held constant: identity)",
+                                                lambda node, view: Activation(F.rms_norm)))
     for function in (F.softmax, torch.softmax):
         add_function(function, _softmax(function))
     for function in (F.log_softmax, torch.log_softmax):
@@ -426,7 +469,8 @@ def default_registry() -> OperationRegistry:
         sign: Sign = "nonnegative" if twin in (ReLU6, Sigmoid, Hardsigmoid) else "none"
         add_module(twin, _keep("identity", sign, gate=twin in (Sigmoid, Hardsigmoid)))
     for twin in NORM_TWINS.values():
-        rule = "affine (per channel)" if issubclass(twin, torch.nn.modules.batchnorm._BatchNorm) else "layer norm"
+        rule = ("affine (per channel)" if issubclass(twin, torch.nn.modules.batchnorm._BatchNorm)
+                else "rms norm (rms held constant: identity)" if twin.__name__ == "RMSNorm" else "layer norm")
         add_module(twin, _keep(rule, "none"))
     for module_type in (torch.nn.MaxPool1d, torch.nn.MaxPool2d, torch.nn.MaxPool3d, torch.nn.AdaptiveMaxPool1d,
                         torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d):

@@ -13,8 +13,12 @@ traced graph:
   ``bmm``, two-operand ``einsum``: AttnLRP's uniform rule (the epsilon rule when one factor is a constant);
 * ``softmax`` on an activation: AttnLRP's rule (CP-LRP: a constant), ``scaled_dot_product_attention``: through its
   math (:func:`~torchlrp.functional.attention.attention_rule`);
-* ``gelu``, ``silu``, ``tanh``, ``erf``-based activations: the identity rule; ``sum``/``mean``: the proportional split;
-  ``layer_norm``: the standard deviation held constant;
+* ``gelu``, ``silu``, ``tanh``, ``erf``-based activations and the negation ``-x`` (rotary embeddings'
+  ``rotate_half``): the identity rule; ``sum``/``mean``: the proportional split;
+  ``layer_norm``: the standard deviation held constant; ``rms_norm``: the root mean square held constant (identity);
+* the statistics of hand-written norms -- ``rsqrt``, ``sqrt`` and the square ``x.pow(2)`` / ``x ** 2`` of an
+  activation -- are held constant (AttnLRP), so LLaMA's ``x * torch.rsqrt(x.pow(2).mean(-1) + eps)`` passes
+  relevance to ``x`` unchanged and ``(x - mean) / torch.sqrt(var + eps)`` is explained as a layer norm;
 * index maps (``view``, ``transpose``, ``cat``, indexing, ...), ``relu``, max pooling, dropout: their gradient.
 
 Any other call that makes an activation passes relevance by its gradient and is reported in a warning after the
@@ -24,6 +28,7 @@ forward (never silently). Calls inside torchlrp's own layers and rules run witho
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -32,8 +37,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .functional.attention import attention_rule
-from .functional.operations import (bilinear_rule, identity_rule, layer_norm_rule, scale_rule, softmax_rule,
-                                    weighted_sum_rule)
+from .functional.operations import (bilinear_rule, identity_rule, layer_norm_rule, rms_norm_rule, scale_rule,
+                                    softmax_rule, weighted_sum_rule)
 from .functional.relevance import proportional
 from .registry import INDEX_FUNCTIONS, INDEX_METHODS, SHAPE_METHODS
 from .state import ExplainState
@@ -76,6 +81,7 @@ class RunTimeOperations(TorchFunctionMode):
         self.epsilon = epsilon
         self.gradient_only: dict[str, int] = {}
         self.attention_weights: set[int] = set()
+        self.masked: dict[int, tuple[weakref.ref, Tensor, Tensor]] = {}  # scores + constant, by the sum's id
         self.handlers = _handlers()
 
     def __torch_function__(self, func: Any, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -118,7 +124,10 @@ def _sum(signs: tuple[float, float]) -> Handler:
             return weighted_sum_rule([left, right], signs, epsilon=mode.epsilon)
         if _is_activation(left):  # activation +/- constant
             constant = right * signs[1] if isinstance(right, Tensor) else signs[1] * right
-            return weighted_sum_rule([left], [signs[0]], constant=constant, epsilon=mode.epsilon)
+            result = weighted_sum_rule([left], [signs[0]], constant=constant, epsilon=mode.epsilon)
+            if signs[0] == 1.0 and isinstance(constant, Tensor):  # maybe scores + mask before a softmax
+                mode.masked[id(result)] = (weakref.ref(result), left, constant)
+            return result
         if _is_activation(right):  # constant +/- activation
             return weighted_sum_rule([right], [signs[1]], constant=left, epsilon=mode.epsilon)
         return NotImplemented
@@ -156,9 +165,21 @@ def _quotient(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
 def _softmax(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
     input = args[0]
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-    if not _is_activation(input) or not isinstance(dim, int) or kwargs.get("dtype") is not None:
+    dtype = kwargs.get("dtype", args[2] if len(args) > 2 else None)
+    if not _is_activation(input) or not isinstance(dim, int) or set(kwargs) - {"dim", "dtype", "_stacklevel"}:
         return NotImplemented
-    weights = torch.softmax(input.detach(), dim) if mode.state.attention == "cp" else softmax_rule(input, dim)
+    scores, constant = input, None
+    masked = mode.masked.get(id(input))
+    if masked is not None and masked[0]() is input:  # softmax(scores + mask): the mask is the rule's constant
+        _, scores, constant = masked
+    if dtype is not None:  # softmax(x, dim, dtype=torch.float32) (LLaMA's eager attention): the cast, then the rule
+        input, scores = input.to(dtype), scores.to(dtype)
+    if constant is not None:  # a mask's -inf becomes the dtype's minimum: masked logits get zero relevance, not NaN
+        constant = constant.to(scores.dtype).clamp(min=torch.finfo(scores.dtype).min)
+    if mode.state.attention == "cp":
+        weights = torch.softmax(input.detach(), dim)
+    else:
+        weights = softmax_rule(scores, dim, constant, mode.epsilon)
     mode.attention_weights.add(id(weights))
     return weights
 
@@ -166,8 +187,12 @@ def _softmax(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
 def _attention(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     bound = dict(zip(names, args), **kwargs)
-    if bound.get("dropout_p", 0.0) or bound.get("enable_gqa", False):
+    if bound.get("dropout_p", 0.0):
         return NotImplemented
+    if bound.get("enable_gqa", False):  # grouped-query attention: each key/value head serves a group of query heads
+        groups = bound["query"].shape[-3] // bound["key"].shape[-3]
+        bound["key"] = bound["key"].repeat_interleave(groups, dim=-3)
+        bound["value"] = bound["value"].repeat_interleave(groups, dim=-3)
     output, _ = attention_rule(bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
                                bool(bound.get("is_causal", False)), bound.get("scale"), mode.state.attention,
                                mode.epsilon)
@@ -199,6 +224,23 @@ def _layer_norm(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
                            bound.get("eps", 1e-5), mode.epsilon)
 
 
+def _rms_norm(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+    names = ("input", "normalized_shape", "weight", "eps")
+    bound = dict(zip(names, args), **kwargs)
+    if not _is_activation(bound["input"]):
+        return NotImplemented
+    return rms_norm_rule(bound["input"], bound["normalized_shape"], bound.get("weight"), bound.get("eps"))
+
+
+def _held_constant(function: Callable, exponent: float | None = None) -> Handler:
+    """A normalizer's statistic of an activation, computed as a constant (no relevance flows into it)."""
+    def handle(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+        if not args or not _is_activation(args[0]) or (exponent is not None and (len(args) < 2 or args[1] != exponent)):
+            return NotImplemented
+        return function(args[0].detach(), *args[1:], **kwargs)
+    return handle
+
+
 def _einsum(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
     equation, *operands = args
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -228,9 +270,15 @@ def _handlers() -> dict[Any, Handler]:
         handlers[function] = _softmax
     handlers[F.scaled_dot_product_attention] = _attention
     for function in (F.gelu, F.silu, F.mish, F.elu, F.celu, F.selu, F.softplus, F.leaky_relu, F.hardswish, torch.tanh,
-                     torch.Tensor.tanh, F.tanh, torch.erf):
+                     torch.Tensor.tanh, F.tanh, torch.erf, torch.neg, torch.Tensor.neg, torch.Tensor.__neg__):
         handlers[function] = _identity(function)
     for function in (torch.Tensor.sum, torch.sum, torch.Tensor.mean, torch.mean):
         handlers[function] = _reduction(function)
     handlers[F.layer_norm] = _layer_norm
+    if hasattr(F, "rms_norm"):
+        handlers[F.rms_norm] = _rms_norm
+    for function in (torch.rsqrt, torch.Tensor.rsqrt, torch.sqrt, torch.Tensor.sqrt):
+        handlers[function] = _held_constant(function)
+    for function in (torch.pow, torch.Tensor.pow, torch.Tensor.__pow__):
+        handlers[function] = _held_constant(function, 2)
     return handlers

@@ -5,7 +5,7 @@ from .activation import (CELU, ELU, GELU, SELU, Hardsigmoid, Hardswish, Hardtanh
 from .affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, ExplainableAffine,
                      Linear)
 from .attention import MultiheadAttention, ScaledDotProductAttention
-from .norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm
+from .norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
 from .operation import (Activation, Bilinear, Einsum, FunctionOperation, LayerNormFunction, Operation, OutputSoftmax,
                         Proportional, Scale, Softmax)
 from .pooling import MaxPool, MaxPool1d, MaxPool2d, MaxPool3d
@@ -19,6 +19,6 @@ __all__ = [
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "CyclicPool", "ELU", "Einsum", "ExplainableAffine",
     "FunctionOperation", "GELU", "GroupNorm", "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction",
     "LeakyReLU", "Linear", "MaxPool", "MaxPool1d", "MaxPool2d", "MaxPool3d", "Mish", "MultiheadAttention", "Operation", "OutputSoftmax",
-    "PReLU", "Proportional", "ReLU", "ReLU6", "Rotate", "SELU", "ScaledDotProductAttention", "Scale", "Sequential", "SiLU", "Sigmoid", "Softmax",
+    "PReLU", "Proportional", "RMSNorm", "ReLU", "ReLU6", "Rotate", "SELU", "ScaledDotProductAttention", "Scale", "Sequential", "SiLU", "Sigmoid", "Softmax",
     "Softplus", "Tanh",
 ]
