@@ -315,7 +315,8 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
     ----------
     model : torch.nn.Module
         A classifier (output ``(batch, classes)``), in eval mode. A model without torchlrp layers is converted
-        (:func:`torchlrp.convert`, a copy); the model itself is not modified.
+        (:func:`torchlrp.convert`, a copy, moved to the device); a model with them is used as it is (and moved
+        to the device).
     dataset : torch.utils.data.Dataset
         A map-style dataset (``len`` and ``[i]``) whose samples are input tensors or ``(input, label, ...)`` tuples
         (an ``ImageFolder``, a ``TensorDataset``, :class:`torchlrp.imagenet.ImageFiles`, ...). All inputs must
