@@ -210,6 +210,10 @@ def test_bad_models_and_datasets(tmp_path):
     with pytest.raises(ValueError, match="every input must have one shape"):
         explain_dataset(model(), mixed, "epsilon", tmp_path / "d.zarr", batch_size=4, quiet=True)
     assert open_relevances(tmp_path / "d.zarr").written.sum() == 4  # the chunk before is kept
+    from PIL import Image
+    pictures = [(Image.new("L", (8, 8)), 0)] * 3
+    with pytest.raises(ValueError, match="ToTensor"):
+        explain_dataset(model(), pictures, "epsilon", tmp_path / "f.zarr", quiet=True)
     broken = model()
     broken[3].weight.data[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="not finite"):

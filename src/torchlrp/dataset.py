@@ -383,7 +383,11 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
     try:
         explainable = model if _is_explainable(model) else convert(model)
         explainable = explainable.to(ranks.device)
-        first, _ = _split_sample(torch.utils.data.default_collate([dataset[0]]))
+        try:
+            first, _ = _split_sample(torch.utils.data.default_collate([dataset[0]]))
+        except TypeError as error:  # e.g. PIL images: default_collate cannot batch them
+            raise ValueError(f"the dataset's samples must be tensors or (input, label, ...) tuples with a tensor "
+                             f"input (add a transform such as torchvision.transforms.ToTensor()); {error}") from None
         with torch.no_grad():
             output = explainable(first.to(ranks.device))
         if output.dim() != 2:

@@ -181,6 +181,11 @@ class SoftmaxRelevance(torch.autograd.Function):
         return result.mul_(input).mul_(ratio), None, None, None
 
 
+def _times(tensor: Tensor, factor: float) -> Tensor:
+    """``tensor`` multiplied in place by ``factor`` (no pass for 1)."""
+    return tensor if factor == 1.0 else tensor.mul_(factor)
+
+
 class BilinearRelevance(torch.autograd.Function):
     """Forward: ``function(a, b)``, bilinear. Backward: ``R_a = w_a a * J_a^T s``, ``R_b = w_b b * J_b^T s`` with
     ``s = R / stab(function(a, b))``; the product is recomputed in the backward (its vector-Jacobian products are
@@ -206,8 +211,14 @@ class BilinearRelevance(torch.autograd.Function):
             product = ctx.recomputed if ctx.recomputed is not None else ctx.recompute_product(left, right)
             ctx.recomputed = None
             signal = kernels(False).quotient(relevance, product, ctx.epsilon)
-            if ctx.scale is not None:
-                signal.mul_(ctx.scale)  # the scale's own Jacobian, before the two transposed products
+            # the scale's own Jacobian, and one share when both factors take the same (AttnLRP's 0.5 / 0.5): one
+            # pass over the product instead of one over each factor
+            common = left_share if left_share == right_share else 1.0
+            factor = common if ctx.scale is None else ctx.scale * common
+            if not (isinstance(factor, float) and factor == 1.0):
+                signal.mul_(factor)
+            if common not in (0.0, 1.0):
+                left_share, right_share = left_share / common, right_share / common
             left_vjp = torch.matmul(signal, right.transpose(-2, -1)) if left_share else None
             right_vjp = torch.matmul(left.transpose(-2, -1), signal) if right_share else None
         else:
@@ -216,8 +227,8 @@ class BilinearRelevance(torch.autograd.Function):
                 product = ctx.recompute_product(left_leaf, right_leaf)
                 signal = kernels(False).quotient(relevance, product.detach(), ctx.epsilon)
                 left_vjp, right_vjp = torch.autograd.grad(product, (left_leaf, right_leaf), signal)
-        return (None, None, None, None, left_vjp.mul_(left).mul_(left_share) if left_share else None,
-                right_vjp.mul_(right).mul_(right_share) if right_share else None)
+        return (None, None, None, None, _times(left_vjp.mul_(left), left_share) if left_share else None,
+                _times(right_vjp.mul_(right), right_share) if right_share else None)
 
 
 class NormalizationRelevance(torch.autograd.Function):
@@ -239,12 +250,12 @@ class NormalizationRelevance(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         input, output, inverse_std, weight = ctx.saved_tensors
-        share = kernels(False).quotient(relevance, output, ctx.epsilon)
+        share = kernels(False).quotient(relevance, output, ctx.epsilon)  # a new tensor: updated in place below
         if weight is not None:
-            share = share * weight
+            share.mul_(weight)
         grouped = ctx.groups(share)
-        centred = grouped - grouped.mean(-1, keepdim=True)
-        result = ctx.groups(input) * inverse_std * centred
+        centred = grouped.sub_(grouped.mean(-1, keepdim=True))
+        result = centred.mul_(ctx.groups(input)).mul_(inverse_std)
         return result.reshape(input.shape), None, None, None, None
 
 
