@@ -105,7 +105,22 @@ def test_pretrained_minilm_similarity_tokens_and_conservation():
     tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in encoded["input_ids"]]
     top = [{tokens[s][i] for i in relevance[s].topk(2).indices.tolist()} for s in range(2)]
     assert top == [{"playing", "guitar"}, {"plays", "instrument"}], top
-    # biases, position and token-type embeddings zero: CP-LRP with LRP-0 conserves the similarity
+    # biases zero: CP-LRP with LRP-0 conserves the similarity between the tokens' embeddings and the position and
+    # token-type embeddings (their shares are those parameters' relevance, as ViT's position embedding)
+    rule = lrp.Composite(default="zero", attention="cp")
+    with torch.no_grad():
+        for name, parameter in converted.named_parameters():
+            if name.endswith("bias"):
+                parameter.zero_()
+        value = similarity(embeddings)
+    positions = converted.embeddings.position_embeddings.weight
+    token_types = converted.embeddings.token_type_embeddings.weight
+    carrier = embeddings.detach().clone().requires_grad_(True)
+    with lrp.rules_applied(similarity, rule):
+        shares = torch.autograd.grad(similarity(carrier), (carrier, positions, token_types), value)
+    assert abs(float(shares[1].sum())) > 0.05  # a share of its own, not lost
+    torch.testing.assert_close(sum(share.sum() for share in shares), value.sum(), rtol=1e-6, atol=0)
+    # position and token-type embeddings zero too: the tokens' embeddings take all of it
     with torch.no_grad():
         for name, parameter in converted.named_parameters():
             if name.endswith("bias") or "position_embeddings" in name or "token_type" in name:
