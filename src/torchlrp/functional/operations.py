@@ -169,7 +169,8 @@ class SoftmaxRelevance(torch.autograd.Function):
         constant = saved.pop() if ctx.has_constant else None
         if ctx.producer is not None:
             (output,) = saved
-            input = ctx.producer.recompute_product(*ctx.producer.saved_tensors)
+            left, right, *kept = ctx.producer.saved_tensors
+            input = kept[0] if kept else ctx.producer.recompute_product(left, right)
             ctx.producer.recomputed = input  # the product's own backward needs it next: computed once
         else:
             output, input = saved
@@ -188,8 +189,9 @@ def _times(tensor: Tensor, factor: float) -> Tensor:
 
 class BilinearRelevance(torch.autograd.Function):
     """Forward: ``function(a, b)``, bilinear. Backward: ``R_a = w_a a * J_a^T s``, ``R_b = w_b b * J_b^T s`` with
-    ``s = R / stab(function(a, b))``; the product is recomputed in the backward (its vector-Jacobian products are
-    the function's own backward), so only the two factors are kept, as for the gradient."""
+    ``s = R / stab(function(a, b))``. A product larger than its factors (``q @ k^T``) is recomputed in the backward,
+    so only the two factors are kept, as for the gradient; a batched matrix product no larger than a factor
+    (``attn @ v``) keeps its output instead of recomputing it."""
 
     @staticmethod
     def forward(ctx, function: Callable[[Tensor, Tensor], Tensor], shares: tuple[float, float], epsilon: float,
@@ -200,15 +202,20 @@ class BilinearRelevance(torch.autograd.Function):
         # a batched matrix product without broadcasting: its transposes are written out in the backward
         ctx.matmul = (function is torch.matmul and left.dim() >= 2 and right.dim() >= 2
                       and left.shape[:-2] == right.shape[:-2])
-        ctx.save_for_backward(left, right)
-        return ctx.recompute_product(left, right)
+        output = ctx.recompute_product(left, right)
+        if ctx.matmul and output.numel() <= max(left.numel(), right.numel()):
+            ctx.save_for_backward(left, right, output)  # attn @ v: no larger than a factor, kept, not recomputed
+        else:
+            ctx.save_for_backward(left, right)  # q @ k^T: heads x L x L, recomputed in the backward
+        return output
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
-        left, right = ctx.saved_tensors
+        left, right, *kept = ctx.saved_tensors
         left_share, right_share = ctx.shares
         if ctx.matmul:
-            product = ctx.recomputed if ctx.recomputed is not None else ctx.recompute_product(left, right)
+            product = kept[0] if kept else (ctx.recomputed if ctx.recomputed is not None
+                                            else ctx.recompute_product(left, right))
             ctx.recomputed = None
             signal = kernels(False).quotient(relevance, product, ctx.epsilon)
             # the scale's own Jacobian, and one share when both factors take the same (AttnLRP's 0.5 / 0.5): one
