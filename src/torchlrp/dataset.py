@@ -35,7 +35,7 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -204,6 +204,19 @@ class _Ranks:
         box = [value]
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def progress(self, key: str) -> "Callable[[int], int] | None":
+        """``add(n)``: adds ``n`` to a counter all ranks share and returns its new value (the process group's key-value
+        store); None in one process, or where the store is not reachable."""
+        if not self.active:
+            return None
+        try:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            store = _get_default_store()
+        except (ImportError, RuntimeError, ValueError):
+            return None
+        return lambda count: int(store.add(key, count))
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order."""
@@ -402,11 +415,13 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
                 _open_for_writing(store, settings, storage_options)
             except (ValueError, OSError) as error:
                 failure = error
-        shared = ranks.share(None if failure is None else f"{type(failure).__name__}: {failure}")
+        shared, run = ranks.share((None if failure is None else f"{type(failure).__name__}: {failure}",
+                                   f"torchlrp-explain-dataset-{os.getpid()}-{time.time_ns()}"))
         if failure is not None:
             raise failure
         if shared is not None:
             raise RuntimeError(f"rank 0 could not prepare the store: {shared}")
+        count_all = ranks.progress(run)  # the bar counts every rank's samples where the ranks share a counter
         group = _zarr().open_group(store, mode="r+", storage_options=storage_options)
         done = group["done"][:]
         mine = [chunk for chunk in range(ranks.rank, len(done), ranks.world) if not done[chunk]]
@@ -449,7 +464,10 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
                     pending.pop(0).result()
                 pending.append(writer.submit(_write_chunk, group, chunk, begin, arrays))
                 written += len(inputs)
-                bar.update(min(len(inputs) * ranks.world, samples - bar.n))
+                if count_all is None:
+                    bar.update(min(len(inputs) * ranks.world, samples - bar.n))
+                else:
+                    bar.update(skipped + count_all(len(inputs)) - bar.n)
             for future in pending:
                 future.result()
         seconds = time.perf_counter() - began
