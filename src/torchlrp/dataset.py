@@ -311,6 +311,34 @@ def _scaled(relevance: Tensor, dtype: str) -> tuple[Tensor, Tensor]:
     return relevance / scale.to(relevance.dtype).view(-1, *[1] * (relevance.dim() - 1)), scale
 
 
+def _explain_chunk(model: torch.nn.Module, batch: Any, begin: int, shape: torch.Size, target: str | int, rule: Any,
+                   start: str, dtype: str, device: torch.device) -> dict[str, np.ndarray]:
+    """Explain one collated chunk (samples ``begin ...``) and return the store's arrays for it, on the CPU."""
+    inputs, labels = _split_sample(batch)
+    last = begin + len(inputs) - 1
+    if inputs.shape[1:] != shape:
+        raise ValueError(f"sample {begin}..{last} has shape {tuple(inputs.shape[1:])}, the first sample "
+                         f"{tuple(shape)}: every input must have one shape")
+    if target == "label" and (labels is None or bool((labels < 0).any())):
+        raise ValueError(f"target='label' needs (input, label) samples with integer labels >= 0; samples "
+                         f"{begin}..{last} have none")
+    inputs = inputs.to(device, non_blocking=True)
+    chosen = None if target == "prediction" else (labels.to(device) if target == "label" else target)
+    relevance, scores = explain(model, inputs, target=chosen, rule=rule, start=start, return_scores=True)
+    if not bool(torch.isfinite(relevance).all()):
+        raise FloatingPointError(f"the relevance of samples {begin}..{last} is not finite (NaN or inf); nothing of "
+                                 f"them was written. A larger epsilon, or a float32 model, usually fixes it")
+    prediction = scores.argmax(1)
+    explained = prediction if chosen is None else (
+        chosen if isinstance(chosen, Tensor) else torch.full_like(prediction, chosen))
+    stored, scale = _scaled(relevance, dtype)
+    return {"relevance": stored.to(getattr(torch, dtype)).cpu().numpy(), "scale": scale.cpu().numpy(),
+            "logits": scores.float().cpu().numpy(), "prediction": prediction.cpu().numpy(),
+            "target": explained.long().cpu().numpy(),
+            "label": (labels if labels is not None else torch.full((len(inputs),), -1)).cpu().numpy(),
+            "index": np.arange(begin, begin + len(inputs), dtype=np.int64)}
+
+
 def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Composite", store: Any, *,
                     target: "str | int | None" = None, batch_size: int = 32, num_workers: int = 0,
                     dtype: "torch.dtype | str" = torch.float16, start: str = "one",
@@ -434,40 +462,17 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
         began = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1) as writer:
             for chunk, batch in zip(mine, loader):
-                inputs, labels = _split_sample(batch)
-                begin = chunk * batch_size
-                if inputs.shape[1:] != first.shape[1:]:
-                    raise ValueError(f"sample {begin}..{begin + len(inputs) - 1} has shape {tuple(inputs.shape[1:])}, "
-                                     f"the first sample {tuple(first.shape[1:])}: every input must have one shape")
-                if target_setting == "label" and (labels is None or bool((labels < 0).any())):
-                    raise ValueError(f"target='label' needs (input, label) samples with integer labels >= 0; "
-                                     f"samples {begin}..{begin + len(inputs) - 1} have none")
-                inputs = inputs.to(ranks.device, non_blocking=True)
-                chosen = None if target_setting == "prediction" else (
-                    labels.to(ranks.device) if target_setting == "label" else target_setting)
-                relevance, scores = explain(explainable, inputs, target=chosen, rule=rule, start=start,
-                                            return_scores=True)
-                if not bool(torch.isfinite(relevance).all()):
-                    raise FloatingPointError(
-                        f"the relevance of samples {begin}..{begin + len(inputs) - 1} is not finite (NaN or inf); "
-                        f"nothing of them was written. A larger epsilon, or a float32 model, usually fixes it")
-                prediction = scores.argmax(1)
-                explained = prediction if chosen is None else (
-                    chosen if isinstance(chosen, Tensor) else torch.full_like(prediction, chosen))
-                stored, scale = _scaled(relevance, stored_dtype)
-                arrays = {"relevance": stored.to(getattr(torch, stored_dtype)).cpu().numpy(),
-                          "scale": scale.cpu().numpy(), "logits": scores.float().cpu().numpy(),
-                          "prediction": prediction.cpu().numpy(), "target": explained.long().cpu().numpy(),
-                          "label": (labels if labels is not None else torch.full((len(inputs),), -1)).cpu().numpy(),
-                          "index": np.arange(begin, begin + len(inputs), dtype=np.int64)}
+                arrays = _explain_chunk(explainable, batch, chunk * batch_size, first.shape[1:], target_setting,
+                                        rule, start, stored_dtype, ranks.device)
                 if len(pending) >= 2:  # at most two chunks in flight: the write overlaps the next batch's compute
                     pending.pop(0).result()
-                pending.append(writer.submit(_write_chunk, group, chunk, begin, arrays))
-                written += len(inputs)
+                pending.append(writer.submit(_write_chunk, group, chunk, chunk * batch_size, arrays))
+                size = len(arrays["index"])
+                written += size
                 if count_all is None:
-                    bar.update(min(len(inputs) * ranks.world, samples - bar.n))
+                    bar.update(min(size * ranks.world, samples - bar.n))
                 else:
-                    bar.update(skipped + count_all(len(inputs)) - bar.n)
+                    bar.update(skipped + count_all(size) - bar.n)
             for future in pending:
                 future.result()
         seconds = time.perf_counter() - began
@@ -477,9 +482,9 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
         seconds = max(rank_seconds for _, rank_seconds in counts)
         report = DatasetReport(_store_name(store), samples, sum(per_rank), skipped, per_rank, seconds)
         if ranks.rank == 0 and not quiet:
-            counts = ", ".join(f"rank {rank}: {count}" for rank, count in enumerate(per_rank))
+            listed = ", ".join(f"rank {rank}: {count}" for rank, count in enumerate(per_rank))
             print(f"torchlrp: {report.written} samples explained in {seconds:.1f} s "
-                  f"({report.images_per_second:.1f}/s; {counts}); {skipped} already in the store {report.store}")
+                  f"({report.images_per_second:.1f}/s; {listed}); {skipped} already in the store {report.store}")
         return report
     finally:
         ranks.close()
