@@ -169,8 +169,7 @@ class SoftmaxRelevance(torch.autograd.Function):
         constant = saved.pop() if ctx.has_constant else None
         if ctx.producer is not None:
             (output,) = saved
-            left, right, *kept = ctx.producer.saved_tensors
-            input = kept[0] if kept else ctx.producer.recompute_product(left, right)
+            input = ctx.producer.recompute_product(*ctx.producer.saved_tensors)
             ctx.producer.recomputed = input  # the product's own backward needs it next: computed once
         else:
             output, input = saved
@@ -189,9 +188,8 @@ def _times(tensor: Tensor, factor: float) -> Tensor:
 
 class BilinearRelevance(torch.autograd.Function):
     """Forward: ``function(a, b)``, bilinear. Backward: ``R_a = w_a a * J_a^T s``, ``R_b = w_b b * J_b^T s`` with
-    ``s = R / stab(function(a, b))``. A product larger than its factors (``q @ k^T``) is recomputed in the backward,
-    so only the two factors are kept, as for the gradient; a batched matrix product no larger than a factor
-    (``attn @ v``) keeps its output instead of recomputing it."""
+    ``s = R / stab(function(a, b))``; the product is recomputed in the backward (its vector-Jacobian products are
+    the function's own backward), so only the two factors are kept, as for the gradient."""
 
     @staticmethod
     def forward(ctx, function: Callable[[Tensor, Tensor], Tensor], shares: tuple[float, float], epsilon: float,
@@ -202,20 +200,15 @@ class BilinearRelevance(torch.autograd.Function):
         # a batched matrix product without broadcasting: its transposes are written out in the backward
         ctx.matmul = (function is torch.matmul and left.dim() >= 2 and right.dim() >= 2
                       and left.shape[:-2] == right.shape[:-2])
-        output = ctx.recompute_product(left, right)
-        if ctx.matmul and output.numel() <= max(left.numel(), right.numel()):
-            ctx.save_for_backward(left, right, output)  # attn @ v: no larger than a factor, kept, not recomputed
-        else:
-            ctx.save_for_backward(left, right)  # q @ k^T: heads x L x L, recomputed in the backward
-        return output
+        ctx.save_for_backward(left, right)
+        return ctx.recompute_product(left, right)
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
-        left, right, *kept = ctx.saved_tensors
+        left, right = ctx.saved_tensors
         left_share, right_share = ctx.shares
         if ctx.matmul:
-            product = kept[0] if kept else (ctx.recomputed if ctx.recomputed is not None
-                                            else ctx.recompute_product(left, right))
+            product = ctx.recomputed if ctx.recomputed is not None else ctx.recompute_product(left, right)
             ctx.recomputed = None
             signal = kernels(False).quotient(relevance, product, ctx.epsilon)
             # the scale's own Jacobian, and one share when both factors take the same (AttnLRP's 0.5 / 0.5): one
