@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import torch
