@@ -304,3 +304,11 @@ def test_an_fsspec_url_store(tmp_path):
     assert run(url).skipped == 8
     torch.testing.assert_close(open_relevances(url)[:], open_relevances(tmp_path / "local.zarr")[:], rtol=0, atol=0)
     assert torch.equal(open_relevances(url).logits, open_relevances(tmp_path / "local.zarr").logits)
+
+
+def test_fused_kernels_give_the_same_store(tmp_path):
+    """fused=True (torch.compile'd elementwise kernels) writes the eager run's numbers, up to reassociation."""
+    run(tmp_path / "eager.zarr", dtype="float32")
+    run(tmp_path / "fused.zarr", dtype="float32", fused=True)
+    torch.testing.assert_close(open_relevances(tmp_path / "fused.zarr")[:], open_relevances(tmp_path / "eager.zarr")[:],
+                               rtol=1e-5, atol=1e-7)

@@ -128,6 +128,7 @@ def _add_dataset_parser(commands: "argparse._SubParsersAction") -> None:
     run.add_argument("--dtype", default="float16", choices=("float16", "float32", "float64"),
                      help="relevance dtype in the store (float16, scaled per image)")
     run.add_argument("--device", help="torch device (default: this process's GPU when CUDA is present, else cpu)")
+    run.add_argument("--fused", action="store_true", help="fuse the rules' elementwise work with torch.compile")
     run.add_argument("--quiet", action="store_true", help="no progress bar and no summary (for logs)")
 
 
@@ -153,7 +154,7 @@ def run_explain_dataset(args: argparse.Namespace) -> None:
         model = _model(args.model, args.weights, args.random_weights, args.num_classes)
         explain_dataset(model, data, _rule(args.rule), args.store, target=target, batch_size=args.batch_size,
                         num_workers=args.num_workers, dtype=args.dtype, device=args.device, quiet=args.quiet,
-                        model_name=args.model)
+                        model_name=args.model, fused=args.fused)
     except (ValueError, PermissionError, ImportError) as error:
         raise CommandError(str(error)) from None
 

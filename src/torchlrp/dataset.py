@@ -167,7 +167,7 @@ class _Ranks:
 
 
 def _explain_chunk(model: torch.nn.Module, batch: Any, begin: int, shape: torch.Size, target: str | int, rule: Any,
-                   start: str, dtype: str, device: torch.device) -> dict[str, np.ndarray]:
+                   start: str, dtype: str, device: torch.device, fused: bool) -> dict[str, np.ndarray]:
     """Explain one collated chunk (samples ``begin ...``) and return the store's arrays for it, on the CPU."""
     inputs, labels = _split_sample(batch)
     last = begin + len(inputs) - 1
@@ -179,7 +179,8 @@ def _explain_chunk(model: torch.nn.Module, batch: Any, begin: int, shape: torch.
                          f"{begin}..{last} have none")
     inputs = inputs.to(device, non_blocking=True)
     chosen = None if target == "prediction" else (labels.to(device) if target == "label" else target)
-    relevance, scores = explain(model, inputs, target=chosen, rule=rule, start=start, return_scores=True)
+    relevance, scores = explain(model, inputs, target=chosen, rule=rule, start=start, fused=fused,
+                                return_scores=True)
     if not bool(torch.isfinite(relevance).all()):
         raise FloatingPointError(f"the relevance of samples {begin}..{last} is not finite (NaN or inf); nothing of "
                                  f"them was written. A larger epsilon, or a float32 model, usually fixes it")
@@ -198,7 +199,7 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
                     target: "str | int | None" = None, batch_size: int = 32, num_workers: int = 0,
                     dtype: "torch.dtype | str" = torch.float16, start: str = "one",
                     device: "str | torch.device | None" = None, model_name: str | None = None,
-                    storage_options: dict | None = None, quiet: bool = False) -> DatasetReport:
+                    storage_options: dict | None = None, fused: bool = False, quiet: bool = False) -> DatasetReport:
     """Explain every sample of ``dataset`` and write the relevances into a Zarr store.
 
     One process by default. Under ``torchrun --nproc-per-node N`` (one or many machines) each rank explains its
@@ -240,6 +241,9 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
         Name recorded in the store (default: the model's class name).
     storage_options : dict, optional
         Passed to fsspec for URL stores.
+    fused : bool
+        Fuse the rules' elementwise work with ``torch.compile`` (as :func:`torchlrp.explain`; the first batch
+        compiles). Not part of the run's settings: the numbers agree up to floating-point reassociation.
     quiet : bool
         No progress bar and no summary line (for logs).
 
@@ -318,7 +322,7 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
         with ThreadPoolExecutor(max_workers=1) as writer:
             for chunk, batch in zip(mine, loader):
                 arrays = _explain_chunk(explainable, batch, chunk * batch_size, first.shape[1:], target_setting,
-                                        rule, start, stored_dtype, ranks.device)
+                                        rule, start, stored_dtype, ranks.device, fused)
                 if len(pending) >= 2:  # at most two chunks in flight: the write overlaps the next batch's compute
                     pending.pop(0).result()
                 pending.append(writer.submit(write_chunk, group, chunk, chunk * batch_size, arrays))
