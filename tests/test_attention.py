@@ -325,3 +325,30 @@ def test_vit_trace_records_each_block_output_and_conserves_per_block():
         torch.testing.assert_close(trace[name].flatten(1).sum(1), logits.max(1).values)
     ratios = trace.conservation().ratios
     torch.testing.assert_close(ratios["encoder.layers.encoder_layer_1"], torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("attention", ["attnlrp", "cp"])
+def test_vit_under_bfloat16_autocast_loses_no_more_than_the_gradient(attention, device):
+    """AttnLRP and CP-LRP under bfloat16 autocast: finite, and as close to float32 as gradient x input of the same
+    model is to its own float32 value (the control: what bfloat16 itself costs on this random ViT)."""
+    torch.manual_seed(0)
+    vit = torchvision.models.vit_b_32(image_size=64).eval().to(device)
+    torch.nn.init.normal_(vit.heads.head.weight, std=0.1)
+    model = lrp.convert(vit)
+    x = torch.rand(2, 3, 64, 64, device=device)
+    rule = lrp.Composite(attention=attention)
+    target = vit(x).argmax(1)
+
+    def gradient_x_input():
+        carrier = x.clone().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(vit(carrier).gather(1, target[:, None]).sum(), carrier)
+        return (gradient * carrier).detach().float()
+
+    def cosine(a, b):
+        return float(torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0))
+
+    reference, plain = lrp.explain(model, x, target, rule=rule), gradient_x_input()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        mixed, plain_mixed = lrp.explain(model, x, target, rule=rule), gradient_x_input()
+    assert torch.isfinite(mixed).all() and mixed.dtype == torch.float32
+    assert cosine(mixed, reference) > cosine(plain_mixed, plain) - 0.1
