@@ -113,6 +113,10 @@ def test_bad_input():
         spray(maps, 0, n_neighbors=3)
     with pytest.raises(ValueError, match="max_clusters must be"):
         spray(maps, n_neighbors=3, max_clusters=1)
+    broken = maps.clone()
+    broken[5, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="1 heatmap.*NaN or inf.*sample 5"):
+        spray(broken, n_neighbors=3)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\) or \(N, H, W\)"):
         spray(torch.zeros(12, 5), n_neighbors=3)
 

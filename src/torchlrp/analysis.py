@@ -184,6 +184,10 @@ def spray(relevances: Any, n_clusters: int | None = None, *, samples: Any = None
     if n_clusters is not None and not 1 <= n_clusters <= len(chosen):
         raise ValueError(f"n_clusters must be in 1..{len(chosen)}, got {n_clusters}")
     features = _features(relevances, chosen, tuple(size))
+    if not np.isfinite(features).all():
+        bad = np.flatnonzero(~np.isfinite(features.reshape(len(features), -1)).all(1))
+        raise ValueError(f"{bad.size} heatmap(s) hold NaN or inf (first: sample {chosen[bad[0]]}); spray needs finite "
+                         f"relevance")
     affinity = _graph(features, n_neighbors)
     eigenvalues = _eigenvalues(affinity, max_clusters + 1)
     suggested = int(np.argmax(np.diff(eigenvalues))) + 1
