@@ -230,6 +230,7 @@ def test_indexing(tmp_path):
     mask = relevances.labels == 1
     assert torch.equal(relevances[mask.numpy()], everything[mask])
     assert torch.equal(relevances[10:20:3], everything[10:20:3])
+    assert relevances[[]].shape == (0, 1, 8, 8) and relevances[5:5].shape == (0, 1, 8, 8)
     with pytest.raises(IndexError, match="out of range"):
         relevances[37]
     with pytest.raises(IndexError, match="boolean mask"):

@@ -361,6 +361,7 @@ class Relevances:
             rows = np.arange(len(self))[index]
         else:
             rows = np.asarray(index.cpu() if isinstance(index, Tensor) else index)
+            rows = rows.astype(np.int64) if rows.size == 0 else rows  # [] selects nothing
             if rows.dtype == bool:
                 if rows.shape != (len(self),):
                     raise IndexError(f"a boolean mask must have shape ({len(self)},), got {rows.shape}")
