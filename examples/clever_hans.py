@@ -32,6 +32,7 @@ from torchlrp.dataset import explain_dataset, open_relevances
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZE = 24
 CONFOUNDED = 7
+MODEL_NAME = "clever_hans example CNN"  # recorded in the store: a rerun replaces only a store of this example
 FAINT = 0.2
 TAG = np.zeros((5, 5), dtype=np.float32)
 TAG[[0, -1], :] = TAG[:, [0, -1]] = 1.0  # a hollow square
@@ -89,6 +90,14 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
         return float((model(images).argmax(1) == labels).float().mean())
 
 
+def _made_by_this_example(store: str) -> bool:
+    """Whether ``store`` is a Zarr store this example wrote (named by :data:`MODEL_NAME` in its settings)."""
+    try:
+        return open_relevances(store).settings.get("model") == MODEL_NAME
+    except (FileNotFoundError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(HERE, "plots"), help="output directory")
@@ -114,11 +123,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # explain every image (the whole dataset, as one would audit it) into a Zarr store
     store = args.store or os.path.join(args.out, "clever_hans.zarr")
-    if os.path.isdir(store) and os.path.isfile(os.path.join(store, "zarr.json")):
-        shutil.rmtree(store)  # the example's own output from an earlier run
+    if _made_by_this_example(store):
+        shutil.rmtree(store)  # this example's store from an earlier run; any other store is refused, not removed
     dataset = torch.utils.data.TensorDataset(images, labels)
     explain_dataset(model, dataset, lrp.EpsilonPlusFlat(), store, target="label", batch_size=128,
-                    dtype=torch.float16, quiet=True)
+                    dtype=torch.float16, quiet=True, model_name=MODEL_NAME)
     relevances = open_relevances(store)
 
     # SpRAy on the heatmaps of class 7

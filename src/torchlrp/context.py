@@ -11,7 +11,7 @@ nothing is written on the modules.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -169,6 +169,22 @@ def _check_eval_mode(model: torch.nn.Module) -> None:
                          f"model.eval() first")
 
 
+def has_torchlrp_layers(modules: Iterable[torch.nn.Module]) -> bool:
+    """Whether any of ``modules`` is a torchlrp layer or attention module: something an explanation has a rule for.
+
+    Parameters
+    ----------
+    modules : iterable of torch.nn.Module
+        E.g. ``model.modules()``.
+
+    Returns
+    -------
+    bool
+        False for a model that needs :func:`torchlrp.convert` first.
+    """
+    return any(isinstance(module, (ExplainableAffine, *ATTENTION_TYPES)) for module in modules)
+
+
 def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilon",
                 pattern: PatternsLike | None = None, fused: bool = False) -> ExplainState:
     """Decide rules, patterns, batch-norm folds and non-negative inputs for explaining ``model``.
@@ -194,7 +210,7 @@ def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilo
     state = ExplainState(rules=composite.assign(model, first_layer), fused=bool(fused),
                          attention=composite.attention)
     layers = [m for m in state.rules if isinstance(m, ExplainableAffine)]
-    if not layers and not any(isinstance(m, ATTENTION_TYPES) for m in state.rules):
+    if not has_torchlrp_layers(state.rules):
         raise ValueError(f"{type(model).__name__} contains no torchlrp layer to explain; build it from "
                          f"torchlrp.Linear/Conv2d/... or convert it with torchlrp.convert(model)")
     names = {module: name for name, module in model.named_modules()}
@@ -282,4 +298,5 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
             handle.remove()
 
 
-__all__ = ["OUTPUT_SOFTMAX", "RECTIFIERS", "SIGN_PRESERVING", "build_state", "current", "final_softmax", "rules_applied"]
+__all__ = ["OUTPUT_SOFTMAX", "RECTIFIERS", "SIGN_PRESERVING", "build_state", "current", "final_softmax",
+           "has_torchlrp_layers", "rules_applied"]

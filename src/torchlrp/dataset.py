@@ -23,8 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 from .composites import Composite
 from .convert import convert
 from .explain import explain
-from .modules import ExplainableAffine
-from .modules.attention import ATTENTION_TYPES
+from .context import has_torchlrp_layers
 from .rules import Rule
 from .store import (STORE_DTYPES, STORE_FORMAT, Relevances, create_or_check, open_relevances, require_zarr,
                     run_settings, scaled_for_storage, store_dtype, store_name, write_chunk)
@@ -102,10 +101,6 @@ def _target_setting(target: Any) -> str | int:
         return int(target)
     raise ValueError(f"target must be None or 'prediction' (each sample's top class), 'label' (the dataset's "
                      f"label) or a class index >= 0; got {target!r}")
-
-
-def _is_explainable(model: torch.nn.Module) -> bool:
-    return any(isinstance(module, (ExplainableAffine, *ATTENTION_TYPES)) for module in model.modules())
 
 
 class _Ranks:
@@ -281,7 +276,7 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
                          "would make the heatmaps random)")
     ranks = _Ranks(device)
     try:
-        explainable = model if _is_explainable(model) else convert(model)
+        explainable = model if has_torchlrp_layers(model.modules()) else convert(model)
         explainable = explainable.to(ranks.device)
         try:
             first, _ = _split_sample(torch.utils.data.default_collate([dataset[0]]))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from .modules.activation import ACTIVATION_TWINS, Hardsigmoid, ReLU6, Sigmoid
+from .modules.activation import ACTIVATION_TWINS, Hardsigmoid, IdentityRuleActivation, ReLU6, Sigmoid
 from .modules.affine import ExplainableAffine
 from .modules.attention import MultiheadAttention, ScaledDotProductAttention, ShiftedWindowAttention
 from .modules.norm import NORM_TWINS
@@ -470,7 +470,8 @@ def default_registry() -> OperationRegistry:
         add_module(twin, _keep("identity", sign, gate=twin in (Sigmoid, Hardsigmoid)))
     for twin in NORM_TWINS.values():
         rule = ("affine (per channel)" if issubclass(twin, torch.nn.modules.batchnorm._BatchNorm)
-                else "rms norm (rms held constant: identity)" if twin.__name__ == "RMSNorm" else "layer norm")
+                else "rms norm (rms held constant: identity)" if issubclass(twin, IdentityRuleActivation)
+                else "layer norm")
         add_module(twin, _keep(rule, "none"))
     for module_type in (torch.nn.MaxPool1d, torch.nn.MaxPool2d, torch.nn.MaxPool3d, torch.nn.AdaptiveMaxPool1d,
                         torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d):

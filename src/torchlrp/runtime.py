@@ -37,8 +37,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .functional.attention import attention_rule
-from .functional.operations import (bilinear_rule, identity_rule, layer_norm_rule, rms_norm_rule, scale_rule,
-                                    softmax_rule, weighted_sum_rule)
+from .functional.operations import (bilinear_rule, identity_rule, layer_norm_rule, scale_rule, softmax_rule,
+                                    weighted_sum_rule)
 from .functional.relevance import proportional
 from .registry import INDEX_FUNCTIONS, INDEX_METHODS, SHAPE_METHODS
 from .state import ExplainState
@@ -224,19 +224,13 @@ def _layer_norm(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
                            bound.get("eps", 1e-5), mode.epsilon)
 
 
-def _rms_norm(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
-    names = ("input", "normalized_shape", "weight", "eps")
-    bound = dict(zip(names, args), **kwargs)
-    if not _is_activation(bound["input"]):
-        return NotImplemented
-    return rms_norm_rule(bound["input"], bound["normalized_shape"], bound.get("weight"), bound.get("eps"))
-
-
 def _held_constant(function: Callable, exponent: float | None = None) -> Handler:
     """A normalizer's statistic of an activation, computed as a constant (no relevance flows into it)."""
     def handle(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
-        if not args or not _is_activation(args[0]) or (exponent is not None and (len(args) < 2 or args[1] != exponent)):
+        if not args or not _is_activation(args[0]):
             return NotImplemented
+        if exponent is not None and (len(args) < 2 or not isinstance(args[1], (int, float)) or args[1] != exponent):
+            return NotImplemented  # x ** 3, x ** tensor: not a norm's square
         return function(args[0].detach(), *args[1:], **kwargs)
     return handle
 
@@ -276,7 +270,7 @@ def _handlers() -> dict[Any, Handler]:
         handlers[function] = _reduction(function)
     handlers[F.layer_norm] = _layer_norm
     if hasattr(F, "rms_norm"):
-        handlers[F.rms_norm] = _rms_norm
+        handlers[F.rms_norm] = _identity(F.rms_norm)  # the root mean square held constant: relevance unchanged
     for function in (torch.rsqrt, torch.Tensor.rsqrt, torch.sqrt, torch.Tensor.sqrt):
         handlers[function] = _held_constant(function)
     for function in (torch.pow, torch.Tensor.pow, torch.Tensor.__pow__):

@@ -294,6 +294,7 @@ class Relevances:
         self._group = group
         self.settings = dict(group.attrs["torchlrp"])
         self._done = group["done"][:]
+        self._written = np.repeat(self._done, self.settings["batch_size"])[:len(self)]
 
     def __len__(self) -> int:
         return int(self.settings["samples"])
@@ -309,8 +310,9 @@ class Relevances:
 
     @property
     def written(self) -> np.ndarray:
-        """Boolean mask ``(samples,)``: which samples are in the store (all of them once the run finished)."""
-        return np.repeat(self._done, self.settings["batch_size"])[:len(self)]
+        """Boolean mask ``(samples,)``: which samples were in the store when it was opened (all of them once the run
+        finished)."""
+        return self._written
 
     @property
     def complete(self) -> bool:

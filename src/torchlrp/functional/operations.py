@@ -479,25 +479,4 @@ def group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias:
     return NormalizationRelevance.apply(input, normalize, groups, channel_weight, epsilon)
 
 
-def rms_norm_rule(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float | None) -> Tensor:
-    """``torch.nn.functional.rms_norm`` explained with the root mean square held constant (AttnLRP).
-
-    With ``s = 1 / rms(x)`` held constant, ``y_i = w_i s x_i`` is a diagonal linear map without bias, and the
-    epsilon rule ``x_i w_i s R_i / y_i`` gives ``R_i``: relevance passes the norm unchanged (the identity rule).
-
-    Parameters
-    ----------
-    input, normalized_shape, weight, eps
-        As for :func:`torch.nn.functional.rms_norm`.
-
-    Returns
-    -------
-    Tensor
-        The RMS norm's output; its backward returns the output relevance as the input relevance.
-    """
-    normalized_shape = list(normalized_shape)
-    return identity_rule(input, lambda tensor: torch.nn.functional.rms_norm(tensor, normalized_shape, weight, eps))
-
-
-__all__ += ["bilinear_rule", "group_norm_rule", "layer_norm_rule", "rms_norm_rule", "root_mean_square_rule",
-            "softmax_rule"]
+__all__ += ["bilinear_rule", "group_norm_rule", "layer_norm_rule", "root_mean_square_rule", "softmax_rule"]

@@ -7,7 +7,7 @@
 * ``LayerNorm`` and ``GroupNorm``: the division by the standard deviation held constant (AttnLRP, Achtibat et al.
   2024), which makes them linear; see :class:`~torchlrp.functional.operations.NormalizationRelevance`.
 * ``RMSNorm`` (torch >= 2.4): the root mean square held constant, which makes it diagonal: relevance passes
-  unchanged (:func:`~torchlrp.functional.operations.rms_norm_rule`).
+  unchanged (the identity rule, as for the activations).
 
 Each class subclasses its torch layer (same constructor, same ``state_dict``). Outside an explanation, under a
 gradient-type rule, or (batch norm) in training mode, the forward is the torch one.
@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional.operations import ChannelAffineRelevance, group_norm_rule, layer_norm_rule, rms_norm_rule
+from ..functional.operations import ChannelAffineRelevance, group_norm_rule, layer_norm_rule
+from .activation import IdentityRuleActivation
 from .operation import Operation
 
 
@@ -100,27 +101,12 @@ class GroupNorm(Operation, torch.nn.GroupNorm):
         return group_norm_rule(input, self.num_groups, self.weight, self.bias, self.eps, rule.epsilon)
 
 
-class RMSNorm(Operation, getattr(torch.nn, "RMSNorm", torch.nn.Module)):
-    """``torch.nn.RMSNorm`` (torch >= 2.4) with the root mean square held constant while explaining (AttnLRP):
-    relevance passes it unchanged."""
+class RMSNorm(IdentityRuleActivation, getattr(torch.nn, "RMSNorm", torch.nn.Module)):
+    """``torch.nn.RMSNorm`` (torch >= 2.4) with the root mean square held constant while explaining (AttnLRP).
 
-    def forward(self, input: Tensor) -> Tensor:
-        """Normalize over the last ``len(normalized_shape)`` dimensions.
-
-        Parameters
-        ----------
-        input : Tensor
-            The input.
-
-        Returns
-        -------
-        Tensor
-            The torch RMS norm's output.
-        """
-        rule = self.operation_rule()
-        if rule is None:
-            return super().forward(input)
-        return rms_norm_rule(input, self.normalized_shape, self.weight, self.eps)
+    With ``s = 1 / rms(x)`` constant, ``y_i = w_i s x_i`` is a diagonal linear map without bias, and the epsilon
+    rule ``x_i w_i s R_i / y_i`` gives ``R_i``: relevance passes the norm unchanged (the identity rule).
+    """
 
 
 #: torch normalization class -> its explainable twin
