@@ -157,7 +157,8 @@ class _Analysis:
                 try:
                     entry.build(node, self)
                 except Unsupported as reason:
-                    self.unsupported.append((self._label(node)[0], f"{self._label(node)[1]}: {reason}"))
+                    path, label = self._label(node)
+                    self.unsupported.append((path, f"{label}: {reason}"))
             return
         if not active:  # nothing derived from the input flows through: a constant or a size computation
             self.kind[node] = _CONSTANT if any(self.kind.get(a) == _CONSTANT for a in arguments) else _SHAPE

@@ -41,9 +41,9 @@ def torchvision_model(name: str, weights: str | None = "DEFAULT", num_classes: i
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
     builder = getattr(torchvision.models, name)
-    head = {} if num_classes is None else {"num_classes": num_classes}
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    head = {} if num_classes is None else {"num_classes": num_classes}
     if weights is None:
         return builder(weights=None, **head).eval()
     looks_like_path = os.sep in weights or weights.endswith((".pt", ".pth", ".bin"))
