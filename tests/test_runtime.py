@@ -228,10 +228,11 @@ def test_llama_from_its_config_eager_and_sdpa_agree_and_conserve():
         config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                              attn_implementation=implementation)
-        torch.manual_seed(0)
         models[implementation] = LlamaForCausalLM(config).double().eval()
+    models["sdpa"].load_state_dict(models["eager"].state_dict())  # one set of weights, two attention paths
     ids = torch.randint(0, 50, (2, 7))
     embeddings = models["eager"].model.embed_tokens(ids).detach()
+    torch.testing.assert_close(LastToken(models["sdpa"])(embeddings), LastToken(models["eager"])(embeddings))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         explained = {name: LastToken(lrp.convert(model)) for name, model in models.items()}

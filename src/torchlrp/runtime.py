@@ -80,7 +80,6 @@ class RunTimeOperations(TorchFunctionMode):
         self.state = state
         self.epsilon = epsilon
         self.gradient_only: dict[str, int] = {}
-        self.attention_weights: set[int] = set()
         self.masked: dict[int, tuple[weakref.ref, Tensor, Tensor]] = {}  # scores + constant, by the sum's id
         self.handlers = _handlers()
 
@@ -126,7 +125,8 @@ def _sum(signs: tuple[float, float]) -> Handler:
             constant = right * signs[1] if isinstance(right, Tensor) else signs[1] * right
             result = weighted_sum_rule([left], [signs[0]], constant=constant, epsilon=mode.epsilon)
             if signs[0] == 1.0 and isinstance(constant, Tensor):  # maybe scores + mask before a softmax
-                mode.masked[id(result)] = (weakref.ref(result), left, constant)
+                key, table = id(result), mode.masked
+                table[key] = (weakref.ref(result, lambda _: table.pop(key, None)), left, constant)
             return result
         if _is_activation(right):  # constant +/- activation
             return weighted_sum_rule([right], [signs[1]], constant=left, epsilon=mode.epsilon)
@@ -140,12 +140,8 @@ def _product(function: Callable[[Tensor, Tensor], Tensor], elementwise: bool) ->
             return NotImplemented
         left, right = args
         left_active, right_active = _is_activation(left), _is_activation(right)
-        if left_active and right_active:
-            attention = [id(left) in mode.attention_weights, id(right) in mode.attention_weights]
-            shares = (0.5, 0.5)
-            if mode.state.attention == "cp" and any(attention):
-                shares = (0.0, 1.0) if attention[0] else (1.0, 0.0)
-            return bilinear_rule(function, left, right, shares, mode.epsilon)
+        if left_active and right_active:  # CP-LRP's attention weights are constants: they never reach this line
+            return bilinear_rule(function, left, right, (0.5, 0.5), mode.epsilon)
         if elementwise:
             if left_active:
                 return scale_rule(left, right, function)
@@ -176,12 +172,9 @@ def _softmax(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
         input, scores = input.to(dtype), scores.to(dtype)
     if constant is not None:  # a mask's -inf becomes the dtype's minimum: masked logits get zero relevance, not NaN
         constant = constant.to(scores.dtype).clamp(min=torch.finfo(scores.dtype).min)
-    if mode.state.attention == "cp":
-        weights = torch.softmax(input.detach(), dim)
-    else:
-        weights = softmax_rule(scores, dim, constant, mode.epsilon)
-    mode.attention_weights.add(id(weights))
-    return weights
+    if mode.state.attention == "cp":  # CP-LRP: the weights are a constant of the product with the values
+        return torch.softmax(input.detach(), dim)
+    return softmax_rule(scores, dim, constant, mode.epsilon)
 
 
 def _attention(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
