@@ -207,20 +207,27 @@ def test_a_power_or_root_that_is_not_a_norm_statistic_is_refused():
             lrp.convert(model.eval())
 
 
+class _LastToken(torch.nn.Module):
+    """A causal language model's logits at the last position, from input embeddings (and a padding mask)."""
+
+    def __init__(self, model, attention_mask=None):
+        super().__init__()
+        self.model = model
+        self.attention_mask = attention_mask
+
+    def forward(self, embeddings):
+        return self.model(inputs_embeds=embeddings, attention_mask=self.attention_mask).logits[:, -1, :]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
-def test_llama_from_its_config_eager_and_sdpa_agree_and_conserve():
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked-token"])
+def test_llama_from_its_config_eager_and_sdpa_agree_and_conserve(masked):
     """A 2-layer LLaMA (random weights, grouped-query attention, rotary embeddings, RMSNorm, SiLU gate), explained
     at run time: eager attention and SDPA give the same relevance, every call has a rule (no warning), and with
-    CP-LRP + LRP-0 (LLaMA has no biases) the embeddings' relevance adds up to the logit."""
+    CP-LRP + LRP-0 (LLaMA has no biases) the embeddings' relevance adds up to the logit. With a token masked out by
+    ``attention_mask``: SDPA gets a boolean mask instead of ``is_causal``, eager an additive one, and the masked
+    token, which the last position cannot see, gets no relevance."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    class LastToken(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, embeddings):
-            return self.model(inputs_embeds=embeddings).logits[:, -1, :]
 
     torch.manual_seed(0)
     models = {}
@@ -232,20 +239,28 @@ def test_llama_from_its_config_eager_and_sdpa_agree_and_conserve():
     models["sdpa"].load_state_dict(models["eager"].state_dict())  # one set of weights, two attention paths
     ids = torch.randint(0, 50, (2, 7))
     embeddings = models["eager"].model.embed_tokens(ids).detach()
-    torch.testing.assert_close(LastToken(models["sdpa"])(embeddings), LastToken(models["eager"])(embeddings))
+    attention_mask = None
+    if masked:
+        attention_mask = torch.ones(2, 7, dtype=torch.long)
+        attention_mask[0, 2] = 0
+    torch.testing.assert_close(_LastToken(models["sdpa"], attention_mask)(embeddings),
+                               _LastToken(models["eager"], attention_mask)(embeddings))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        explained = {name: LastToken(lrp.convert(model)) for name, model in models.items()}
+        explained = {name: _LastToken(lrp.convert(model), attention_mask) for name, model in models.items()}
         logits = explained["eager"](embeddings).detach()
         target = logits.argmax(1)
         results = {(name, attention): lrp.explain(model, embeddings, target, start="logit",
                                                   rule=lrp.Composite(default="zero", attention=attention))
                    for name, model in explained.items() for attention in ("attnlrp", "cp")}
     assert not [w for w in caught if "no relevance rule" in str(w.message)], [str(w.message) for w in caught]
-    torch.testing.assert_close(LastToken(models["eager"])(embeddings), logits)
+    torch.testing.assert_close(_LastToken(models["eager"], attention_mask)(embeddings), logits)
     for attention in ("attnlrp", "cp"):
-        # the same rules; the two paths apply the 1e-6 stabilizers at different places (scaling before or after)
+        # the same rules; eager attention's softmax runs in float32 (LLaMA casts it), SDPA's in float64
         torch.testing.assert_close(results["eager", attention], results["sdpa", attention], rtol=1e-4, atol=1e-8)
         assert torch.isfinite(results["eager", attention]).all()
+        if masked:
+            assert (results["eager", attention][0, 2] == 0).all() and (results["sdpa", attention][0, 2] == 0).all()
+            assert (results["eager", attention][0, 3] != 0).any()
     torch.testing.assert_close(results["eager", "cp"].sum((1, 2)), logits.gather(1, target[:, None])[:, 0],
                                rtol=1e-7, atol=0)
