@@ -352,3 +352,46 @@ def test_vit_under_bfloat16_autocast_loses_no_more_than_the_gradient(attention, 
         mixed, plain_mixed = lrp.explain(model, x, target, rule=rule), gradient_x_input()
     assert torch.isfinite(mixed).all() and mixed.dtype == torch.float32
     assert cosine(mixed, reference) > cosine(plain_mixed, plain) - 0.1
+
+
+def _three_rules(query, key, value, constant, scale, epsilon):
+    """The attention written as the three rules one after the other: ``q k^T`` and ``w v`` by the uniform rule,
+    the softmax by AttnLRP's rule with the constant as its additive constant."""
+    from torchlrp.functional.operations import bilinear_rule, softmax_rule
+
+    scores = bilinear_rule(torch.matmul, query, key.transpose(-2, -1), (0.5, 0.5), epsilon, scale)
+    return bilinear_rule(torch.matmul, softmax_rule(scores, -1, constant, epsilon), value, (0.5, 0.5), epsilon)
+
+
+@pytest.mark.parametrize("case", ["plain", "mask", "broadcast-bias", "per-window", "per-head-scale"])
+def test_fused_attention_node_equals_the_three_rules(case, device):
+    """AttentionRelevance (torch's kernel forward, one backward) gives the relevance of the three rules applied one
+    after the other, for each kind of constant and scale the callers pass; and its forward is the attention."""
+    from torchlrp.functional.attention import scaled_attention_rule
+
+    torch.manual_seed(0)
+    images, windows, heads, length, width = 2, 3, 2, 5, 4
+    shape = (images * windows, heads, length, width)
+    query, key, value = (torch.randn(shape, dtype=torch.float64, device=device) for _ in range(3))
+    constant, scale = None, 0.7
+    if case == "mask":
+        constant = torch.zeros(length, length, dtype=torch.float64, device=device)
+        constant.masked_fill_(torch.ones(length, length, dtype=torch.bool, device=device).triu(1),
+                              torch.finfo(torch.float64).min)
+    elif case == "broadcast-bias":
+        constant = torch.randn(1, heads, length, length, dtype=torch.float64, device=device)
+    elif case == "per-window":  # Swin: (1, windows, 1, N, N) per window of each image
+        constant = torch.randn(1, windows, 1, length, length, dtype=torch.float64, device=device)
+    elif case == "per-head-scale":  # Swin V2's logit scale
+        scale = torch.tensor([2.0, 5.0], dtype=torch.float64, device=device).view(heads, 1, 1)
+    start = torch.randn(shape, dtype=torch.float64, device=device)
+    results = []
+    for function in (scaled_attention_rule, _three_rules):
+        inputs = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
+        output = function(*inputs, constant, scale, 1e-6)
+        results.append((output.detach(), torch.autograd.grad(output, inputs, start)))
+    (fused_output, fused), (output, composed) = results
+    torch.testing.assert_close(fused_output, output)
+    for fused_relevance, relevance in zip(fused, composed):
+        torch.testing.assert_close(fused_relevance, relevance, rtol=1e-9, atol=1e-12)
+        assert relevance.abs().sum() > 0

@@ -188,7 +188,7 @@ def _attention(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
         bound["value"] = bound["value"].repeat_interleave(groups, dim=-3)
     output, _ = attention_rule(bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
                                bool(bound.get("is_causal", False)), bound.get("scale"), mode.state.attention,
-                               mode.epsilon)
+                               mode.epsilon, need_weights=False)
     return output
 
 

@@ -6,6 +6,10 @@ softmax AttnLRP's rule ``R_x = x (R - s sum R)`` (Achtibat et al. 2024), and an 
 bias, ``-inf`` for masked keys) is a constant of the sum that takes its proportional share. With
 ``mode="cp"`` the attention weights are held constant instead (CP-LRP, Ali et al. 2022): relevance flows only
 through the values, and the queries and keys receive none.
+
+Under AttnLRP the three steps are one autograd node (:class:`AttentionRelevance`): torch's attention kernel runs the
+forward and nothing of ``heads x L x S`` size is kept; the backward recomputes the scores and weights once and
+applies the three rules in place, as the gradient's attention backward recomputes them.
 """
 from __future__ import annotations
 
@@ -13,9 +17,12 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .operations import bilinear_rule, softmax_rule
+from .kernels import kernels
+from .operations import add_logit_constant, bilinear_rule
+from .stabilize import stabilize
 
 ATTENTION_MODES = ("attnlrp", "cp")
 
@@ -73,8 +80,86 @@ def attention_mask(mask: Tensor | None, is_causal: bool, query: Tensor, key: Ten
     return additive_mask([(causal, True), (mask, True)], query.dtype)
 
 
+class AttentionRelevance(torch.autograd.Function):
+    """Forward: ``softmax(q k^T * scale + c) v`` by torch's kernel. Backward: AttnLRP's rules of its three steps.
+
+    With ``z = q k^T * scale``, ``w = softmax(z + c)``, ``o = w v`` and ``s = R_o / stab(o)``: the uniform rule of
+    ``w v`` gives ``R_v = v * w^T s / 2`` and ``R_w = w * s v^T / 2``; the softmax rule gives the logits
+    ``R_{z+c} = (z + c)(R_w - w sum R_w)``, of which the scores take ``z / stab(z + c)``; the uniform rule of
+    ``q k^T`` gives ``R_q = q * (R_z / stab(z)) k * scale / 2`` and ``R_k`` likewise -- the numbers of the three
+    rules applied one after the other (:func:`~torchlrp.functional.operations.bilinear_rule`,
+    :func:`~torchlrp.functional.operations.softmax_rule`). Only ``q``, ``k``, ``v`` and ``o`` are kept.
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, constant: Tensor | None, scale: float | Tensor,
+                epsilon: float) -> Tensor:  # noqa: D102
+        ctx.scale, ctx.epsilon, ctx.has_constant = scale, epsilon, constant is not None
+        if isinstance(scale, Tensor):  # a scale per head (Swin V2): applied to the queries, the kernel's scale 1
+            scaled, kernel_scale = query * scale, 1.0
+        else:
+            scaled, kernel_scale = query, scale
+        views = (scaled, key, value)
+        if constant is not None and constant.dim() == query.dim() + 1:  # a constant per window of each image
+            views = tuple(tensor.unflatten(0, (-1, constant.shape[1])) for tensor in views)
+        mask = None if constant is None else constant.to(query.dtype)
+        output = F.scaled_dot_product_attention(*views, attn_mask=mask, scale=kernel_scale).view(
+            *query.shape[:-1], value.shape[-1])
+        ctx.save_for_backward(query, key, value, output, *(() if constant is None else (constant,)))
+        return output
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        query, key, value, output, *constant = ctx.saved_tensors
+        epsilon = ctx.epsilon
+        scores = torch.matmul(query, key.transpose(-2, -1)).mul_(ctx.scale)
+        logits = add_logit_constant(scores, constant[0]) if constant else scores
+        weights = torch.softmax(logits, -1)
+        signal = kernels(False).quotient(relevance, output, epsilon)
+        value_relevance = torch.matmul(weights.transpose(-2, -1), signal).mul_(value).mul_(0.5)
+        core = torch.matmul(signal, value.transpose(-2, -1)).mul_(weights)  # 2 R_w
+        core.addcmul_(weights, core.sum(-1, keepdim=True), value=-1)  # 2 (R_w - w sum R_w)
+        if constant:  # the logits' relevance, the scores' share of it, over the scores: one factor
+            core.mul_(logits).div_(stabilize(logits, epsilon))
+        core.mul_(scores).div_(stabilize(scores, epsilon))
+        factor = ctx.scale * 0.25  # the scale's Jacobian, the two halves (the softmax's 2 R_w, the uniform rule)
+        query_relevance = torch.matmul(core, key).mul_(query).mul_(factor)
+        key_relevance = torch.matmul(core.transpose(-2, -1), query).mul_(key).mul_(factor)
+        return query_relevance, key_relevance, value_relevance, None, None, None
+
+
+def scaled_attention_rule(query: Tensor, key: Tensor, value: Tensor, constant: Tensor | None = None,
+                          scale: float | Tensor | None = None, epsilon: float = 1e-6) -> Tensor:
+    """``softmax(query key^T * scale + constant) value`` explained by AttnLRP's rules, in one autograd node.
+
+    Parameters
+    ----------
+    query, key, value : Tensor
+        Shapes ``(..., L, E)``, ``(..., S, E)``, ``(..., S, Ev)``.
+    constant : Tensor, optional
+        An additive constant of the logits (a mask with finite values, a relative position bias), broadcastable to
+        ``(..., L, S)``, or with one more leading dimension: ``(1, windows, ...)`` for queries of shape
+        ``(images * windows, ...)`` (Swin). It takes its proportional share of the logits' relevance.
+    scale : float or Tensor, optional
+        Factor of the scores (default ``1 / sqrt(E)``); a tensor broadcastable to ``(..., L, S)`` with size 1 in
+        the last two dimensions (Swin V2's per-head logit scale).
+    epsilon : float
+        Stabilizer of the products' and the constant's shares.
+
+    Returns
+    -------
+    Tensor
+        The attention output ``(..., L, Ev)``.
+    """
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scale = scale.detach() if isinstance(scale, Tensor) else float(scale)
+    constant = None if constant is None else constant.detach()
+    return AttentionRelevance.apply(query, key, value, constant, scale, epsilon)
+
+
 def attention_rule(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None, is_causal: bool = False,
-                   scale: float | None = None, mode: str = "attnlrp", epsilon: float = 1e-6) -> tuple[Tensor, Tensor]:
+                   scale: float | None = None, mode: str = "attnlrp", epsilon: float = 1e-6,
+                   need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention whose backward is AttnLRP's (or CP-LRP's) relevance.
 
     Parameters
@@ -92,11 +177,13 @@ def attention_rule(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | Non
         AttnLRP's rules, or the attention weights held constant (CP-LRP).
     epsilon : float
         Stabilizer of the products' and the mask sum's denominators.
+    need_weights : bool
+        Whether to return the attention weights (computed apart, without relevance, under AttnLRP).
 
     Returns
     -------
     tuple of Tensor
-        The output ``(..., L, Ev)`` and the attention weights ``(..., L, S)``.
+        The output ``(..., L, Ev)`` and the attention weights ``(..., L, S)`` (None if not ``need_weights``).
 
     Raises
     ------
@@ -113,6 +200,9 @@ def attention_rule(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | Non
             scores = torch.matmul(query, transposed_key) * scale
             weights = torch.softmax(scores if additive is None else scores + additive, dim=-1)
         return bilinear_rule(torch.matmul, weights, value, (0.0, 1.0), epsilon), weights
-    scores = bilinear_rule(torch.matmul, query, transposed_key, (0.5, 0.5), epsilon, scale)
-    weights = softmax_rule(scores, -1, additive, epsilon)  # a mask is an additive constant of the logits
-    return bilinear_rule(torch.matmul, weights, value, (0.5, 0.5), epsilon), weights
+    output = scaled_attention_rule(query, key, value, additive, scale, epsilon)  # a mask: an additive constant
+    if not need_weights:
+        return output, None
+    with torch.no_grad():
+        scores = torch.matmul(query, transposed_key) * scale
+        return output, torch.softmax(scores if additive is None else scores + additive, dim=-1)

@@ -45,6 +45,27 @@ def _sum_to(tensor: Tensor, shape: torch.Size) -> Tensor:
     return tensor if tensor.shape == shape else tensor.sum_to_size(shape)
 
 
+def add_logit_constant(logits: Tensor, constant: Tensor) -> Tensor:
+    """Return ``logits + constant``; a constant with one more leading dimension (Swin: a mask per window of each
+    image, ``(1, windows, ...)``) is added to the logits viewed as ``(images, windows, ...)``.
+
+    Parameters
+    ----------
+    logits : Tensor
+        Attention scores ``(..., L, S)``.
+    constant : Tensor
+        Broadcastable to ``logits``, or with one more leading dimension (see above).
+
+    Returns
+    -------
+    Tensor
+        A new tensor of the logits' shape.
+    """
+    if constant.dim() == logits.dim() + 1:
+        return (logits.view(-1, constant.shape[1], *logits.shape[1:]) + constant).view(logits.shape)
+    return logits + constant
+
+
 class IdentityRelevance(torch.autograd.Function):
     """Forward: ``function(input)``. Backward: the output relevance, unchanged.
 
@@ -144,16 +165,8 @@ class SoftmaxRelevance(torch.autograd.Function):
     """
 
     @staticmethod
-    def _logits(input: Tensor, constant: Tensor) -> Tensor:
-        """``input + constant``; a constant with one more leading dimension (Swin: a mask per window of each image,
-        ``(1, windows, ...)``) is added to the logits viewed as ``(images, windows, ...)``."""
-        if constant.dim() == input.dim() + 1:
-            return (input.view(-1, constant.shape[1], *input.shape[1:]) + constant).view(input.shape)
-        return input + constant
-
-    @staticmethod
     def forward(ctx, input: Tensor, dim: int, constant: Tensor | None, epsilon: float) -> Tensor:  # noqa: D102
-        logits = input if constant is None else SoftmaxRelevance._logits(input, constant)
+        logits = input if constant is None else add_logit_constant(input, constant)
         output = torch.softmax(logits, dim)
         ctx.dim, ctx.epsilon, ctx.keeps_output = dim, epsilon, True
         producer = input.grad_fn
@@ -176,7 +189,7 @@ class SoftmaxRelevance(torch.autograd.Function):
         result = torch.addcmul(relevance, output, relevance.sum(ctx.dim, keepdim=True), value=-1)
         if constant is None:
             return result.mul_(input), None, None, None
-        logits = SoftmaxRelevance._logits(input, constant)  # R_z = z * core; the scores' share: core * x * z / stab(z)
+        logits = add_logit_constant(input, constant)  # R_z = z * core; the scores' share: core * x * z / stab(z)
         ratio = torch.div(logits, stabilize(logits, ctx.epsilon))
         return result.mul_(input).mul_(ratio), None, None, None
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..functional.affine import AffineOp
-from ..functional.attention import additive_mask, attention_rule
-from ..functional.operations import bilinear_rule, scale_rule, softmax_rule
+from ..functional.attention import additive_mask, attention_rule, scaled_attention_rule
+from ..functional.operations import add_logit_constant, bilinear_rule, scale_rule
 from ..functional.relevance import AffineRelevance
 from ..rules import Rule
 from ..state import current
@@ -84,16 +84,16 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         mask = self._additive_mask(key_padding_mask, attn_mask, batch, length, source, q.dtype)
         epsilon = min(getattr(rule, "epsilon", 1e-6), 1e-6)  # the proportional split's, as for other operations
         output, weights = attention_rule(q, k, v, mask, is_causal and mask is None, mode=state.attention,
-                                         epsilon=epsilon)
+                                         epsilon=epsilon, need_weights=need_weights)
         output = output.transpose(1, 2).flatten(2)
         output = _projection(output, self.out_proj.weight, self.out_proj.bias, rule, state.fused)
         if unbatched:
-            output, weights = output.squeeze(0), weights.squeeze(0)
+            output = output.squeeze(0)
         elif not self.batch_first:
             output = output.transpose(0, 1)
         if not need_weights:
             return output, None
-        weights = weights.detach()
+        weights = weights.detach().squeeze(0) if unbatched else weights.detach()
         return output, weights.mean(dim=-3) if average_attn_weights else weights
 
     def _additive_mask(self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, batch: int, length: int,
@@ -143,7 +143,7 @@ class ScaledDotProductAttention(Operation, torch.nn.Module):
         if kwargs.get("enable_gqa"):
             raise ValueError("torchlrp does not explain scaled_dot_product_attention with enable_gqa=True")
         output, _ = attention_rule(query, key, value, attn_mask, is_causal, scale, current().attention,
-                                   rule.epsilon)
+                                   rule.epsilon, need_weights=False)
         return output
 
 
@@ -212,18 +212,18 @@ class ShiftedWindowAttention(torch.nn.Module):
         tokens = x.size(1)
         qkv = qkv.reshape(x.size(0), tokens, 3, num_heads, channels // num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attention = self._scores(q, k, logit_scale, channels // num_heads, epsilon, state.attention)
+        q, k, factor = self._factors(q, k, logit_scale, channels // num_heads)
         constant = relative_position_bias.unsqueeze(0)  # (1, 1, heads, N, N)
         if sum(shift) > 0:
             constant = constant + self._window_mask(x, pad_h, pad_w, window_size, shift, windows).unsqueeze(0)
         constant = constant.detach()  # (1, 1 or windows, heads or 1, N, N): per window of each image
         if state.attention == "cp":
             with torch.no_grad():
-                logits = (attention.view(batch, windows, num_heads, tokens, tokens) + constant)
-                weights = torch.softmax(logits.view(-1, num_heads, tokens, tokens), dim=-1)
+                logits = add_logit_constant(torch.matmul(q, k.transpose(-2, -1)) * factor, constant)
+                weights = torch.softmax(logits, dim=-1)
             x = bilinear_rule(torch.matmul, weights, v, (0.0, 1.0), epsilon)
         else:  # the bias and the mask are additive constants of the logits
-            x = bilinear_rule(torch.matmul, softmax_rule(attention, -1, constant, epsilon), v, (0.5, 0.5), epsilon)
+            x = scaled_attention_rule(q, k, v, constant, factor, epsilon)
         x = x.transpose(1, 2).reshape(x.size(0), tokens, channels)
         x = _projection(x, proj_weight, proj_bias, rule, state.fused)
         x = x.view(batch, pad_h // window_size[0], pad_w // window_size[1], window_size[0], window_size[1], channels)
@@ -233,20 +233,16 @@ class ShiftedWindowAttention(torch.nn.Module):
         return x[:, :height, :width, :].contiguous()
 
     @staticmethod
-    def _scores(q: Tensor, k: Tensor, logit_scale: Tensor | None, head_dim: int, epsilon: float,
-                mode: str) -> Tensor:
-        """``q k^T`` scaled (Swin) or cosine similarities times the logit scale (Swin V2): the uniform rule, with
-        the norms and scales held constant (a constant when the weights are, under CP-LRP)."""
-        if logit_scale is not None:
-            factor = torch.clamp(logit_scale, max=math.log(100.0)).exp().detach()
-            q = scale_rule(q, q.detach().norm(dim=-1, keepdim=True).clamp(min=1e-12), torch.div)
-            k = scale_rule(k, k.detach().norm(dim=-1, keepdim=True).clamp(min=1e-12), torch.div)
-        else:
-            factor = head_dim ** -0.5
-        if mode == "cp":
-            with torch.no_grad():
-                return torch.matmul(q, k.transpose(-2, -1)) * factor
-        return bilinear_rule(torch.matmul, q, k.transpose(-2, -1), (0.5, 0.5), epsilon, factor)
+    def _factors(q: Tensor, k: Tensor, logit_scale: Tensor | None, head_dim: int) -> tuple[Tensor, Tensor,
+                                                                                            float | Tensor]:
+        """The factors of the scores and their scale: ``q``, ``k`` and ``1 / sqrt(d)`` (Swin), or the unit queries
+        and keys and the per-head logit scale (Swin V2: cosine similarities, the norms and scales held constant)."""
+        if logit_scale is None:
+            return q, k, head_dim ** -0.5
+        factor = torch.clamp(logit_scale, max=math.log(100.0)).exp().detach()
+        q = scale_rule(q, q.detach().norm(dim=-1, keepdim=True).clamp(min=1e-12), torch.div)
+        k = scale_rule(k, k.detach().norm(dim=-1, keepdim=True).clamp(min=1e-12), torch.div)
+        return q, k, factor
 
     @staticmethod
     def _window_mask(x: Tensor, pad_h: int, pad_w: int, window_size: list[int], shift: list[int],
