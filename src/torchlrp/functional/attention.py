@@ -94,17 +94,14 @@ class AttentionRelevance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, constant: Tensor | None, scale: float | Tensor,
                 epsilon: float) -> Tensor:  # noqa: D102
-        ctx.scale, ctx.epsilon, ctx.has_constant = scale, epsilon, constant is not None
-        if isinstance(scale, Tensor):  # a scale per head (Swin V2): applied to the queries, the kernel's scale 1
-            scaled, kernel_scale = query * scale, 1.0
-        else:
-            scaled, kernel_scale = query, scale
-        views = (scaled, key, value)
-        if constant is not None and constant.dim() == query.dim() + 1:  # a constant per window of each image
-            views = tuple(tensor.unflatten(0, (-1, constant.shape[1])) for tensor in views)
-        mask = None if constant is None else constant.to(query.dtype)
-        output = F.scaled_dot_product_attention(*views, attn_mask=mask, scale=kernel_scale).view(
-            *query.shape[:-1], value.shape[-1])
+        ctx.scale, ctx.epsilon = scale, epsilon
+        if constant is not None and constant.dim() == query.dim() + 1:  # a constant per window of each image:
+            scores = torch.matmul(query, key.transpose(-2, -1)).mul_(scale)  # written out (torch's kernel takes
+            output = torch.matmul(torch.softmax(add_logit_constant(scores, constant), -1), value)  # a slow path)
+        else:  # a scale per head (Swin V2) is applied to the queries, with the kernel's scale 1
+            scaled, kernel_scale = (query * scale, 1.0) if isinstance(scale, Tensor) else (query, scale)
+            mask = None if constant is None else constant.to(query.dtype)
+            output = F.scaled_dot_product_attention(scaled, key, value, attn_mask=mask, scale=kernel_scale)
         ctx.save_for_backward(query, key, value, output, *(() if constant is None else (constant,)))
         return output
 
