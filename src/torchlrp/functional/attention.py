@@ -80,6 +80,25 @@ def attention_mask(mask: Tensor | None, is_causal: bool, query: Tensor, key: Ten
     return additive_mask([(causal, True), (mask, True)], query.dtype)
 
 
+def attention_weights(query: Tensor, key: Tensor, constant: Tensor | None, scale: float | Tensor) -> Tensor:
+    """Return ``softmax(query key^T * scale + constant)`` without a graph (CP-LRP's constant weights, or weights a
+    caller returns).
+
+    Parameters
+    ----------
+    query, key, constant, scale
+        As for :func:`scaled_attention_rule` (``scale`` given).
+
+    Returns
+    -------
+    Tensor
+        The weights ``(..., L, S)``.
+    """
+    with torch.no_grad():
+        scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+        return torch.softmax(scores if constant is None else add_logit_constant(scores, constant), dim=-1)
+
+
 class AttentionRelevance(torch.autograd.Function):
     """Forward: ``softmax(q k^T * scale + c) v`` by torch's kernel. Backward: AttnLRP's rules of its three steps.
 
@@ -191,15 +210,8 @@ def attention_rule(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | Non
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     additive = attention_mask(mask, is_causal, query, key)
-    transposed_key = key.transpose(-2, -1)
     if mode == "cp":
-        with torch.no_grad():
-            scores = torch.matmul(query, transposed_key) * scale
-            weights = torch.softmax(scores if additive is None else scores + additive, dim=-1)
+        weights = attention_weights(query, key, additive, scale)
         return bilinear_rule(torch.matmul, weights, value, (0.0, 1.0), epsilon), weights
     output = scaled_attention_rule(query, key, value, additive, scale, epsilon)  # a mask: an additive constant
-    if not need_weights:
-        return output, None
-    with torch.no_grad():
-        scores = torch.matmul(query, transposed_key) * scale
-        return output, torch.softmax(scores if additive is None else scores + additive, dim=-1)
+    return output, attention_weights(query, key, additive, scale) if need_weights else None

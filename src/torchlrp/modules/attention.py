@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..functional.affine import AffineOp
-from ..functional.attention import additive_mask, attention_rule, scaled_attention_rule
-from ..functional.operations import add_logit_constant, bilinear_rule, scale_rule
+from ..functional.attention import additive_mask, attention_rule, attention_weights, scaled_attention_rule
+from ..functional.operations import bilinear_rule, scale_rule
 from ..functional.relevance import AffineRelevance
 from ..rules import Rule
 from ..state import current
@@ -218,10 +218,7 @@ class ShiftedWindowAttention(torch.nn.Module):
             constant = constant + self._window_mask(x, pad_h, pad_w, window_size, shift, windows).unsqueeze(0)
         constant = constant.detach()  # (1, 1 or windows, heads or 1, N, N): per window of each image
         if state.attention == "cp":
-            with torch.no_grad():
-                logits = add_logit_constant(torch.matmul(q, k.transpose(-2, -1)) * factor, constant)
-                weights = torch.softmax(logits, dim=-1)
-            x = bilinear_rule(torch.matmul, weights, v, (0.0, 1.0), epsilon)
+            x = bilinear_rule(torch.matmul, attention_weights(q, k, constant, factor), v, (0.0, 1.0), epsilon)
         else:  # the bias and the mask are additive constants of the logits
             x = scaled_attention_rule(q, k, v, constant, factor, epsilon)
         x = x.transpose(1, 2).reshape(x.size(0), tokens, channels)
