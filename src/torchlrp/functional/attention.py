@@ -8,8 +8,9 @@ bias, ``-inf`` for masked keys) is a constant of the sum that takes its proporti
 through the values, and the queries and keys receive none.
 
 Under AttnLRP the three steps are one autograd node (:class:`AttentionRelevance`): torch's attention kernel runs the
-forward and nothing of ``heads x L x S`` size is kept; the backward recomputes the scores and weights once and
-applies the three rules in place, as the gradient's attention backward recomputes them.
+forward and nothing of ``heads x L x S`` size is kept (where the forward is written out -- Swin's mask per window --
+the scores it computed are kept instead of recomputed, as the gradient keeps its weights); the backward computes the
+weights once and applies the three rules in place.
 """
 from __future__ import annotations
 
@@ -107,28 +108,35 @@ class AttentionRelevance(torch.autograd.Function):
     ``R_{z+c} = (z + c)(R_w - w sum R_w)``, of which the scores take ``z / stab(z + c)``; the uniform rule of
     ``q k^T`` gives ``R_q = q * (R_z / stab(z)) k * scale / 2`` and ``R_k`` likewise -- the numbers of the three
     rules applied one after the other (:func:`~torchlrp.functional.operations.bilinear_rule`,
-    :func:`~torchlrp.functional.operations.softmax_rule`). Only ``q``, ``k``, ``v`` and ``o`` are kept.
+    :func:`~torchlrp.functional.operations.softmax_rule`). Kept: ``q``, ``k``, ``v``, ``o``, the constant, and where
+    the forward is written out (a constant per window) the scores ``z`` it computed, which the backward would
+    otherwise recompute with a third product.
     """
 
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, constant: Tensor | None, scale: float | Tensor,
                 epsilon: float) -> Tensor:  # noqa: D102
         ctx.scale, ctx.epsilon = scale, epsilon
+        kept: tuple[Tensor, ...] = ()
         if constant is not None and constant.dim() == query.dim() + 1:  # a constant per window of each image:
             scores = torch.matmul(query, key.transpose(-2, -1)).mul_(scale)  # written out (torch's kernel takes
             output = torch.matmul(torch.softmax(add_logit_constant(scores, constant), -1), value)  # a slow path)
+            kept = (scores,)  # computed anyway: kept, as the gradient keeps its weights, not recomputed
         else:  # a scale per head (Swin V2) is applied to the queries, with the kernel's scale 1
             scaled, kernel_scale = (query * scale, 1.0) if isinstance(scale, Tensor) else (query, scale)
             mask = None if constant is None else constant.to(query.dtype)
             output = F.scaled_dot_product_attention(scaled, key, value, attn_mask=mask, scale=kernel_scale)
-        ctx.save_for_backward(query, key, value, output, *(() if constant is None else (constant,)))
+        ctx.has_constant = constant is not None
+        ctx.save_for_backward(query, key, value, output, *(() if constant is None else (constant,)), *kept)
         return output
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
-        query, key, value, output, *constant = ctx.saved_tensors
+        query, key, value, output, *rest = ctx.saved_tensors
+        constant = rest[:1] if ctx.has_constant else []
         epsilon = ctx.epsilon
-        scores = torch.matmul(query, key.transpose(-2, -1)).mul_(ctx.scale)
+        kept = rest[len(constant):]
+        scores = kept[0] if kept else torch.matmul(query, key.transpose(-2, -1)).mul_(ctx.scale)
         logits = add_logit_constant(scores, constant[0]) if constant else scores
         weights = torch.softmax(logits, -1)
         signal = kernels(False).quotient(relevance, output, epsilon)
