@@ -363,10 +363,13 @@ def _three_rules(query, key, value, constant, scale, epsilon):
     return bilinear_rule(torch.matmul, softmax_rule(scores, -1, constant, epsilon), value, (0.5, 0.5), epsilon)
 
 
+@pytest.mark.parametrize("epsilon", [1e-6, 0.5, 0.0])
 @pytest.mark.parametrize("case", ["plain", "mask", "broadcast-bias", "per-window", "per-head-scale"])
-def test_fused_attention_node_equals_the_three_rules(case, device):
+def test_fused_attention_node_equals_the_three_rules(case, epsilon, device):
     """AttentionRelevance (torch's kernel forward, one backward) gives the relevance of the three rules applied one
-    after the other, for each kind of constant and scale the callers pass; and its forward is the attention."""
+    after the other, for each kind of constant and scale the callers pass, each stabilizer (0.5: one that changes
+    the numbers; 0: LRP-0); and its forward is the attention. A second backward of the same forward (what it keeps
+    is not modified) gives the same relevance."""
     from torchlrp.functional.attention import scaled_attention_rule
 
     torch.manual_seed(0)
@@ -388,10 +391,31 @@ def test_fused_attention_node_equals_the_three_rules(case, device):
     results = []
     for function in (scaled_attention_rule, _three_rules):
         inputs = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
-        output = function(*inputs, constant, scale, 1e-6)
-        results.append((output.detach(), torch.autograd.grad(output, inputs, start)))
+        output = function(*inputs, constant, scale, epsilon)
+        results.append((output.detach(), torch.autograd.grad(output, inputs, start, retain_graph=True)))
+        if function is scaled_attention_rule:
+            again = torch.autograd.grad(output, inputs, start)
     (fused_output, fused), (output, composed) = results
     torch.testing.assert_close(fused_output, output)
-    for fused_relevance, relevance in zip(fused, composed):
+    for fused_relevance, relevance, repeated in zip(fused, composed, again):
         torch.testing.assert_close(fused_relevance, relevance, rtol=1e-9, atol=1e-12)
+        assert torch.equal(repeated, fused_relevance)
         assert relevance.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("epsilon", [1e-6, 0.5, 0.0])
+def test_stabilized_ratio_is_the_quotient_by_the_stabilized_values(dtype, epsilon, device):
+    """``mul_stabilized_ratio_`` (|v| / (|v| + eps), no copysign) gives exactly ``t * v / stabilize(v, eps)``,
+    at zeros of either sign, tiny and huge values, in each dtype; ``out`` may be the values themselves."""
+    from torchlrp.functional.stabilize import mul_stabilized_ratio_, stabilize
+
+    lowest = torch.finfo(dtype).min
+    values = torch.tensor([0.0, -0.0, 1e-7, -1e-7, 0.3, -2.0, 1e4, lowest], dtype=dtype, device=device)
+    target = torch.linspace(-0.9, 0.9, values.numel(), dtype=dtype, device=device)
+    expected = target * values / stabilize(values, epsilon)
+    copy = values.clone()
+    for source, out in ((values, torch.empty_like(values)), (copy, copy)):
+        ratio = mul_stabilized_ratio_(target.clone(), source, epsilon, out=out)
+        assert torch.equal(ratio, expected), (ratio, expected)
+    assert torch.isfinite(expected).all()

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .kernels import kernels
 from .operations import add_logit_constant, bilinear_rule
-from .stabilize import stabilize
+from .stabilize import mul_stabilized_ratio_
 
 ATTENTION_MODES = ("attnlrp", "cp")
 
@@ -144,8 +144,8 @@ class AttentionRelevance(torch.autograd.Function):
         core = torch.matmul(signal, value.transpose(-2, -1)).mul_(weights)  # 2 R_w
         core.addcmul_(weights, core.sum(-1, keepdim=True), value=-1)  # 2 (R_w - w sum R_w)
         if constant:  # the logits' relevance, the scores' share of it, over the scores: one factor
-            core.mul_(logits).div_(stabilize(logits, epsilon))
-        core.mul_(scores).div_(stabilize(scores, epsilon))
+            mul_stabilized_ratio_(core, logits, epsilon, out=logits)  # the logits (a new tensor) are not needed
+        mul_stabilized_ratio_(core, scores, epsilon, out=weights)  # after this, nor are the weights
         factor = ctx.scale * 0.25  # the scale's Jacobian, the two halves (the softmax's 2 R_w, the uniform rule)
         query_relevance = torch.matmul(core, key).mul_(query).mul_(factor)
         key_relevance = torch.matmul(core.transpose(-2, -1), query).mul_(key).mul_(factor)

@@ -63,3 +63,34 @@ def masked_reciprocal(denominator: Tensor, mask: Tensor) -> Tensor:
         The masked reciprocal.
     """
     return torch.where(mask, denominator.reciprocal(), 0.0)
+
+
+def mul_stabilized_ratio_(target: Tensor, values: Tensor, epsilon: float, out: Tensor) -> Tensor:
+    """Multiply ``target`` in place by ``values / stabilize(values, epsilon)``, the share of a sum's relevance that
+    its term ``values`` keeps when the stabilizer takes the rest.
+
+    For ``epsilon > 0`` the ratio is ``|v| / (|v| + epsilon)`` (the same floating-point numbers: the signs cancel
+    exactly), computed in ``out`` without a new tensor and without ``copysign``; with ``epsilon == 0`` it is 1, and 0
+    where ``v == 0`` (as :func:`stabilize` divides by ``inf`` there).
+
+    Parameters
+    ----------
+    target : Tensor
+        Modified in place.
+    values : Tensor
+        Shape of ``target``; not modified unless it is ``out``.
+    epsilon : float
+        Stabilizer (raised to ``2**-14`` in float16, see :func:`effective_epsilon`).
+    out : Tensor
+        A tensor of ``values``' shape and dtype whose contents are no longer needed (it may be ``values``).
+
+    Returns
+    -------
+    Tensor
+        ``target``.
+    """
+    epsilon = effective_epsilon(values.dtype, epsilon)
+    if epsilon == 0:
+        return target.mul_(values).div_(stabilize(values, 0.0))
+    magnitude = torch.abs(values, out=out)
+    return target.mul_(magnitude).div_(magnitude.add_(epsilon))
