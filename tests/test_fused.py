@@ -87,6 +87,22 @@ def test_sum_kernels(device):
         torch.testing.assert_close(share_b, b * signal)
 
 
+def test_sum_kernels_of_three_summands_leave_their_inputs_alone(device):
+    """Three summands: each gets its share; the relevance, the sum and the summands kept are not modified (the
+    backward fills its own new tensors in place)."""
+    a, b, c = (torch.randn(2, 5, device=device) for _ in range(3))
+    relevance = torch.randn(2, 5, device=device)
+    for fused in (False, True):
+        kernel = K.kernels(fused)
+        total = kernel.sum_forward(a, b, c)
+        inputs = [tensor.clone() for tensor in (relevance, total, b, c)]
+        shares = kernel.sum_backward(relevance, total, 1e-6, False, b, c)
+        signal = relevance / torch.where(total >= 0, total + 1e-6, total - 1e-6)
+        for share, summand in zip(shares, (a, b, c)):
+            torch.testing.assert_close(share, summand * signal)
+        assert all(torch.equal(kept, now) for kept, now in zip(inputs, (relevance, total, b, c)))
+
+
 @pytest.mark.parametrize("config, stacked", [("linear", False), ("conv2d_groups", False), ("conv2d_3x3", True)])
 def test_reference_configs_cover_both_gamma_backwards(config, stacked):
     """The formula tests run the stacked [W; W+] backward and the two-map backward (asserted here)."""

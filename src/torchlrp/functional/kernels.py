@@ -225,11 +225,12 @@ def sum_backward(relevance: Tensor, total: Tensor, epsilon: float, rectified: bo
     if rectified:
         signal = rectified_quotient(relevance, total, total, epsilon)
     else:
-        signal = relevance / stabilize(total, epsilon)
-    first = total
-    for summand in others:
-        first = first - summand
-    return (first * signal, *(summand * signal for summand in others))
+        signal = quotient(relevance, total, epsilon)
+    first = total - others[0]
+    for summand in others[1:]:
+        first.sub_(summand)
+    middle = tuple(summand * signal for summand in others[:-1])
+    return (first.mul_(signal), *middle, signal.mul_(others[-1]))  # new tensors, filled in place
 
 
 @dataclass(frozen=True)
