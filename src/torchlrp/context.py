@@ -158,6 +158,13 @@ def _first_layer(model: torch.nn.Module) -> tuple[torch.nn.Module | None, bool]:
     return model.get_submodule(first.target), sum(node.target == first.target for node in calls) > 1
 
 
+def _attribute(module: torch.nn.Module, name: str) -> Any:
+    """``getattr(module, name, None)`` for a plain (non-module, non-tensor) attribute, without the exception that
+    ``Module.__getattr__`` raises for a missing one (rules_applied asks every module of the model at each call)."""
+    found = vars(module).get(name)
+    return getattr(type(module), name, None) if found is None else found
+
+
 def _check_eval_mode(model: torch.nn.Module) -> None:
     """Raise if a module whose output depends on training mode is in training mode."""
     training = in_training_mode(model)
@@ -279,13 +286,14 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
         for batchnorm in state.batchnorms.values():
             handles.append(batchnorm.register_forward_hook(skip))
         out_of_place = _out_of_place(state)
-        for module in model.modules():
-            if getattr(module, "inplace", False) is True:
+        modules = list(model.modules())
+        for module in modules:
+            if _attribute(module, "inplace") is True:
                 handles.append(module.register_forward_pre_hook(out_of_place))
         softmax = final_softmax(model)
         if softmax is not None:
             handles.append(softmax.register_forward_hook(_when_active(state, _output_softmax(state))))
-        if any(getattr(module, "torchlrp_run_time", False) is True for module in model.modules()):
+        if any(_attribute(module, "torchlrp_run_time") is True for module in modules):
             run_time = RunTimeOperations(state, as_composite(rule).proportional_rule().epsilon)
             with run_time:
                 yield state
