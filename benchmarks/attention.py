@@ -3,7 +3,8 @@
 For torchvision's ``vit_b_16`` and ``swin_t`` (random weights, 224 px, batch 1 and 4) and, where the
 ``transformers`` extra is installed, the pretrained all-MiniLM-L6-v2 (batch 8, 128 tokens, relevance of the mean
 hidden state, explained at run time): the median seconds of one explanation (forward + backward, interleaved
-repeats) over the median of the input gradient of the same model, and the peak tensor memory of one call over the
+repeats) over the median of the input gradient of the same model, with the quartiles of each repeat's ratio to the
+gradient timed next to it (the spread on a shared machine), and the peak tensor memory of one call over the
 gradient's (CPU: the profiler's allocation record; CUDA: max allocated). Writes
 ``benchmarks/results/attention.md``.
 
@@ -120,8 +121,18 @@ def measure(name: str, batch: int, repeats: int, device: torch.device) -> dict[s
     row = {"model": name, "batch": batch, "gradient s": floor}
     for key in ("AttnLRP", "CP-LRP"):
         row[f"{key} time"] = statistics.median(times[key]) / floor
+        paired = [seconds / gradient for seconds, gradient in zip(times[key], times["gradient"])]
+        row[f"{key} spread"] = _quartiles(paired)
         row[f"{key} memory"] = memory[key] / memory["gradient"]
     return row
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartile (the repeat-to-repeat spread of a ratio on a shared machine)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    first, _, third = statistics.quantiles(values, n=4)
+    return first, third
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     lines = [f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, 224 px (MiniLM: 128 tokens), "
-             f"float32, median of {args.repeats} interleaved repeats", "",
+             f"float32, median of {args.repeats} interleaved repeats (in brackets: the quartiles of the repeats' "
+             f"own ratios to the gradient timed next to them)", "",
              "| model | batch | gradient (s) | AttnLRP x gradient | CP-LRP x gradient | AttnLRP memory | "
              "CP-LRP memory |", "|---|---|---|---|---|---|---|"]
     cases = [(name, batch) for name in args.models for batch in args.batch_sizes]
@@ -144,8 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         cases.append(("MiniLM", args.minilm_batch))
     for name, batch in cases:
         row = measure(name, batch, args.repeats, device)
-        line = (f"| {name} | {batch} | {row['gradient s']:.3f} | {row['AttnLRP time']:.2f} | "
-                f"{row['CP-LRP time']:.2f} | {row['AttnLRP memory']:.2f} | {row['CP-LRP memory']:.2f} |")
+        spread = {key: "{:.2f}-{:.2f}".format(*row[f"{key} spread"]) for key in ("AttnLRP", "CP-LRP")}
+        line = (f"| {name} | {batch} | {row['gradient s']:.3f} | {row['AttnLRP time']:.2f} ({spread['AttnLRP']}) | "
+                f"{row['CP-LRP time']:.2f} ({spread['CP-LRP']}) | {row['AttnLRP memory']:.2f} | "
+                f"{row['CP-LRP memory']:.2f} |")
         print(line, flush=True)
         lines.append(line)
     if args.lxt_python:
