@@ -327,13 +327,18 @@ def test_vit_trace_records_each_block_output_and_conserves_per_block():
     torch.testing.assert_close(ratios["encoder.layers.encoder_layer_1"], torch.ones(2, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("name", ["vit_b_32", "swin_t"])
 @pytest.mark.parametrize("attention", ["attnlrp", "cp"])
-def test_vit_under_bfloat16_autocast_loses_no_more_than_the_gradient(attention, device):
+def test_transformer_under_bfloat16_autocast_loses_no_more_than_the_gradient(name, attention, device):
     """AttnLRP and CP-LRP under bfloat16 autocast: finite, and as close to float32 as gradient x input of the same
-    model is to its own float32 value (the control: what bfloat16 itself costs on this random ViT)."""
+    model is to its own float32 value (the control: what bfloat16 itself costs on this random model). Swin: its
+    attention's constant (float32 bias) and kept scores (bfloat16) meet in the backward."""
     torch.manual_seed(0)
-    vit = torchvision.models.vit_b_32(image_size=64).eval().to(device)
-    torch.nn.init.normal_(vit.heads.head.weight, std=0.1)
+    if name == "vit_b_32":
+        vit = torchvision.models.vit_b_32(image_size=64).eval().to(device)
+        torch.nn.init.normal_(vit.heads.head.weight, std=0.1)
+    else:
+        vit = torchvision.models.swin_t().eval().to(device)
     model = lrp.convert(vit)
     x = torch.rand(2, 3, 64, 64, device=device)
     rule = lrp.Composite(attention=attention)

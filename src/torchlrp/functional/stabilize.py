@@ -82,7 +82,8 @@ def mul_stabilized_ratio_(target: Tensor, values: Tensor, epsilon: float, out: T
     epsilon : float
         Stabilizer (raised to ``2**-14`` in float16, see :func:`effective_epsilon`).
     out : Tensor
-        A tensor of ``values``' shape and dtype whose contents are no longer needed (it may be ``values``).
+        A tensor whose contents are no longer needed (it may be ``values``), used for the ratio where it has
+        ``values``' shape and dtype (under autocast the two can differ: then a new tensor is used).
 
     Returns
     -------
@@ -92,5 +93,6 @@ def mul_stabilized_ratio_(target: Tensor, values: Tensor, epsilon: float, out: T
     epsilon = effective_epsilon(values.dtype, epsilon)
     if epsilon == 0:
         return target.mul_(values).div_(stabilize(values, 0.0))
-    magnitude = torch.abs(values, out=out)
+    fits = out.shape == values.shape and out.dtype == values.dtype
+    magnitude = torch.abs(values, out=out) if fits else values.abs()
     return target.mul_(magnitude).div_(magnitude.add_(epsilon))
