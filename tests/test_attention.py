@@ -307,6 +307,40 @@ def test_einsum_products_take_the_uniform_rule():
 
 
 
+@pytest.mark.parametrize("product", ["bmm", "matmul", "operator", "einsum", "method"])
+def test_products_of_two_activations_match_the_uniform_rule_formula(product):
+    """``a @ b`` with both factors depending on the input, however the model writes it: each factor takes half of
+    the epsilon rule's relevance with the other held constant (AttnLRP's uniform rule), checked against the formula
+    written out here, through a linear layer on one side and a transpose on the other."""
+    products = {"bmm": torch.bmm, "matmul": torch.matmul, "operator": lambda a, b: a @ b,
+                "einsum": lambda a, b: torch.einsum("bij,bjk->bik", a, b), "method": lambda a, b: a.bmm(b)}
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4, bias=False).double()
+
+        def forward(self, x):
+            return products[product](self.linear(x), x.transpose(1, 2))
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    converted = lrp.convert(model)
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    start = torch.randn(2, 3, 3, dtype=torch.float64)
+
+    def stab(v, epsilon):
+        return v + torch.where(v >= 0, torch.full_like(v, epsilon), torch.full_like(v, -epsilon))
+
+    weight = model.linear.weight.detach()
+    a = x @ weight.T
+    signal = start / stab(a @ x.transpose(1, 2), 1e-6)  # a parameter-free operation: the composite's 1e-6
+    relevance_a = a * (signal @ x) / 2
+    relevance_b = x.transpose(1, 2) * (a.transpose(1, 2) @ signal) / 2
+    expected = x * ((relevance_a / stab(a, 0.1)) @ weight) + relevance_b.transpose(1, 2)
+    relevance = lrp.explain(converted, x, output_relevance=start, rule=lrp.rules.Epsilon(0.1))
+    torch.testing.assert_close(relevance, expected, rtol=1e-10, atol=1e-12)
+
 def test_vit_trace_records_each_block_output_and_conserves_per_block():
     model = _tiny_vit()
     converted = lrp.convert(model)
