@@ -133,17 +133,16 @@ class AttentionRelevance(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         query, key, value, output, *rest = ctx.saved_tensors
-        constant = rest[:1] if ctx.has_constant else []
+        constant = rest.pop(0) if ctx.has_constant else None
         epsilon = ctx.epsilon
-        kept = rest[len(constant):]
-        scores = kept[0] if kept else torch.matmul(query, key.transpose(-2, -1)).mul_(ctx.scale)
-        logits = add_logit_constant(scores, constant[0]) if constant else scores
+        scores = rest[0] if rest else torch.matmul(query, key.transpose(-2, -1)).mul_(ctx.scale)  # kept, or again
+        logits = scores if constant is None else add_logit_constant(scores, constant)
         weights = torch.softmax(logits, -1)
         signal = kernels(False).quotient(relevance, output, epsilon)
         value_relevance = torch.matmul(weights.transpose(-2, -1), signal).mul_(value).mul_(0.5)
         core = torch.matmul(signal, value.transpose(-2, -1)).mul_(weights)  # 2 R_w
         core.addcmul_(weights, core.sum(-1, keepdim=True), value=-1)  # 2 (R_w - w sum R_w)
-        if constant:  # the logits' relevance, the scores' share of it, over the scores: one factor
+        if constant is not None:  # the logits' relevance, the scores' share of it, over the scores: one factor
             mul_stabilized_ratio_(core, logits, epsilon, out=logits)  # the logits (a new tensor) are not needed
         mul_stabilized_ratio_(core, scores, epsilon, out=weights)  # after this, nor are the weights
         factor = ctx.scale * 0.25  # the scale's Jacobian, the two halves (the softmax's 2 R_w, the uniform rule)

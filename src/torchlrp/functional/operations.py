@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .autocast import autocast_enabled
 from .kernels import kernels
-from .stabilize import stabilize
+from .stabilize import mul_stabilized_ratio_
 
 
 def _sum_to(tensor: Tensor, shape: torch.Size) -> Tensor:
@@ -190,8 +190,7 @@ class SoftmaxRelevance(torch.autograd.Function):
         if constant is None:
             return result.mul_(input), None, None, None
         logits = add_logit_constant(input, constant)  # R_z = z * core; the scores' share: core * x * z / stab(z)
-        ratio = torch.div(logits, stabilize(logits, ctx.epsilon))
-        return result.mul_(input).mul_(ratio), None, None, None
+        return mul_stabilized_ratio_(result.mul_(input), logits, ctx.epsilon, out=logits), None, None, None
 
 
 def _times(tensor: Tensor, factor: float) -> Tensor:
