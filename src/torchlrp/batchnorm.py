@@ -62,3 +62,35 @@ def fold_batchnorm(weight: Tensor, bias: Tensor | None, batchnorm: _BatchNorm) -
     folded_weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
     folded_bias = shift if bias is None else bias * scale + shift
     return folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
+
+
+def fold_batchnorm_tensors(weight: Tensor, bias: Tensor | None, running_mean: Tensor, running_var: Tensor,
+                           norm_weight: Tensor | None, norm_bias: Tensor | None,
+                           eps: float) -> tuple[Tensor, Tensor]:
+    """Return the weight and bias of ``F.batch_norm(layer(x), running_mean, running_var, norm_weight, norm_bias)``
+    (eval mode) as one affine layer -- :func:`fold_batchnorm` for a batch norm called as a function.
+
+    Parameters
+    ----------
+    weight, bias : Tensor
+        The layer's weight (output channels first) and bias (or None).
+    running_mean, running_var, norm_weight, norm_bias : Tensor
+        The batch norm's statistics, weight and bias (or None).
+    eps : float
+        The batch norm's ``eps``.
+
+    Returns
+    -------
+    tuple of Tensor
+        The folded ``(weight, bias)``.
+    """
+    scale = (running_var + eps).rsqrt()
+    shift = -running_mean * scale
+    if norm_weight is not None:
+        scale = scale * norm_weight
+        shift = shift * norm_weight
+    if norm_bias is not None:
+        shift = shift + norm_bias
+    folded_weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+    folded_bias = shift if bias is None else bias * scale + shift
+    return folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)

@@ -34,6 +34,34 @@ CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
                 torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
 
+def matches_type(module: torch.nn.Module, types: type | tuple[type, ...]) -> bool:
+    """Whether a ``by_type`` key names ``module``: an instance of it, or a layer called as a function whose layer
+    class or owning module's class it names (:class:`~torchlrp.modules.affine_call.AffineCall`).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The module.
+    types : type or tuple of type
+        The key.
+
+    Returns
+    -------
+    bool
+        Whether the key applies.
+    """
+    if isinstance(module, types):
+        return True
+    matches = getattr(module, "matches_type", None)
+    return matches is not None and matches(types)
+
+
+def _names(name: str, module: torch.nn.Module) -> tuple[str, ...]:
+    """The names ``by_name`` matches: the module's, and for a layer called as a function (``F.conv2d`` in a
+    forward, ``addressed_by_owner``) the name of the module whose forward made the call too."""
+    return (name, name.rpartition(".")[0]) if getattr(module, "addressed_by_owner", False) else (name,)
+
+
 def _layer_rule(rule: "str | tuple[str, float] | Rule") -> Rule:
     """The rule of one group of layers; a composite key here is an error that says so."""
     if isinstance(rule, str) and rule.strip().lower() in _presets():
@@ -109,13 +137,14 @@ class Composite:
         Rule
             The rule.
         """
+        names = _names(name, module)
         for pattern, rule in self.by_name.items():
-            if fnmatch.fnmatchcase(name, pattern):
+            if any(fnmatch.fnmatchcase(candidate, pattern) for candidate in names):
                 return rule
         if is_first and self.first is not None and isinstance(module, ExplainableAffine):
             return self.first
         for types, rule in self.by_type.items():
-            if isinstance(module, types):
+            if matches_type(module, types):
                 return rule
         if isinstance(module, MAX_POOLING_TYPES):
             return Gradient() if self.max_pooling == "winner" else self.proportional_rule()
@@ -272,7 +301,7 @@ class EpsilonGammaBox(Composite):
                          max_pooling=max_pooling)
 
     def rule_for(self, name: str, module: torch.nn.Module, is_first: bool = False) -> Rule:  # noqa: D102
-        return super().rule_for(name, module, is_first and isinstance(module, CONVOLUTIONS))
+        return super().rule_for(name, module, is_first and matches_type(module, CONVOLUTIONS))
 
 
 class DeepTaylor(Composite):

@@ -294,7 +294,10 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
         if softmax is not None:
             handles.append(softmax.register_forward_hook(_when_active(state, _output_softmax(state))))
         if any(_attribute(module, "torchlrp_run_time") is True for module in modules):
-            run_time = RunTimeOperations(state, as_composite(rule).proportional_rule().epsilon)
+            composite = as_composite(rule)
+            allowed = next((_attribute(module, "torchlrp_allow_gradient") for module in modules
+                            if _attribute(module, "torchlrp_allow_gradient") is not None), ())
+            run_time = RunTimeOperations(state, composite.proportional_rule().epsilon, composite, model, allowed)
             with run_time:
                 yield state
             run_time.report()

@@ -14,6 +14,7 @@ computes the same outputs; anything unknown is reported in one :class:`Conversio
 from __future__ import annotations
 
 import copy
+import operator
 from collections import Counter
 import fnmatch
 import inspect
@@ -35,7 +36,9 @@ from .modules.rectifier import ReLU
 from .modules.operation import Scale
 from .modules.residual import Add
 from .modules.sequential import Sequential
-from .registry import OperationEntry, OperationRegistry, Unsupported, default_registry
+from .batchnorm import fold_batchnorm_tensors
+from .modules.affine_call import AffineCall, bind_affine_call
+from .registry import BATCH_NORM_ARGUMENTS, PADDING_MODULES, OperationEntry, OperationRegistry, Unsupported, default_registry
 
 #: torch layer class -> torchlrp twin (exact type match: subclasses of the torch layers are left alone)
 TWINS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
@@ -88,6 +91,32 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(module, qualified_name)
 
 
+def _padding_of(node: Node, modules: dict[str, torch.nn.Module]) -> tuple[tuple[int, ...], str] | None:
+    """``(pad, mode)`` of a padding call with constant sizes (``F.pad`` with zeros or a copying mode, a padding
+    module), in ``F.pad``'s order; None for anything else."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        if not isinstance(module, PADDING_MODULES) or not node.args:
+            return None
+        mode = {"Zero": "constant", "Constant": "constant", "Reflection": "reflect", "Replication": "replicate",
+                "Circular": "circular"}[next(key for key in ("Zero", "Constant", "Reflection", "Replication",
+                                                              "Circular") if type(module).__name__.startswith(key))]
+        if mode == "constant" and getattr(module, "value", 0.0) != 0.0:
+            return None
+        return tuple(module.padding), mode
+    if node.op != "call_function" or node.target is not torch.nn.functional.pad:
+        return None
+    names = ("input", "pad", "mode", "value")
+    bound = dict(zip(names, node.args), **node.kwargs)
+    pad, mode, value = bound.get("pad"), bound.get("mode", "constant"), bound.get("value", None)
+    if not isinstance(pad, (tuple, list)) or not all(isinstance(p, int) for p in pad):
+        return None
+    if mode not in ("constant", "reflect", "replicate", "circular") or (mode == "constant" and value not in (None, 0,
+                                                                                                           0.0)):
+        return None
+    return tuple(pad), mode
+
+
 def _node_arguments(value: Any) -> list[Node]:
     """Every node inside an argument (lists, tuples, dicts, slices)."""
     found: list[Node] = []
@@ -129,6 +158,25 @@ class _Analysis:
     def is_output(self, node: Node) -> bool:
         return node in self.output_values
 
+    def owner_type(self, node: Node) -> type | None:
+        stack = node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        return type(self.model.get_submodule(path)) if path else None
+
+    def submodule(self, target: str) -> torch.nn.Module:
+        return self.modules[target]
+
+    def take_padding(self, node: Node, argument: int, dims: int) -> tuple[tuple[int, ...], str] | None:
+        pad_node = node.args[argument] if len(node.args) > argument else None
+        if not isinstance(pad_node, Node) or len(pad_node.users) != 1 or self.kind.get(pad_node) != _ACTIVATION:
+            return None
+        found = _padding_of(pad_node, self.modules)
+        if found is None or len(found[0]) != 2 * dims:
+            return None
+        node.args = (*node.args[:argument], pad_node.args[0], *node.args[argument + 1:])
+        self.graph.erase_node(pad_node)
+        return found
+
     # -- the pass
     def run(self) -> None:
         for node in list(self.graph.nodes):
@@ -139,6 +187,9 @@ class _Analysis:
                 self.kind[node] = _CONSTANT
             elif node.op in ("call_function", "call_method", "call_module"):
                 self._visit(node)
+        for node in list(self.graph.nodes):  # parameters a fold or a layer call no longer reads
+            if node.op == "get_attr" and not node.users:
+                self.graph.erase_node(node)
         self._mark_calls()
 
     def _label(self, node: Node) -> tuple[str, str]:
@@ -174,6 +225,8 @@ class _Analysis:
             self.unsupported.append((path, f"{label} in place on a tensor used again"))
             return
         if node.op == "call_module" and isinstance(self.modules[node.target], _BatchNorm) and self._fold(node):
+            return
+        if entry.folds and self._fold_call(node):
             return
         if entry.build is not None:
             try:
@@ -237,6 +290,7 @@ class _Analysis:
             target = f"{path}.{name}" if path else name
         self.insertions.append((container, name, replacement))
         self.modules[target] = replacement
+        self.calls[target] += 1
         node.op, node.target = "call_module", target
         node.kwargs = {key: value for key, value in node.kwargs.items() if key != "inplace"}  # checked: not reused
 
@@ -267,6 +321,79 @@ class _Analysis:
         self.kind[layer_node] = _ACTIVATION
         return True
 
+    def _fold_call(self, node: Node) -> bool:
+        """Fold an eval-mode ``F.batch_norm`` (constant statistics, weight and bias) into the linear/conv layer
+        whose only output it normalizes: the call (a layer twin becomes one) gets the folded weight and bias,
+        computed in the graph from the same parameters (nothing in the model is changed)."""
+        bound = dict(zip(BATCH_NORM_ARGUMENTS, node.args), **node.kwargs)
+        layer_node = bound.get("input")
+        if bound.get("training", False) or bound.get("running_mean") is None or not isinstance(layer_node, Node):
+            return False
+        tensors = [bound.get(name) for name in BATCH_NORM_ARGUMENTS[1:5]]
+        if not all(t is None or (isinstance(t, Node) and t.op == "get_attr") for t in tensors):
+            return False
+        if layer_node.op != "call_module" or len(layer_node.users) != 1 or self.calls[layer_node.target] != 1:
+            return False
+        layer = self.modules[layer_node.target]
+        if isinstance(layer, AffineCall):
+            if layer.transposed or layer.function is torch.addmm:
+                return False
+            arguments = bind_affine_call(layer.function, layer_node.args, layer_node.kwargs)
+            weight, bias = arguments["weight"], arguments["bias"]
+            if not isinstance(weight, Node) or not (bias is None or isinstance(bias, Node)):
+                return False
+        elif type(layer) in TWINS.values() and isinstance(layer, ExplainableAffine) and not getattr(
+                layer, "transposed", False) and self.parameter_uses[id(layer.weight)] == 1:
+            layer_node = self._as_call(layer_node, layer)
+            weight, bias = layer_node.args[1], layer_node.args[2]
+        else:
+            return False
+        with self.graph.inserting_before(layer_node):
+            copies = [None if t is None else self.graph.get_attr(t.target) for t in tensors]
+            folded = self.graph.call_function(fold_batchnorm_tensors, (weight, bias, *copies,
+                                                                       bound.get("eps", 1e-5)))
+            new_weight = self.graph.call_function(operator.getitem, (folded, 0))
+            new_bias = self.graph.call_function(operator.getitem, (folded, 1))
+        for new in (*[c for c in copies if c is not None], folded, new_weight, new_bias):
+            self.kind[new], self.order[new] = _CONSTANT, self.order[layer_node]
+        arguments = list(layer_node.args)
+        arguments[1] = new_weight
+        if len(arguments) > 2:
+            arguments[2] = new_bias
+            layer_node.args = tuple(arguments)
+        else:
+            layer_node.args = tuple(arguments)
+            layer_node.kwargs = {**layer_node.kwargs, "bias": new_bias}
+        node.replace_all_uses_with(layer_node)
+        self.graph.erase_node(node)
+        return True
+
+    def _as_call(self, layer_node: Node, layer: torch.nn.Module) -> Node:
+        """A layer twin's call as an :class:`AffineCall` on its own parameters (registered inside the layer, so
+        that composites address it by the layer's name and type)."""
+        function, arguments = _functional_form(layer)
+        with self.graph.inserting_before(layer_node):
+            weight = self.graph.get_attr(f"{layer_node.target}.weight")
+            bias = None if layer.bias is None else self.graph.get_attr(f"{layer_node.target}.bias")
+        for new in (weight, bias):
+            if new is not None:
+                self.kind[new], self.order[new] = _CONSTANT, self.order[layer_node]
+        padding_mode, explicit_padding = getattr(layer, "padding_mode", "zeros"), None
+        if not isinstance(layer, torch.nn.Linear) and (isinstance(layer.padding, str) or padding_mode != "zeros"):
+            explicit = tuple(layer._reversed_padding_repeated_twice)
+            explicit_padding = explicit if any(explicit) else None
+            arguments["padding"] = 0
+        mode = "constant" if padding_mode == "zeros" else padding_mode
+        call = AffineCall(function, type(layer), explicit_padding, mode)
+        layer.add_module(function.__name__, call)
+        target = f"{layer_node.target}.{function.__name__}"
+        self.modules[target] = call
+        self.calls[target] = 1
+        layer_node.target = target
+        layer_node.args = (layer_node.args[0], weight, bias, *arguments.values())
+        layer_node.kwargs = {}
+        return layer_node
+
     def is_chain(self) -> bool:
         """Whether relevance flows through a chain of modules, each taking only the previous one's output (a
         Sequential explained by position)."""
@@ -288,7 +415,7 @@ class _Analysis:
         for node in self.graph.nodes:
             module = self.modules.get(node.target) if node.op == "call_module" else None
             if isinstance(module, ExplainableAffine):
-                source = node.args[0] if node.args else None
+                source = node.args[module.input_argument] if len(node.args) > module.input_argument else None
                 node.kwargs = {**node.kwargs, "input_nonnegative": source in self.nonnegative,
                                "feeds_rectifier": self._feeds_rectifier(node), "first": first}
                 first = False
@@ -306,6 +433,16 @@ class _Analysis:
                 return False
             follower = user
         return False
+
+
+def _functional_form(layer: torch.nn.Module) -> tuple[Any, dict[str, Any]]:
+    """The function a linear/conv twin applies, and its arguments after input, weight and bias."""
+    if isinstance(layer, torch.nn.Linear):
+        return torch.nn.functional.linear, {}
+    function = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
+                3: torch.nn.functional.conv3d}[len(layer.kernel_size)]
+    return function, {"stride": tuple(layer.stride), "padding": layer.padding if isinstance(layer.padding, str)
+                      else tuple(layer.padding), "dilation": tuple(layer.dilation), "groups": layer.groups}
 
 
 def _graph_module(model: torch.nn.Module, graph: Graph) -> GraphModule:
@@ -412,6 +549,7 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
                       f"were converted and the operations of its forward (sums, products, softmax, attention, "
                       f"means) are explained at run time (torchlrp.runtime)", stacklevel=2)
         model.torchlrp_run_time = True  # read by rules_applied: explain this model's forward call by call
+        model.torchlrp_allow_gradient = tuple(sorted(allowed))  # calls that may pass their gradient at run time
         return model
     analysis = _Analysis(model, graph, registry, allowed)
     analysis.run()

@@ -58,7 +58,7 @@ def _targets(target: int | Tensor | None, output: Tensor, batch: int) -> Tensor:
 def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] | Tensor | None = None,
             rule: "str | Rule | Composite" = "epsilon", pattern: PatternsLike | None = None, start: str = "one",
             output_relevance: Tensor | None = None, fused: bool = False,
-            return_scores: bool = False) -> "Tensor | tuple[Tensor, Tensor]":
+            return_scores: bool = False, return_absorbed: bool = False) -> "Tensor | tuple[Tensor, ...]":
     """Explain ``model``'s decision on ``input``: return the input relevance.
 
     Relevance starts at the target logit of each sample (1 there, 0 elsewhere; ``start="logit"`` starts it at the
@@ -93,12 +93,18 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
     return_scores : bool
         Also return the model's scores from the same forward (the logits; the scores before a final softmax), so
         a caller that needs the prediction too does not run the model twice.
+    return_absorbed : bool
+        Also return the relevance that parameters took on the way: class and distillation tokens concatenated to
+        the input, registers, position embeddings added by broadcasting (``{parameter name: relevance}``, each
+        summed over the batch, only parameters that took any). With LRP-0 and zero biases, ``relevance.sum()``
+        plus these shares is the start relevance: this is what lets conservation be checked on ViT-style models.
 
     Returns
     -------
-    Tensor or (Tensor, Tensor)
+    Tensor or tuple
         Relevance of ``input``'s shape, or ``(batch, k, *input.shape[1:])`` for a ``(batch, k)`` target; with
-        ``return_scores=True`` also the detached scores, ``(batch, classes)``.
+        ``return_scores=True`` also the detached scores, ``(batch, classes)``; with ``return_absorbed=True`` also
+        the dict of absorbed shares (last).
 
     Raises
     ------
@@ -139,9 +145,14 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
                              f"{tuple(output.shape)}")
         elif output_relevance.is_inference():
             output_relevance = output_relevance.clone()
-        (relevance,) = torch.autograd.grad(output, carrier, output_relevance)
+        named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad] \
+            if return_absorbed else []
+        relevance, *shares = torch.autograd.grad(output, [carrier, *(p for _, p in named)], output_relevance,
+                                                 allow_unused=True)
     if multi:
         relevance = relevance.reshape(batch, per_sample, *input.shape[1:])
-    if return_scores:
-        return relevance, scores[::per_sample]
-    return relevance
+    results = (relevance, scores[::per_sample]) if return_scores else (relevance,)
+    if return_absorbed:
+        absorbed = {name: share.sum() for (name, _), share in zip(named, shares) if share is not None}
+        results = (*results, absorbed)
+    return results[0] if len(results) == 1 else results

@@ -34,11 +34,12 @@ import torchvision
 
 from .modules.activation import ACTIVATION_TWINS, Hardsigmoid, IdentityRuleActivation, ReLU6, Sigmoid
 from .modules.affine import ExplainableAffine
+from .modules.affine_call import AFFINE_FUNCTIONS, AffineCall, bind_affine_call
 from .modules.attention import MultiheadAttention, ScaledDotProductAttention, ShiftedWindowAttention
-from .modules.norm import NORM_TWINS
+from .modules.norm import NORM_TWINS, BatchNormCall, GroupNormCall
 from .modules.pooling import MaxPool
 from .modules.operation import (Activation, Bilinear, Einsum, LayerNormFunction, OutputSoftmax, Proportional, Scale,
-                                Softmax)
+                                ScaledSum, Softmax)
 from .modules.rectifier import ReLU
 from .modules.residual import Add
 from .modules.rotation import CyclicPool, Rotate
@@ -64,6 +65,16 @@ class GraphView(Protocol):
 
     def is_output(self, node: torch.fx.Node) -> bool:
         """Whether ``node`` is (part of) the model's output."""
+
+    def owner_type(self, node: torch.fx.Node) -> type | None:
+        """The class of the module whose forward made the call (None for the model's own forward)."""
+
+    def submodule(self, target: str) -> torch.nn.Module:
+        """The module a ``call_module`` node calls."""
+
+    def take_padding(self, node: torch.fx.Node, argument: int, dims: int) -> tuple[tuple[int, ...], str] | None:
+        """If argument ``argument`` of ``node`` is a constant-size padding used by this call only (``F.pad``, a
+        padding module), bypass it and return ``(pad, mode)`` (``F.pad``'s order and mode), else None."""
 
 
 
@@ -95,6 +106,9 @@ class OperationEntry:
     inplace : bool
         The call modifies its first argument (``x.add_(y)``, ``F.relu(x, inplace=True)`` is found from its
         keyword); ``convert`` rewrites it out of place if that argument is not used afterwards.
+    folds : bool
+        A per-channel affine map (an eval-mode batch norm) that ``convert`` folds into the linear/conv layer before
+        it where that layer's output feeds it alone.
     """
 
     rule: str
@@ -105,6 +119,7 @@ class OperationEntry:
     constant: bool = False
     attention: bool = False
     inplace: bool = False
+    folds: bool = False
 
 
 class OperationRegistry:
@@ -154,6 +169,10 @@ class OperationRegistry:
     def for_module(self, module: torch.nn.Module) -> OperationEntry | None:
         """Return the entry of a module (by its type, then its base classes), or None.
 
+        A subclass with a ``forward`` of its own (timm's ``Conv2dSame``, ``BatchNormAct2d``; a user's
+        ``class MyConv(nn.Conv2d)``) does not take its base class's entry: it is explained through what its forward
+        does.
+
         Parameters
         ----------
         module : torch.nn.Module
@@ -164,9 +183,10 @@ class OperationRegistry:
         OperationEntry or None
             The entry.
         """
+        forward = getattr(type(module), "forward", None)
         for cls in type(module).__mro__:
             if cls in self.modules:
-                return self.modules[cls]
+                return self.modules[cls] if getattr(cls, "forward", None) is forward else None
         return None
 
     def lookup(self, node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> OperationEntry | None:
@@ -321,10 +341,91 @@ def _einsum(node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
                   attention[0] if len(attention) == 1 and left and right else None)
 
 
-def _softmax_module(node: torch.fx.Node, view: GraphView) -> None:
-    if not view.is_output(node):
-        raise Unsupported("a Softmax module inside the model (only one that gives the output is supported: it "
-                          "passes relevance unchanged to the scores before it; write F.softmax for attention)")
+def _affine_call(function: Callable) -> OperationEntry:
+    """``F.linear``/``F.conv*``/``F.conv_transpose*``/``torch.addmm`` on a weight and bias made of parameters."""
+    def build(node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
+        bound = bind_affine_call(function, node.args, node.kwargs)
+        if function is torch.addmm and (node.kwargs or bound["beta"] != 1 or bound["alpha"] != 1):
+            raise Unsupported("torch.addmm with keyword arguments, beta or alpha")
+        if not view.is_activation(bound.get("input")):
+            raise Unsupported("a linear map of a constant input with a weight computed from the input")
+        if view.is_activation(bound.get("weight")) or view.is_activation(bound["bias"]):
+            raise Unsupported("a linear map or convolution whose weight or bias depends on the input (a dynamic "
+                              "kernel)")
+        _, dims, transposed, _ = AFFINE_FUNCTIONS[function]
+        padding = None if transposed or dims == 0 else view.take_padding(node, 0, dims)
+        if padding is None:
+            return AffineCall(function, view.owner_type(node))
+        return AffineCall(function, view.owner_type(node), *padding)
+    return OperationEntry("layer rule (composite), as the layer twins", build, "none")
+
+
+def _norm_call(module: Callable[[], torch.nn.Module], names: tuple[str, ...]) -> Build:
+    """A functional norm whose statistics, weight and bias are constants (parameters, buffers)."""
+    def build(node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
+        bound = dict(zip(names, node.args), **node.kwargs)
+        if any(view.is_activation(bound.get(name)) for name in names[1:]):
+            raise Unsupported("a normalization whose statistics, weight or bias depend on the input")
+        if bound.get("training", False):
+            raise Unsupported("a batch norm in training mode (explanations are of the eval-mode model)")
+        if "running_mean" in names and bound.get("running_mean") is None:
+            raise Unsupported("a batch norm without running statistics")
+        return module()
+    return build
+
+
+#: ``F.batch_norm``'s arguments in order
+BATCH_NORM_ARGUMENTS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def _softmax_module(node: torch.fx.Node, view: GraphView) -> torch.nn.Module | None:
+    """A ``Softmax`` module: passes relevance to the scores at the output, AttnLRP's rule inside the model."""
+    if view.is_output(node):
+        return None
+    module = view.submodule(node.target)
+    if isinstance(module, torch.nn.LogSoftmax) or not isinstance(module.dim, int):
+        raise Unsupported("a LogSoftmax module, or a Softmax module without an integer dim, inside the model (one "
+                          "that gives the output passes relevance unchanged to the scores before it)")
+    return Softmax(module.dim)
+
+
+#: the statistics that may scale an activation (held constant): a use that ends elsewhere has no rule
+STATISTIC_METHODS = ("var", "std", "norm", "amax", "amin")
+STATISTIC_FUNCTIONS = (torch.var, torch.std, torch.norm, torch.amax, torch.amin, torch.linalg.vector_norm,
+                       torch.linalg.norm)
+_SCALING = (*_PRODUCTS, torch.addcmul, torch.addcdiv, "addcmul", "addcdiv")
+
+
+def _held_statistic(node: torch.fx.Node, view: GraphView) -> None:
+    """A statistic of an activation (``x.norm(dim=1)``, ``x.var(...)``, ``x.amax(...)``) held constant: allowed
+    where every use of it ends, through constant arithmetic, in a product or quotient with an activation."""
+    frontier, seen = list(node.users), set()
+    while frontier:
+        user = frontier.pop()
+        if user in seen or user.target in _SCALING:
+            continue
+        seen.add(user)
+        if user.op in ("output", "call_module", "placeholder"):
+            raise Unsupported("a statistic of an activation (norm, var, std, amax, amin) that does not scale an "
+                              "activation (only normalizations such as x / x.norm(dim, keepdim=True) have a rule)")
+        frontier.extend(user.users)
+
+
+def _addc(operation: Callable) -> OperationEntry:
+    """``torch.addcmul``/``addcdiv(input, t1, t2, value=v)``: the product with its constant factor held
+    constant, then the sum with ``input``."""
+    def build(node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
+        input, first, second = (list(node.args) + [None] * 3)[:3]
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 1)
+        if set(node.kwargs) - {"value"} or not isinstance(value, (int, float)) or second is None:
+            raise Unsupported(f"{operation.__name__} with a non-constant value or other keywords")
+        if view.is_activation(first) and view.is_activation(second):
+            raise Unsupported(f"{operation.__name__} of two activations")
+        if view.is_activation(second) and operation is torch.addcdiv:
+            raise Unsupported("torch.addcdiv dividing by an activation")
+        return ScaledSum(operation, float(value), 0 if view.is_activation(first) else 1 if view.is_activation(
+            second) else None)
+    return OperationEntry("scale (constant factor), then sum", build, "none")
 
 
 #: tensor methods that only move, copy or select entries: relevance follows the index map (their gradient)
@@ -345,6 +446,12 @@ SHAPE_METHODS = ("size", "dim", "numel", "ndimension", "nelement", "stride", "el
 CONSTANT_METHODS = ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "detach")
 CONSTANT_FUNCTIONS = (torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.rand_like,
                       torch.randn_like, torch.detach)
+
+
+#: every padding module of torch (zero, constant, reflection, replication, circular; 1-3 d)
+PADDING_MODULES = tuple(cls for cls in vars(torch.nn.modules.padding).values()
+                        if isinstance(cls, type) and issubclass(cls, torch.nn.Module) and cls.__name__.endswith(
+                            ("Pad1d", "Pad2d", "Pad3d")) and not cls.__name__.startswith("_"))
 
 
 def default_registry() -> OperationRegistry:
@@ -430,6 +537,15 @@ def default_registry() -> OperationRegistry:
 
     # normalization and the output softmax
     add_function(F.layer_norm, OperationEntry("layer norm", lambda node, view: LayerNormFunction()))
+    add_function(F.batch_norm, OperationEntry(
+        "folded into the layer before it, else affine (per channel)",
+        _norm_call(BatchNormCall, BATCH_NORM_ARGUMENTS), "none", folds=True))
+    add_function(F.group_norm, OperationEntry("layer norm (per group)", _norm_call(
+        GroupNormCall, ("input", "num_groups", "weight", "bias", "eps")), "none"))
+
+    # linear maps and convolutions called as functions on parameters (timm, GPT-2's Conv1D)
+    for function in AFFINE_FUNCTIONS:
+        add_function(function, _affine_call(function))
     for function in (torch.rsqrt, torch.sqrt):
         add_function(function, _statistic(square=False))
     for name in ("rsqrt", "sqrt"):
@@ -490,7 +606,24 @@ def default_registry() -> OperationRegistry:
     add_module(Rotate, _keep("index map (rotations)"))
     add_module(CyclicPool, _keep("proportional (mean, rms), winner takes all (max)"))
     for module_type in (torch.nn.Softmax, torch.nn.LogSoftmax):
-        add_module(module_type, OperationEntry("identity at the output", _softmax_module, "nonnegative"))
+        add_module(module_type, OperationEntry("identity at the output; AttnLRP softmax rule inside the model",
+                                               _softmax_module, "nonnegative", attention=True))
+    for module_type in PADDING_MODULES:
+        add_module(module_type, _keep("index map (padded values absorb; copies summed)", "none"))
+    add_module(torch.nn.Unfold, _keep("index map (copies summed)"))
+    for name in STATISTIC_METHODS:
+        add_method(name, OperationEntry("held constant (a normalizer)", _held_statistic, "none", constant=True))
+    for function in STATISTIC_FUNCTIONS:
+        add_function(function, OperationEntry("held constant (a normalizer)", _held_statistic, "none",
+                                              constant=True))
+    add_function(F.normalize, _activation(F.normalize))
+    add_function(torch.repeat_interleave, _keep("index map"))
+    add_method("repeat_interleave", _keep("index map"))
+    add_function(F.unfold, _keep("index map (copies summed)"))
+    add_function(F.fold, _proportional(F.fold))
+    for operation in (torch.addcmul, torch.addcdiv):
+        add_function(operation, _addc(operation))
+        add_method(operation.__name__, _addc(operation))
     return registry
 
 

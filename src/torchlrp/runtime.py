@@ -21,15 +21,26 @@ traced graph:
   relevance to ``x`` unchanged and ``(x - mean) / torch.sqrt(var + eps)`` is explained as a layer norm;
 * index maps (``view``, ``transpose``, ``cat``, indexing, ...), ``relu``, max pooling, dropout: their gradient.
 
-Any other call that makes an activation passes relevance by its gradient and is reported in a warning after the
-forward (never silently). Calls inside torchlrp's own layers and rules run without the mode (they are under
+* ``F.linear``, ``F.conv*``, ``F.conv_transpose*``, ``torch.addmm`` on parameters: the composite's rule for the
+  module whose forward made the call (an :class:`~torchlrp.modules.affine_call.AffineCall`, as in a traced graph);
+  ``F.batch_norm`` right after such a call or a layer twin is folded into it, elsewhere its per-channel affine rule;
+  ``F.group_norm``: the standard deviation held constant; ``norm``/``var``/``std``/``amax``/``amin`` of an
+  activation (normalizers): held constant; ``F.normalize``: identity; ``addcmul``/``addcdiv`` with a constant
+  factor: the scale, then the sum; a parameter added to an activation (a position embedding) takes its share as
+  its gradient, so that ``explain(return_absorbed=True)`` reports it.
+
+Any other call that makes an activation has no rule: the explanation raises a
+:class:`~torchlrp.convert.ConversionError` after the forward, listing every such call, unless ``convert``'s
+``allow_gradient`` names it (its function name, e.g. ``"erf"``, or the module path of the forward that made it;
+``["*"]`` lets every call pass its gradient): then it passes relevance by its gradient and is named in a warning. Calls inside torchlrp's own layers and rules run without the mode (they are under
 ``torch.no_grad`` inside autograd Functions, or made by the handlers).
 """
 from __future__ import annotations
 
+import fnmatch
 import warnings
 import weakref
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,26 +48,41 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .functional.attention import attention_rule
-from .functional.operations import (bilinear_rule, identity_rule, layer_norm_rule, scale_rule, softmax_rule,
-                                    weighted_sum_rule)
+from .convert import ConversionError
+from .functional.operations import (ChannelAffineRelevance, bilinear_rule, group_norm_rule, identity_rule,
+                                    layer_norm_rule, scale_rule, softmax_rule, weighted_sum_rule)
 from .functional.relevance import proportional
-from .registry import INDEX_FUNCTIONS, INDEX_METHODS, SHAPE_METHODS
-from .state import ExplainState
+from .modules.affine import ExplainableAffine
+from .modules.affine_call import AFFINE_FUNCTIONS, AffineCall, bind_affine_call
+from .modules.operation import ScaledSum
+from .registry import (BATCH_NORM_ARGUMENTS, INDEX_FUNCTIONS, INDEX_METHODS, SHAPE_METHODS, STATISTIC_FUNCTIONS,
+                       STATISTIC_METHODS)
+from .rules import Epsilon, Rule
+from .state import ExplainState, current
+
+if TYPE_CHECKING:
+    from .composites import Composite
 
 Handler = Callable[["RunTimeOperations", tuple, dict], Any]
 
 #: calls on activations whose gradient is their rule (besides the registry's index maps)
 GRADIENT_FUNCTIONS = (
-    F.relu, torch.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+    F.unfold, torch.repeat_interleave, F.relu, torch.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.embedding,
     F.pad, torch.where, torch.masked_fill,
 )
-GRADIENT_METHODS = ("relu", "masked_fill", "__getitem__", "__get__", "requires_grad_", "type_as", "float", "half",
+GRADIENT_METHODS = ("repeat_interleave", "relu", "masked_fill", "__getitem__", "__get__", "requires_grad_", "type_as", "float", "half",
                     "bfloat16", "double", "to", "cpu", "cuda", "contiguous", "clone", "detach")
 
 
 def _is_activation(value: Any) -> bool:
     return isinstance(value, Tensor) and value.requires_grad and not isinstance(value, torch.nn.Parameter)
+
+
+def _is_absorbing(active: Any, other: Any) -> bool:
+    """Whether ``other`` is a parameter (or a tensor made from parameters) added to the activation ``active``: it
+    takes its share of relevance as its gradient, so that the share is reported (``explain(return_absorbed=True)``)."""
+    return _is_activation(active) and isinstance(other, Tensor) and other.requires_grad
 
 
 def _name(func: Any) -> str:
@@ -75,13 +101,64 @@ class RunTimeOperations(TorchFunctionMode):
         operations).
     """
 
-    def __init__(self, state: ExplainState, epsilon: float) -> None:
+    def __init__(self, state: ExplainState, epsilon: float, composite: "Composite | None" = None,
+                 model: torch.nn.Module | None = None, allow_gradient: Sequence[str] = ()) -> None:
         super().__init__()
         self.state = state
         self.epsilon = epsilon
+        self.composite = composite
+        self.allow_gradient = tuple(allow_gradient)
         self.gradient_only: dict[str, int] = {}
         self.masked: dict[int, tuple[weakref.ref, Tensor, Tensor]] = {}  # scores + constant, by the sum's id
+        self.layer_outputs: dict[int, tuple[weakref.ref, Callable[[Tensor, Tensor], Tensor]]] = {}
+        self.names = {} if model is None else {module: name for name, module in model.named_modules()}
+        self.stack: list[torch.nn.Module] = []
+        self.calls: dict[tuple[str, Any], AffineCall] = {}
+        self.layer_seen = False
         self.handlers = _handlers()
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> "RunTimeOperations":
+        def enter(module: torch.nn.Module, args: tuple) -> None:
+            if current() is self.state:
+                self.stack.append(module)
+                if isinstance(module, ExplainableAffine):
+                    self.layer_seen = True
+
+        def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            if current() is self.state and self.stack and self.stack[-1] is module:
+                self.stack.pop()
+                if isinstance(module, ExplainableAffine) and not isinstance(module, AffineCall) and isinstance(
+                        output, Tensor) and args and isinstance(args[0], Tensor):
+                    self._keep_layer(output, _refold_twin(module, args[0]))
+
+        self._hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+                       torch.nn.modules.module.register_module_forward_hook(leave)]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        return super().__exit__(*exc)
+
+    def _keep_layer(self, output: Tensor, refold: Callable[[Tensor, Tensor], Tensor]) -> None:
+        """Remember how to recompute a layer's output with a batch norm folded in (``refold(scale, shift)``)."""
+        key, table = id(output), self.layer_outputs
+        table[key] = (weakref.ref(output, lambda _: table.pop(key, None)), refold)
+
+    def owner(self) -> tuple[str, torch.nn.Module | None]:
+        """The dotted name and module whose forward is running (the innermost), or ``("", None)``."""
+        if not self.stack:
+            return "", None
+        module = self.stack[-1]
+        return self.names.get(module, ""), module
+
+    def allows_gradient(self, name: str) -> bool:
+        """Whether ``allow_gradient`` lets a call of ``name`` (in the running module) pass its gradient."""
+        path = self.owner()[0]
+        return any(fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rpartition(".")[2], pattern)
+                   or (path and fnmatch.fnmatchcase(path, pattern)) for pattern in self.allow_gradient)
 
     def __torch_function__(self, func: Any, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -93,17 +170,43 @@ class RunTimeOperations(TorchFunctionMode):
             if result is not NotImplemented:
                 return result
         result = func(*args, **kwargs)
-        if handler is None and _is_activation(result) and not _passes_gradient(func):
-            self.gradient_only[_name(func)] = self.gradient_only.get(_name(func), 0) + 1
+        if _is_activation(result) and not _passes_gradient(func) and (
+                handler is None or any(_is_activation(a) for a in _tensors(args, kwargs))):
+            label = _name(func)
+            path = self.owner()[0]
+            key = (f"{path}: " if path else "") + label + ("" if self.allows_gradient(label) else " [no rule]")
+            self.gradient_only[key] = self.gradient_only.get(key, 0) + 1
         return result
 
     def report(self) -> None:
-        """Warn about the calls on activations that passed relevance by their gradient, if there were any."""
+        """Raise for the calls on activations that had no rule; warn about those ``allow_gradient`` let pass.
+
+        Raises
+        ------
+        ConversionError
+            Listing each call (module path: function) without a rule that ``allow_gradient`` does not name.
+        """
+        refused = [(key.rpartition(": ")[0] or "(model forward)", f"{key.rpartition(': ')[2][:-len(' [no rule]')]} "
+                    f"(x{count}): no relevance rule at run time") for key, count in self.gradient_only.items()
+                   if key.endswith(" [no rule]")]
+        if refused:
+            raise ConversionError(refused)
         if self.gradient_only:
             listed = ", ".join(f"{name} (x{count})" for name, count in self.gradient_only.items())
             warnings.warn(f"torchlrp explained this model's forward at run time (torch.fx cannot trace it); these "
-                          f"calls on activations have no relevance rule and passed relevance by their gradient: "
-                          f"{listed}", stacklevel=3)
+                          f"calls on activations have no relevance rule and passed relevance by their gradient, "
+                          f"as allow_gradient allowed: {listed}", stacklevel=3)
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors among a call's arguments (inside lists and tuples too)."""
+    found = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(item for item in value if isinstance(item, Tensor))
+    return found
 
 
 def _passes_gradient(func: Any) -> bool:
@@ -119,7 +222,8 @@ def _sum(signs: tuple[float, float]) -> Handler:
         if len(args) != 2 or kwargs:
             return NotImplemented  # alpha=, out=: the plain call
         left, right = args
-        if _is_activation(left) and _is_activation(right):
+        if _is_activation(left) and _is_activation(right) or _is_absorbing(left, right) or _is_absorbing(right, left):
+            # a parameter added by broadcasting (a position embedding) takes its share as its gradient: reported
             return weighted_sum_rule([left, right], signs, epsilon=mode.epsilon)
         if _is_activation(left):  # activation +/- constant
             constant = right * signs[1] if isinstance(right, Tensor) else signs[1] * right
@@ -237,6 +341,115 @@ def _einsum(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
     return _product(lambda left, right: torch.einsum(equation, left, right), False)(mode, tuple(operands), {})
 
 
+def _affine(function: Callable) -> Handler:
+    """A linear/conv call on parameters: the composite's rule for the module making it (an AffineCall)."""
+    def handle(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+        bound = bind_affine_call(function, args, kwargs)
+        if not _is_activation(bound.get("input")) or _is_activation(bound.get("weight")) or _is_activation(
+                bound["bias"]) or mode.composite is None:
+            return NotImplemented  # a dynamic kernel: no rule (reported)
+        if function is torch.addmm and (kwargs or bound["beta"] != 1 or bound["alpha"] != 1):
+            return NotImplemented
+        path, owner = mode.owner()
+        key = (path, function)
+        call = mode.calls.get(key)
+        if call is None:
+            call = mode.calls[key] = AffineCall(function, None if owner is None else type(owner))
+        name = f"{path}.{function.__name__}" if path else function.__name__
+        first = not mode.layer_seen
+        mode.layer_seen = True
+        rule = mode.composite.rule_for(name, call, is_first=first)
+        output = call(*args, explain=True, rule=rule, **kwargs)
+        if not call.transposed and function is not torch.addmm:
+            def refold(scale: Tensor, shift: Tensor) -> Tensor:
+                weight = bound["weight"] * scale.view(-1, *([1] * (bound["weight"].dim() - 1)))
+                bias = shift if bound["bias"] is None else bound["bias"] * scale + shift
+                folded = {**bound, "weight": weight, "bias": bias}
+                names = AFFINE_FUNCTIONS[function][3]
+                return call(*(folded[n] for n in names if n in folded), explain=True, rule=rule)
+            mode._keep_layer(output, refold)
+        return output
+    return handle
+
+
+def _refold_twin(layer: ExplainableAffine, input: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """Recompute a layer twin's output with a per-channel scale and shift folded into it (its own rule)."""
+    def refold(scale: Tensor, shift: Tensor) -> Tensor:
+        weight = layer.weight * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
+        bias = shift if layer.bias is None else layer.bias * scale + shift
+        state = current()
+        rule = state.rules.get(layer) if state is not None else None
+        return layer._explained(input, {}, True, rule, None, None, None, None, layer._plain_forward,
+                                layer._extra_geometry, (weight, bias))
+    return refold
+
+
+def _batch_norm(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+    bound = dict(zip(BATCH_NORM_ARGUMENTS, args), **kwargs)
+    input = bound["input"]
+    if not _is_activation(input) or bound.get("training", False) or bound.get("running_mean") is None:
+        return NotImplemented
+    if any(_is_activation(bound.get(name)) for name in BATCH_NORM_ARGUMENTS[1:5]):
+        return NotImplemented
+    eps = bound.get("eps", 1e-5)
+    kept = mode.layer_outputs.get(id(input))
+    if kept is not None and kept[0]() is input and not getattr(kept[1], "transposed", False):
+        scale = (bound["running_var"] + eps).rsqrt()
+        shift = -bound["running_mean"] * scale
+        if bound.get("weight") is not None:
+            scale, shift = scale * bound["weight"], shift * bound["weight"]
+        if bound.get("bias") is not None:
+            shift = shift + bound["bias"]
+        return kept[1](scale.detach(), shift.detach())  # folded into the layer before it
+    return ChannelAffineRelevance.apply(input, bound["running_mean"], bound["running_var"], bound.get("weight"),
+                                        bound.get("bias"), eps, mode.epsilon)
+
+
+def _group_norm(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+    bound = dict(zip(("input", "num_groups", "weight", "bias", "eps"), args), **kwargs)
+    if not _is_activation(bound["input"]):
+        return NotImplemented
+    return group_norm_rule(bound["input"], bound["num_groups"], bound.get("weight"), bound.get("bias"),
+                           bound.get("eps", 1e-5), mode.epsilon)
+
+
+def _statistic(function: Callable) -> Handler:
+    """A normalizer computed from an activation (norm, var, amax, ...): held constant."""
+    def handle(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+        if not args or not _is_activation(args[0]):
+            return NotImplemented
+        return function(args[0].detach(), *args[1:], **kwargs)
+    return handle
+
+
+def _addc(operation: Callable) -> Handler:
+    def handle(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+        input, first, second = (list(args) + [None] * 3)[:3]
+        value = kwargs.get("value", args[3] if len(args) > 3 else 1)
+        if set(kwargs) - {"value"} or not isinstance(value, (int, float)) or second is None:
+            return NotImplemented
+        active = [_is_activation(first), _is_activation(second)]
+        if all(active) or (active[1] and operation is torch.addcdiv):
+            return NotImplemented
+        if not any(active) and not _is_activation(input):
+            return NotImplemented
+        module = ScaledSum(operation, float(value), 0 if active[0] else 1 if active[1] else None)
+        rule = Epsilon(mode.epsilon)
+        token = _bare_state(module, rule)
+        try:
+            return module(input, first, second)
+        finally:
+            token()
+    return handle
+
+
+def _bare_state(module: torch.nn.Module, rule: Rule) -> Callable[[], None]:
+    """Give an operation module made at run time ``rule`` in the active explanation (undone by the result)."""
+    state = current()
+    state.rules[module] = rule
+    return lambda: state.rules.pop(module, None)
+
+
 def _handlers() -> dict[Any, Handler]:
     """The run-time rules, by torch function (built per explanation; no process-wide state)."""
     handlers: dict[Any, Handler] = {}
@@ -264,6 +477,18 @@ def _handlers() -> dict[Any, Handler]:
     handlers[F.layer_norm] = _layer_norm
     if hasattr(F, "rms_norm"):
         handlers[F.rms_norm] = _identity(F.rms_norm)  # the root mean square held constant: relevance unchanged
+    for function in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                     F.adaptive_avg_pool3d, F.interpolate, F.fold):
+        handlers[function] = _reduction(function)
+    for function in AFFINE_FUNCTIONS:
+        handlers[function] = _affine(function)
+    handlers[F.batch_norm] = _batch_norm
+    handlers[F.group_norm] = _group_norm
+    for function in (*STATISTIC_FUNCTIONS, *(getattr(torch.Tensor, name) for name in STATISTIC_METHODS)):
+        handlers[function] = _statistic(function)
+    handlers[F.normalize] = _identity(F.normalize)
+    for operation in (torch.addcmul, torch.addcdiv):
+        handlers[operation] = handlers[getattr(torch.Tensor, operation.__name__)] = _addc(operation)
     for function in (torch.rsqrt, torch.Tensor.rsqrt, torch.sqrt, torch.Tensor.sqrt):
         handlers[function] = _held_constant(function)
     for function in (torch.pow, torch.Tensor.pow, torch.Tensor.__pow__):

@@ -37,6 +37,8 @@ class ExplainableAffine:
 
     input_nonnegative: bool = False
     feeds_rectifier: bool = False
+    #: which argument of a call is the layer input (``torch.addmm(bias, input, weight)``: 1)
+    input_argument: int = 0
 
     def forward(self, input: Tensor, explain: bool | None = None, rule: "str | Rule | Composite | None" = None,
                 pattern: Tensor | None = None, *, input_nonnegative: bool | None = None,
@@ -76,14 +78,23 @@ class ExplainableAffine:
              pattern: Tensor | None, input_nonnegative: bool | None, feeds_rectifier: bool | None,
              first: bool | None) -> Tensor:
         """The forward, with ``call`` the torch layer's own extra arguments (``output_size``)."""
+        return self._explained(input, call, explain, rule, pattern, input_nonnegative, feeds_rectifier, first,
+                               self._plain_forward, self._extra_geometry)
+
+    def _explained(self, input: Tensor, call: dict[str, Any], explain: bool | None,
+                   rule: "str | Rule | Composite | None", pattern: Tensor | None, input_nonnegative: bool | None,
+                   feeds_rectifier: bool | None, first: bool | None, plain: Any, geometry: Any,
+                   parameters: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """The forward: ``plain(input, **call)`` outside explanations, else the rule's autograd Function on the map
+        of ``parameters`` (default: the layer's own weight and bias) with ``geometry(input, **call)``."""
         state = current()
         active = state is not None and self in state.rules
         if explain is None:
             explain = active
         if not explain:
-            return self._plain_forward(input, **call)
+            return plain(input, **call)
         rule = self._explain_rule(rule, state, first)
-        op = self._operator(pattern, state, input_nonnegative, self._extra_geometry(input, **call))
+        op = self._operator(pattern, state, input_nonnegative, geometry(input, **call), parameters)
         rectified = self.feeds_rectifier if feeds_rectifier is None else feeds_rectifier
         if active and (rectified or self in state.feeds_rectifier) and rule.folds_rectifier(op):
             op = dataclasses.replace(op, rectified=True)
@@ -134,8 +145,10 @@ class ExplainableAffine:
         return self._operator(pattern, current())
 
     def _operator(self, pattern: Tensor | None, state: ExplainState | None, input_nonnegative: bool | None = None,
-                  extra: dict[str, Any] | None = None) -> AffineOp:
-        weight, bias = self.weight, self.bias
+                  extra: dict[str, Any] | None = None,
+                  parameters: tuple[Tensor, Tensor | None] | None = None) -> AffineOp:
+        weight, bias = (self.weight, self.bias) if parameters is None else parameters
+        shape = weight.shape
         nonnegative = self.input_nonnegative if input_nonnegative is None else input_nonnegative
         fused = False
         if state is not None:
@@ -145,9 +158,9 @@ class ExplainableAffine:
                 weight, bias = fold_batchnorm(weight, bias, batchnorm)
             pattern = state.patterns.get(self) if pattern is None else pattern
             nonnegative = nonnegative or (input_nonnegative is None and self in state.nonnegative)
-        if pattern is not None and pattern.shape != self.weight.shape:
+        if pattern is not None and pattern.shape != shape:
             raise ValueError(f"pattern of shape {tuple(pattern.shape)} does not match the weight shape "
-                             f"{tuple(self.weight.shape)} of {type(self).__name__}")
+                             f"{tuple(shape)} of {type(self).__name__}")
         return AffineOp(weight, bias, input_nonnegative=nonnegative, pattern=pattern, fused=fused, **self._geometry(),
                         **(extra or {}))
 

@@ -101,6 +101,61 @@ class GroupNorm(Operation, torch.nn.GroupNorm):
         return group_norm_rule(input, self.num_groups, self.weight, self.bias, self.eps, rule.epsilon)
 
 
+class BatchNormCall(Operation, torch.nn.Module):
+    """``torch.nn.functional.batch_norm`` called in a forward (timm's ``BatchNormAct2d``) with eval statistics, where
+    it does not follow a layer it folds into: explained as the per-channel affine map it is, as
+    :class:`BatchNorm2d` is."""
+
+    #: composites' ``by_name`` also matches the name of the module whose forward made the call
+    addressed_by_owner = True
+
+    def forward(self, input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None = None,
+                bias: Tensor | None = None, training: bool = False, momentum: float = 0.1,
+                eps: float = 1e-5) -> Tensor:
+        """Normalize with the running statistics.
+
+        Parameters
+        ----------
+        input, running_mean, running_var, weight, bias, training, momentum, eps
+            As for :func:`torch.nn.functional.batch_norm` (``training`` must be False).
+
+        Returns
+        -------
+        Tensor
+            The batch norm's output; while explaining, its backward is the epsilon rule.
+        """
+        rule = self.operation_rule()
+        if rule is None or training:
+            return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                                                  eps)
+        return ChannelAffineRelevance.apply(input, running_mean, running_var, weight, bias, eps, rule.epsilon)
+
+
+class GroupNormCall(Operation, torch.nn.Module):
+    """``torch.nn.functional.group_norm`` called in a forward: explained as :class:`GroupNorm` is."""
+
+    addressed_by_owner = True
+
+    def forward(self, input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+                eps: float = 1e-5) -> Tensor:
+        """Normalize over each group of channels.
+
+        Parameters
+        ----------
+        input, num_groups, weight, bias, eps
+            As for :func:`torch.nn.functional.group_norm`.
+
+        Returns
+        -------
+        Tensor
+            The group norm's output.
+        """
+        rule = self.operation_rule()
+        if rule is None:
+            return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
+        return group_norm_rule(input, num_groups, weight, bias, eps, rule.epsilon)
+
+
 class RMSNorm(IdentityRuleActivation, getattr(torch.nn, "RMSNorm", torch.nn.Module)):
     """``torch.nn.RMSNorm`` (torch >= 2.4) with the root mean square held constant while explaining (AttnLRP).
 

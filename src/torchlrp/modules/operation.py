@@ -15,7 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..functional.operations import bilinear_rule, identity_rule, layer_norm_rule, scale_rule, softmax_rule
+from ..functional.operations import (bilinear_rule, identity_rule, layer_norm_rule, scale_rule, softmax_rule,
+                                     weighted_sum_rule)
 from ..functional.relevance import proportional
 from ..rules import Rule
 from ..state import ExplainState, current
@@ -141,6 +142,58 @@ class Scale(Operation, torch.nn.Module):
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"{getattr(self.operation, '__name__', self.operation)}, signal_index={self.signal_index}"
+
+
+class ScaledSum(Operation, torch.nn.Module):
+    """``torch.addcmul(input, t1, t2, value=v)`` / ``torch.addcdiv(...)``: ``input + v * t1 * t2`` (``/ t2``) with
+    the factors other than the activation held constant, then the proportional split of the sum (GRN's
+    ``addcmul(bias, weight, x * n)``).
+
+    Parameters
+    ----------
+    operation : callable
+        ``torch.addcmul`` or ``torch.addcdiv``.
+    value : float
+        The call's ``value``.
+    active_factor : int or None
+        Which of ``t1`` (0) and ``t2`` (1) carries relevance (None: neither, the product is a constant).
+    """
+
+    def __init__(self, operation: Callable[..., Tensor], value: float, active_factor: int | None) -> None:
+        super().__init__()
+        self.operation, self.value, self.active_factor = operation, float(value), active_factor
+
+    def forward(self, input: Any, tensor1: Tensor, tensor2: Tensor, value: Any = None) -> Tensor:
+        """Compute ``operation(input, tensor1, tensor2, value=value)``.
+
+        Parameters
+        ----------
+        input, tensor1, tensor2 : Tensor
+            The call's operands.
+        value : float, optional
+            The call's ``value`` (the one given at construction).
+
+        Returns
+        -------
+        Tensor
+            The result.
+        """
+        rule = self.operation_rule()
+        if rule is None:
+            return self.operation(input, tensor1, tensor2, value=self.value)
+        divide = self.operation is torch.addcdiv
+        if self.active_factor is None:
+            product = self.operation(torch.zeros_like(tensor1), tensor1, tensor2, value=self.value)
+            return weighted_sum_rule([input], [1.0], product, rule.epsilon)
+        signal, other = (tensor1, tensor2) if self.active_factor == 0 else (tensor2, tensor1)
+        factor = self.value / other if divide else other * self.value
+        product = scale_rule(signal, factor, torch.mul)
+        if isinstance(input, Tensor) and input.requires_grad and not isinstance(input, torch.nn.Parameter):
+            return weighted_sum_rule([input, product], [1.0, 1.0], None, rule.epsilon)
+        return weighted_sum_rule([product], [1.0], input, rule.epsilon)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{self.operation.__name__}, value={self.value}, active_factor={self.active_factor}"
 
 
 class Activation(FunctionOperation):
