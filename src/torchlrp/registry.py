@@ -617,6 +617,7 @@ def default_registry() -> OperationRegistry:
         add_function(function, OperationEntry("held constant (a normalizer)", _held_statistic, "none",
                                               constant=True))
     add_function(F.normalize, _activation(F.normalize))
+    add_method("unfold", _keep("index map (copies summed)"))  # x.unfold(dim, size, step): overlapping windows
     add_function(torch.repeat_interleave, _keep("index map"))
     add_method("repeat_interleave", _keep("index map"))
     add_function(F.unfold, _keep("index map (copies summed)"))

@@ -71,7 +71,7 @@ GRADIENT_FUNCTIONS = (
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.embedding,
     F.pad, torch.where, torch.masked_fill,
 )
-GRADIENT_METHODS = ("repeat_interleave", "relu", "masked_fill", "__getitem__", "__get__", "requires_grad_", "type_as", "float", "half",
+GRADIENT_METHODS = ("unfold", "repeat_interleave", "relu", "masked_fill", "__getitem__", "__get__", "requires_grad_", "type_as", "float", "half",
                     "bfloat16", "double", "to", "cpu", "cuda", "contiguous", "clone", "detach")
 
 
@@ -110,6 +110,7 @@ class RunTimeOperations(TorchFunctionMode):
         self.allow_gradient = tuple(allow_gradient)
         self.gradient_only: dict[str, int] = {}
         self.masked: dict[int, tuple[weakref.ref, Tensor, Tensor]] = {}  # scores + constant, by the sum's id
+        self.pads: dict[int, tuple[weakref.ref, Tensor, tuple[int, ...], str]] = {}  # padded -> input, pad, mode
         self.layer_outputs: dict[int, tuple[weakref.ref, Callable[[Tensor, Tensor], Tensor]]] = {}
         self.names = {} if model is None else {module: name for name, module in model.named_modules()}
         self.stack: list[torch.nn.Module] = []
@@ -117,13 +118,19 @@ class RunTimeOperations(TorchFunctionMode):
         self.layer_seen = False
         self.handlers = _handlers()
         self._hooks: list[Any] = []
+        if composite is not None and state.first_layer is not None:
+            # the first layer is the first to run in this forward (a layer twin or a call), decided as it runs
+            first = state.first_layer
+            state.rules[first] = composite.rule_for(self.names.get(first, ""), first, is_first=False)
 
     def __enter__(self) -> "RunTimeOperations":
         def enter(module: torch.nn.Module, args: tuple) -> None:
             if current() is self.state:
                 self.stack.append(module)
-                if isinstance(module, ExplainableAffine):
+                if isinstance(module, ExplainableAffine) and not self.layer_seen and module in self.state.rules:
                     self.layer_seen = True
+                    self.state.rules[module] = self.composite.rule_for(self.names.get(module, ""), module,
+                                                                       is_first=True)
 
         def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
             if current() is self.state and self.stack and self.stack[-1] is module:
@@ -351,10 +358,19 @@ def _affine(function: Callable) -> Handler:
         if function is torch.addmm and (kwargs or bound["beta"] != 1 or bound["alpha"] != 1):
             return NotImplemented
         path, owner = mode.owner()
-        key = (path, function)
+        padded = mode.pads.get(id(bound["input"]))
+        padding = None
+        if padded is not None and padded[0]() is bound["input"] and not AFFINE_FUNCTIONS[function][2] and len(
+                padded[2]) == 2 * AFFINE_FUNCTIONS[function][1]:  # a pad right before: part of the convolution
+            args = (padded[1], *args[1:]) if args else args
+            kwargs = {k: (padded[1] if k == "input" else v) for k, v in kwargs.items()}
+            padding = (padded[2], padded[3])
+            bound = bind_affine_call(function, args, kwargs)
+        key = (path, function, padding)
         call = mode.calls.get(key)
         if call is None:
-            call = mode.calls[key] = AffineCall(function, None if owner is None else type(owner))
+            call = mode.calls[key] = AffineCall(function, None if owner is None else type(owner),
+                                                *(padding or (None,)))
         name = f"{path}.{function.__name__}" if path else function.__name__
         first = not mode.layer_seen
         mode.layer_seen = True
@@ -370,6 +386,19 @@ def _affine(function: Callable) -> Handler:
             mode._keep_layer(output, refold)
         return output
     return handle
+
+
+def _pad(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+    """``F.pad`` of an activation: its gradient (the index map); remembered, so that a convolution right after it
+    takes the padding as part of its map (as in a traced graph)."""
+    bound = dict(zip(("input", "pad", "mode", "value"), args), **kwargs)
+    output = F.pad(*args, **kwargs)
+    pad, pad_mode = bound.get("pad"), bound.get("mode", "constant")
+    if _is_activation(bound["input"]) and pad_mode in ("constant", "reflect", "replicate", "circular") and (
+            pad_mode != "constant" or bound.get("value") in (None, 0, 0.0)) and all(isinstance(p, int) for p in pad):
+        key, table = id(output), mode.pads
+        table[key] = (weakref.ref(output, lambda _: table.pop(key, None)), bound["input"], tuple(pad), pad_mode)
+    return output
 
 
 def _refold_twin(layer: ExplainableAffine, input: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
@@ -483,6 +512,7 @@ def _handlers() -> dict[Any, Handler]:
     for function in AFFINE_FUNCTIONS:
         handlers[function] = _affine(function)
     handlers[F.batch_norm] = _batch_norm
+    handlers[F.pad] = _pad
     handlers[F.group_norm] = _group_norm
     for function in (*STATISTIC_FUNCTIONS, *(getattr(torch.Tensor, name) for name in STATISTIC_METHODS)):
         handlers[function] = _statistic(function)

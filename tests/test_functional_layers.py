@@ -1,0 +1,403 @@
+"""Layers called as functions on parameters, padding, layer subclasses and the small operations of third-party code.
+
+A model written with ``F.conv2d``/``F.linear``/``F.batch_norm``/``F.pad`` on its parameters must be explained exactly
+like its twin written with modules (same relevance to 1e-12, every composite), traced and at run time; each new
+operation rule is checked against its formula.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torchlrp as lrp
+
+COMPOSITES = {
+    "epsilon": lambda: "epsilon", "zero": lambda: "zero", "gamma": lambda: lrp.rules.Gamma(0.25),
+    "alpha2beta1": lambda: "alpha2beta1", "EpsilonPlus": lrp.EpsilonPlus, "EpsilonPlusFlat": lrp.EpsilonPlusFlat,
+    "EpsilonAlpha2Beta1": lrp.EpsilonAlpha2Beta1, "EpsilonGammaBox": lambda: lrp.EpsilonGammaBox(-3.0, 3.0),
+    "flat-first": lambda: lrp.Composite(first="flat", by_type={nn.Conv2d: "zplus"}, default="epsilon"),
+}
+
+
+def _randomize(model):
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    return model.double().eval()
+
+
+class ModuleNet(nn.Module):
+    """The reference: torch's layers."""
+
+    def __init__(self, padding_mode="zeros"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, padding_mode=padding_mode)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, dilation=1, groups=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(x))  # a batch norm after a ReLU: its own affine rule
+        return self.fc(x.mean((2, 3)))
+
+
+class SamePadConv(nn.Conv2d):
+    """timm's Conv2dSame / lukemelas' Conv2dStaticSamePadding: an nn.Conv2d subclass padding first."""
+
+    def __init__(self, *args, pad_mode="constant", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pad = nn.ZeroPad2d(1) if pad_mode == "constant" else None
+        self.pad_mode = pad_mode
+
+    def forward(self, x):
+        x = self.pad(x) if self.pad is not None else F.pad(x, (1, 1, 1, 1), mode=self.pad_mode)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: F.batch_norm on its parameters, then its activation."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return torch.relu(x)
+
+
+class FunctionalNet(nn.Module):
+    """The same network with functional calls on parameters (a layer subclass, F.pad, F.batch_norm, F.linear)."""
+
+    def __init__(self, pad_mode="constant", untraceable=False):
+        super().__init__()
+        self.untraceable = untraceable  # data-dependent control flow: torch.fx cannot trace it (the run-time mode)
+        self.conv1 = SamePadConv(3, 8, 3, pad_mode=pad_mode)
+        self.bn1 = BatchNormAct(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.bn2 = BatchNormAct(8)
+        self.bn3 = BatchNormAct(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        if self.untraceable and float(x.sum()) > 1e9:
+            return x
+        x = self.bn1(self.conv1(x))
+        x = self.bn2(self.conv2(x))
+        x = self.bn3(x)
+        return F.linear(x.mean((2, 3)), self.fc.weight, self.fc.bias)
+
+
+def _pair(pad_mode="constant", untraceable=False):
+    torch.manual_seed(0)
+    reference = _randomize(ModuleNet({"constant": "zeros"}.get(pad_mode, pad_mode)))
+    functional = FunctionalNet(pad_mode, untraceable).double().eval()
+    functional.load_state_dict(reference.state_dict(), strict=False)
+    functional.conv1.load_state_dict(reference.conv1.state_dict())
+    return reference, functional
+
+
+@pytest.mark.parametrize("untraceable", [False, True], ids=["traced", "run-time"])
+@pytest.mark.parametrize("pad_mode", ["constant", "reflect", "replicate", "circular"])
+def test_functional_model_equals_its_module_twin(pad_mode, untraceable):
+    reference, functional = _pair(pad_mode, untraceable)
+    x = torch.randn(3, 3, 9, 9, dtype=torch.float64)
+    expected_model = lrp.convert(reference)
+    with pytest.warns(UserWarning, match="cannot trace") if untraceable else _no_warning():
+        converted = lrp.convert(functional)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), reference(x), rtol=1e-12, atol=1e-12)
+    for label, composite in COMPOSITES.items():
+        expected = lrp.explain(expected_model, x, rule=composite())
+        relevance = lrp.explain(converted, x, rule=composite())
+        torch.testing.assert_close(relevance, expected, rtol=1e-10, atol=1e-12, msg=label)
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_functional_batch_norm_folds_like_a_module_one():
+    reference, functional = _pair()
+    converted = lrp.convert(functional)
+    code = converted.code
+    assert code.count("fold_batchnorm_tensors(") == 2  # bn1, bn2 fold; bn3 (after a ReLU) is its own affine map
+    assert "bn3.batch_norm" in code
+    assert functional.bn1.running_mean is not None  # nothing in the model was changed
+    torch.testing.assert_close(converted.state_dict()["bn1.running_mean"], functional.bn1.running_mean)
+
+
+def test_composites_address_functional_calls_by_their_owner():
+    _, functional = _pair()
+    converted = lrp.convert(functional)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    base = lrp.explain(converted, x, rule="epsilon")
+    # F.conv2d inside conv1's forward: conv1 (the module whose forward made the call) or the call's own name
+    by_owner = lrp.explain(converted, x, rule=lrp.Composite(by_name={"conv1": "zplus"}, default="epsilon"))
+    by_call = lrp.explain(converted, x, rule=lrp.Composite(by_name={"conv1.conv2d": "zplus"}, default="epsilon"))
+    assert not torch.allclose(by_owner, base)
+    torch.testing.assert_close(by_owner, by_call)
+    by_type = lrp.explain(converted, x, rule=lrp.Composite(by_type={nn.Conv2d: "zplus"}, default="epsilon"))
+    by_subclass = lrp.explain(converted, x, rule=lrp.Composite(by_type={SamePadConv: "zplus"}, default="epsilon"))
+    assert not torch.allclose(by_type, by_subclass)  # SamePadConv names conv1 only, nn.Conv2d both convolutions
+
+
+def test_weight_standardization_and_computed_weights():
+    class StdConv(nn.Conv2d):  # timm's StdConv2d: the weight standardized in the forward
+        def forward(self, x):
+            weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                                  momentum=0.0, eps=1e-6).reshape_as(self.weight)
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+    class LoRA(nn.Module):  # a re-parameterized weight W + B @ A and a concatenated bias
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 8))
+            self.b, self.a = nn.Parameter(torch.randn(6, 2)), nn.Parameter(torch.randn(2, 8))
+            self.q, self.v = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+
+        def forward(self, x):
+            return F.linear(x, self.weight + self.b @ self.a, torch.cat((self.q, self.v)))
+
+    torch.manual_seed(0)
+    conv = StdConv(3, 8, 3, padding=1).double().eval()
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), LoRA().double())
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        standardized = F.batch_norm(conv.weight.reshape(1, 8, -1), None, None, training=True, momentum=0.0,
+                                    eps=1e-6).reshape_as(conv.weight)
+        lora = model[4]
+        twin = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, 6)).double()
+        twin[0].weight.copy_(standardized)
+        twin[0].bias.copy_(conv.bias)
+        twin[4].weight.copy_(lora.weight + lora.b @ lora.a)
+        twin[4].bias.copy_(torch.cat((lora.q, lora.v)))
+    converted, expected_model = lrp.convert(model), lrp.convert(twin)
+    torch.testing.assert_close(converted(x), twin(x), rtol=1e-12, atol=1e-12)
+    for label, composite in COMPOSITES.items():
+        torch.testing.assert_close(lrp.explain(converted, x, rule=composite()),
+                                   lrp.explain(expected_model, x, rule=composite()), rtol=1e-10, atol=1e-12,
+                                   msg=label)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_functional_conv_and_transposed_conv_every_hyperparameter(dims):
+    torch.manual_seed(0)
+    conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    transposed_type = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1]
+    conv = conv_type(4, 6, 3, stride=2, padding=1, dilation=2, groups=2).double()
+    transposed = transposed_type(6, 4, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=1).double()
+    same = conv_type(4, 4, 3, padding="same", dilation=2).double()
+
+    function = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+
+    class Calls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.same, self.conv, self.transposed = same, conv, transposed
+
+        def forward(self, x):
+            x = function(x, self.same.weight, self.same.bias, 1, "same", 2)
+            x = function(x, self.conv.weight, self.conv.bias, 2, 1, 2, 2)
+            return transpose(x, self.transposed.weight, self.transposed.bias, 2, 1, 1, 2, 1).flatten(1)
+
+    class Modules(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.same, self.conv, self.transposed = same, conv, transposed
+
+        def forward(self, x):
+            return self.transposed(self.conv(self.same(x))).flatten(1)
+
+    x = torch.randn(2, 4, *(9,) * dims, dtype=torch.float64)
+    calls, modules = lrp.convert(Calls()), lrp.convert(Modules())
+    torch.testing.assert_close(calls(x), Modules()(x), rtol=1e-12, atol=1e-12)
+    for rule in ("epsilon", "zplus", "alpha2beta1", lrp.rules.Gamma(0.5), "flat", "wsquare"):
+        torch.testing.assert_close(lrp.explain(calls, x, target=0, rule=rule),
+                                   lrp.explain(modules, x, target=0, rule=rule), rtol=1e-10, atol=1e-12)
+
+
+def test_addmm_is_a_linear_layer():
+    class Conv1D(nn.Module):  # GPT-2's Conv1D: torch.addmm(bias, x, weight) with weight (in, out)
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(3))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x, self.weight)
+
+    module = Conv1D().double()
+    linear = nn.Linear(5, 3).double()
+    with torch.no_grad():
+        linear.weight.copy_(module.weight.t())
+        linear.bias.copy_(module.bias)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    converted = lrp.convert(module)
+    assert "addmm" in converted.code
+    for rule in ("epsilon", "zero", "zplus", "alpha2beta1"):
+        torch.testing.assert_close(lrp.explain(converted, x, rule=rule),
+                                   lrp.explain(lrp.convert(nn.Sequential(linear)), x, rule=rule))
+
+
+def test_subclass_with_its_own_forward_is_not_the_plain_layer():
+    class Doubled(nn.Conv2d):  # a user's layer subclass: never mistaken for nn.Conv2d
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    class Relu6Clamp(nn.ReLU):  # a registered module type with another forward: traced through
+        def forward(self, x):
+            return F.relu6(x)
+
+    model = nn.Sequential(Doubled(2, 4, 3), Relu6Clamp(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double().eval()
+    x = torch.rand(2, 2, 6, 6, dtype=torch.float64)
+    converted = lrp.convert(model)
+    torch.testing.assert_close(converted(x), model(x))
+    assert "relu6" in converted.code and "conv2d" in converted.code
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.bias.data.zero_()
+    model[3].bias.data.zero_()
+    converted = lrp.convert(model)
+    relevance = lrp.explain(converted, x, rule="zero", start="logit")
+    torch.testing.assert_close(relevance.flatten(1).sum(1), model(x).max(1).values)
+
+
+def test_padding_modules_follow_the_index_map():
+    for module in (nn.ZeroPad2d((1, 2, 0, 1)), nn.ConstantPad1d(2, 0.0), nn.ReflectionPad2d(1),
+                   nn.ReplicationPad2d((1, 0, 2, 1)), nn.CircularPad2d(1)):
+        dims = 1 if isinstance(module, nn.ConstantPad1d) else 2
+        shape = (2, 3, 5) if dims == 1 else (2, 3, 5, 5)
+        model = nn.Sequential(module, nn.Flatten(), nn.Linear(torch.numel(module(torch.zeros(shape))) // 2, 4))
+        model = model.double()
+        x = torch.randn(*shape, dtype=torch.float64)
+        converted = lrp.convert(model)
+        relevance = lrp.explain(converted, x, target=1, rule="epsilon")
+        # the reference: the padded input's relevance sent back by the index map (copies summed)
+        padded = module(x).requires_grad_(True)
+        start = torch.zeros(2, 4, dtype=torch.float64)
+        start[:, 1] = 1
+        linear = lrp.convert(nn.Sequential(nn.Flatten(), model[2]))
+        padded_relevance = lrp.explain(linear, padded.detach(), target=1, rule="epsilon")
+        (expected,) = torch.autograd.grad(module(x.requires_grad_(True)), x, padded_relevance)
+        torch.testing.assert_close(relevance, expected, msg=type(module).__name__)
+        x.requires_grad_(False)
+
+
+def test_held_constant_statistics_and_normalize():
+    class Normalized(nn.Module):  # F.normalize, x / x.norm(...), GRN (norm, quotient, addcmul), amax scaling
+        def __init__(self):
+            super().__init__()
+            self.gamma, self.beta = nn.Parameter(torch.rand(6)), nn.Parameter(torch.zeros(6))
+            self.fc = nn.Linear(6, 3, bias=False)
+
+        def forward(self, x):
+            x = F.normalize(x, dim=-1) * 3.0
+            x = x / x.norm(dim=-1, keepdim=True)
+            g = torch.norm(x, p=2, dim=0, keepdim=True)
+            n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+            x = x + torch.addcmul(self.beta, self.gamma, x * n)
+            x = x / x.amax(dim=-1, keepdim=True).clamp(min=1.0)
+            return self.fc(x)
+
+    model = Normalized().double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    converted = lrp.convert(model)
+    torch.testing.assert_close(converted(x), model(x))
+    relevance = lrp.explain(converted, x, rule="zero", start="logit")
+    # every statistic is a constant, the maps are diagonal and conserve: the logit arrives at the input
+    torch.testing.assert_close(relevance.sum(1), model(x).max(1).values)
+    with torch.no_grad():  # the formula: with statistics constant, y = x * c1 + gamma * x * c2 is diagonal
+        reference = lrp.explain(lrp.convert(nn.Sequential(model.fc)), _rescaled(model, x), rule="zero",
+                                start="logit")
+    torch.testing.assert_close(relevance, reference)
+
+
+def _rescaled(model, x):
+    """What the Normalized model feeds its last layer (the diagonal maps' output): relevance there equals the
+    input's."""
+    with torch.no_grad():
+        x = F.normalize(x, dim=-1) * 3.0
+        x = x / x.norm(dim=-1, keepdim=True)
+        g = torch.norm(x, p=2, dim=0, keepdim=True)
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        x = x + torch.addcmul(model.beta, model.gamma, x * n)
+        return x / x.amax(dim=-1, keepdim=True).clamp(min=1.0)
+
+
+def test_a_statistic_used_otherwise_is_refused():
+    class Shifted(nn.Module):
+        def forward(self, x):
+            return x.amax(dim=-1, keepdim=True) + x.mean(dim=-1, keepdim=True)
+
+    with pytest.raises(lrp.ConversionError, match="statistic of an activation"):
+        lrp.convert(Shifted())
+
+
+def test_softmax_module_inside_the_model_takes_attnlrp():
+    class Attention(nn.Module):  # timm's Swin: an nn.Softmax module on the scores
+        def __init__(self):
+            super().__init__()
+            self.softmax = nn.Softmax(dim=-1)
+            self.proj = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.proj(self.softmax(x @ x.transpose(-2, -1)) @ x)
+
+    class Functional(Attention):
+        def forward(self, x):
+            return self.proj((x @ x.transpose(-2, -1)).softmax(-1) @ x)
+
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    start = torch.randn(2, 4, 3, dtype=torch.float64)
+    attention = Attention().double()
+    functional = Functional().double()
+    functional.load_state_dict(attention.state_dict())
+    assert "softmax" in lrp.convert(attention).code
+    for rule in (lrp.Composite(), lrp.Composite(attention="cp")):
+        module_relevance = lrp.explain(lrp.convert(attention), x, output_relevance=start, rule=rule)
+        function_relevance = lrp.explain(lrp.convert(functional), x, output_relevance=start, rule=rule)
+        torch.testing.assert_close(module_relevance, function_relevance)
+
+
+def test_absorbed_shares_are_reported():
+    class Tokens(nn.Module):  # a class token concatenated, a position embedding added by broadcasting
+        def __init__(self):
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.randn(1, 1, 4))
+            self.pos_embed = nn.Parameter(torch.randn(1, 3, 4))
+            self.fc = nn.Linear(4, 2, bias=False)
+
+        def forward(self, x):
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+            return self.fc(x.sum(1))
+
+    model = Tokens().double()
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    converted = lrp.convert(model)
+    relevance, absorbed = lrp.explain(converted, x, target=0, rule="zero", start="logit", return_absorbed=True)
+    assert set(absorbed) >= {"cls_token", "pos_embed"}
+    logits = model(x)[:, 0].detach()
+    torch.testing.assert_close(relevance.sum() + sum(absorbed.values()), logits.sum())
+    # the formula (LRP-0): each entry of the sum gets its value times the linear weight, so the position
+    # embedding takes sum_{t,k} pos[t, k] w[k] per sample, the class token sum_k cls[k] w[k]
+    weight = model.fc.weight[0].detach()
+    torch.testing.assert_close(absorbed["pos_embed"], 3 * (model.pos_embed[0].detach() * weight).sum())
+    torch.testing.assert_close(absorbed["cls_token"], 3 * (model.cls_token[0, 0].detach() * weight).sum())
+
+
+def test_dynamic_kernels_are_refused():
+    class Dynamic(nn.Module):  # a convolution whose weight is computed from the input
+        def forward(self, x):
+            return F.conv2d(x, x[:1].expand(2, -1, -1, -1))
+
+    with pytest.raises(lrp.ConversionError, match="weight or bias depends on the input"):
+        lrp.convert(Dynamic())
