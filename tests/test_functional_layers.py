@@ -336,10 +336,32 @@ def _rescaled(model, x):
 def test_a_statistic_used_otherwise_is_refused():
     class Shifted(nn.Module):
         def forward(self, x):
-            return x.amax(dim=-1, keepdim=True) + x.mean(dim=-1, keepdim=True)
+            return x.norm(dim=-1, keepdim=True) + x.mean(dim=-1, keepdim=True)
 
     with pytest.raises(lrp.ConversionError, match="statistic of an activation"):
         lrp.convert(Shifted())
+
+
+def test_a_maximum_used_as_data_is_a_max_pooling():
+    class Pooled(nn.Module):  # Hiera's pooling of query strides: amax over a dimension, as data
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2, bias=False)
+
+        def forward(self, x):
+            return self.fc(x.view(x.shape[0], 3, 4).amax(dim=1))
+
+    model = Pooled().double()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    converted = lrp.convert(model)
+    assert "detach" not in converted.code
+    relevance = lrp.explain(converted, x, target=0, rule="zero", start="logit")
+    # winner takes all: each maximum gets its column's relevance, the others none
+    with torch.no_grad():
+        pooled = x.view(5, 3, 4).amax(dim=1)
+        column = pooled * model.fc.weight[0]
+        expected = (x.view(5, 3, 4) == pooled[:, None]) * column[:, None]
+    torch.testing.assert_close(relevance, expected.reshape(5, 12))
 
 
 def test_softmax_module_inside_the_model_takes_attnlrp():

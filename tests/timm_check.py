@@ -22,7 +22,12 @@ SIZES = (64, None)  # try 64 px first; None: the model's own input size
 
 
 def _randomize(model: torch.nn.Module, bias_free: bool) -> None:
+    generator = torch.Generator().manual_seed(2)
     for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and weight.dim() > 1 and not weight.detach().any():
+            # timm initializes some heads (MLP-Mixer, Hiera) to zero: every logit would be 0
+            weight.data.copy_(torch.randn(weight.shape, generator=generator, dtype=weight.dtype) * 0.1)
         if isinstance(module, _BatchNorm) and module.running_mean is not None:
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
@@ -94,9 +99,12 @@ def check(name: str) -> dict:
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * scale)
     for label, rule in {"epsilon": "epsilon", "EpsilonPlus": lrp.EpsilonPlus(),
                         "EpsilonGammaBox": lrp.EpsilonGammaBox(-3.0, 3.0)}.items():
-        relevance = lrp.explain(converted, x, rule=rule)
-        assert relevance.shape == x.shape and torch.isfinite(relevance).all(), label
-        assert relevance.abs().sum() > 0, label
+        relevance, scores = lrp.explain(converted, x, rule=rule, return_scores=True)
+        # an explanation never changes the model's output
+        torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-10 * scale, msg=f"{label}: output")
+        assert relevance.shape == x.shape, label
+        assert torch.isfinite(relevance).all(), f"{label}: non-finite relevance"
+        assert relevance.abs().sum() > 0, f"{label}: zero relevance"
 
     model, _ = build(name, size, bias_free=True)
     converted = lrp.convert(model)

@@ -22,6 +22,7 @@ from .composites import PROPORTIONAL_MODULES, Composite, as_composite
 from .functional.relevance import proportional
 from .modules.affine import ExplainableAffine
 from .modules.attention import ATTENTION_TYPES
+from .modules.norm import NORM_TWINS
 from .modules.operation import output_softmax_rule
 from .modules.pooling import MAX_POOLING_MODULES, proportional_max_pool, window_mean
 from .modes import in_training_mode
@@ -81,7 +82,7 @@ def _scan_sequential(container: torch.nn.Sequential, names: dict[torch.nn.Module
             if nonnegative:
                 state.nonnegative.add(child)
             following = children[index + 1:index + 3]
-            if following and isinstance(following[0], _BatchNorm):
+            if following and isinstance(following[0], _BatchNorm) and _plain_batchnorm(following[0]):
                 check_foldable(following[0], names.get(following[0], ""))
                 state.batchnorms[child] = following.pop(0)
             if following and type(following[0]) is ReLU:
@@ -91,6 +92,13 @@ def _scan_sequential(container: torch.nn.Sequential, names: dict[torch.nn.Module
             nonnegative = True
         elif not isinstance(child, SIGN_PRESERVING):
             nonnegative = False
+
+
+def _plain_batchnorm(module: torch.nn.Module) -> bool:
+    """Whether a batch norm computes just the batch norm (torch's forward or its twin's), so that it can be folded
+    and skipped; a subclass with a forward of its own (timm's ``BatchNormAct2d``: norm and activation) cannot."""
+    forward = type(module).forward
+    return forward is _BatchNorm.forward or any(forward is twin.forward for twin in NORM_TWINS.values())
 
 
 def _when_active(state: ExplainState, transform: Callable[[torch.nn.Module, Tensor, Tensor], Tensor]):
@@ -230,9 +238,10 @@ def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilo
         if state.rules[module].needs_pattern and module not in state.patterns:
             raise ValueError(f"rule {state.rules[module]!r} needs a pattern for layer {names[module]!r}; pass "
                              f"pattern=torchlrp.patterns.fit_patternnet(model, loader)")
-    for container in model.modules():
-        if isinstance(container, torch.nn.Sequential):
-            _scan_sequential(container, names, state)
+    if not isinstance(getattr(model, "graph", None), torch.fx.Graph):  # convert decided folds and marks per call
+        for container in model.modules():
+            if isinstance(container, torch.nn.Sequential):
+                _scan_sequential(container, names, state)
     return state
 
 

@@ -141,6 +141,7 @@ class _Analysis:
         self.calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
         self.parameter_uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         self.output_values: set[Node] = set()
+        self._held: list[Node] = []  # calls held constant by their entry's constant_when: detached below
         for node in graph.nodes:
             if node.op == "output":
                 self.output_values.update(_node_arguments(node.args))
@@ -187,6 +188,10 @@ class _Analysis:
                 self.kind[node] = _CONSTANT
             elif node.op in ("call_function", "call_method", "call_module"):
                 self._visit(node)
+        for node in self._held:  # computed from an activation, held constant: no relevance flows into it
+            with self.graph.inserting_after(node):
+                detached = self.graph.call_method("detach", (node,))
+            node.replace_all_uses_with(detached, delete_user_cb=lambda user: user is not detached)
         for node in list(self.graph.nodes):  # parameters a fold or a layer call no longer reads
             if node.op == "get_attr" and not node.users:
                 self.graph.erase_node(node)
@@ -202,6 +207,10 @@ class _Analysis:
         arguments = _node_arguments((node.args, node.kwargs))
         active = [a for a in arguments if self.kind.get(a) == _ACTIVATION]
         entry = self.registry.lookup(node, self.modules)
+        if entry is not None and entry.constant_when is not None and active and entry.constant_when(node, self):
+            self.kind[node] = _CONSTANT
+            self._held.append(node)
+            return
         if entry is not None and (entry.shape or entry.constant):
             self.kind[node] = _SHAPE if entry.shape else _CONSTANT
             if entry.build is not None and active:  # a constant made from an activation: its entry checks the use
@@ -332,7 +341,8 @@ class _Analysis:
         tensors = [bound.get(name) for name in BATCH_NORM_ARGUMENTS[1:5]]
         if not all(t is None or (isinstance(t, Node) and t.op == "get_attr") for t in tensors):
             return False
-        if layer_node.op != "call_module" or len(layer_node.users) != 1 or self.calls[layer_node.target] != 1:
+        users = [user for user in layer_node.users if self.kind.get(user) != _SHAPE]  # x.ndim, x.size(): no value
+        if layer_node.op != "call_module" or users != [node] or self.calls[layer_node.target] != 1:
             return False
         layer = self.modules[layer_node.target]
         if isinstance(layer, AffineCall):

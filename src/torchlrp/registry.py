@@ -109,6 +109,9 @@ class OperationEntry:
     folds : bool
         A per-channel affine map (an eval-mode batch norm) that ``convert`` folds into the linear/conv layer before
         it where that layer's output feeds it alone.
+    constant_when : callable, optional
+        ``constant_when(node, graph_view)``: this call is held constant (as with ``constant``) where it returns True
+        (``x / x.amax(...)``: a normalizer), otherwise explained by ``build`` (``amax`` as a max pooling).
     """
 
     rule: str
@@ -120,6 +123,7 @@ class OperationEntry:
     attention: bool = False
     inplace: bool = False
     folds: bool = False
+    constant_when: Callable[[torch.fx.Node, "GraphView"], bool] | None = None
 
 
 class OperationRegistry:
@@ -286,8 +290,9 @@ def _scale(operation: Callable, inplace: bool = False) -> OperationEntry:
                 return Scale(operation, 0)
             if gates == [True, False] and operation is torch.mul:
                 return Scale(operation, 1)
-            if operation is torch.mul:
-                return Bilinear(torch.mul)  # AttnLRP's uniform rule (e.g. a gated linear unit)
+            if operation is torch.mul:  # AttnLRP's uniform rule (a gated linear unit; attention weights * values)
+                attention = [index for index, argument in enumerate((left, right)) if view.is_attention(argument)]
+                return Bilinear(torch.mul, attention_factor=attention[0] if len(attention) == 1 else None)
             raise Unsupported("a quotient of two activations")
         raise Unsupported("a division by an activation")
     return OperationEntry("scale", build, "none", inplace=inplace)
@@ -390,15 +395,16 @@ def _softmax_module(node: torch.fx.Node, view: GraphView) -> torch.nn.Module | N
 
 
 #: the statistics that may scale an activation (held constant): a use that ends elsewhere has no rule
-STATISTIC_METHODS = ("var", "std", "norm", "amax", "amin")
-STATISTIC_FUNCTIONS = (torch.var, torch.std, torch.norm, torch.amax, torch.amin, torch.linalg.vector_norm,
-                       torch.linalg.norm)
+STATISTIC_METHODS = ("var", "std", "norm")
+STATISTIC_FUNCTIONS = (torch.var, torch.std, torch.norm, torch.linalg.vector_norm, torch.linalg.norm)
+#: maxima: a max pooling (winner takes all) where they are data, held constant where they only normalize
+EXTREMUM_METHODS = ("amax", "amin")
+EXTREMUM_FUNCTIONS = (torch.amax, torch.amin)
 _SCALING = (*_PRODUCTS, torch.addcmul, torch.addcdiv, "addcmul", "addcdiv")
 
 
-def _held_statistic(node: torch.fx.Node, view: GraphView) -> None:
-    """A statistic of an activation (``x.norm(dim=1)``, ``x.var(...)``, ``x.amax(...)``) held constant: allowed
-    where every use of it ends, through constant arithmetic, in a product or quotient with an activation."""
+def only_scales(node: torch.fx.Node) -> bool:
+    """Whether every use of ``node`` ends, through constant arithmetic, in a product or quotient (a normalizer)."""
     frontier, seen = list(node.users), set()
     while frontier:
         user = frontier.pop()
@@ -406,9 +412,17 @@ def _held_statistic(node: torch.fx.Node, view: GraphView) -> None:
             continue
         seen.add(user)
         if user.op in ("output", "call_module", "placeholder"):
-            raise Unsupported("a statistic of an activation (norm, var, std, amax, amin) that does not scale an "
-                              "activation (only normalizations such as x / x.norm(dim, keepdim=True) have a rule)")
+            return False
         frontier.extend(user.users)
+    return True
+
+
+def _held_statistic(node: torch.fx.Node, view: GraphView) -> None:
+    """A statistic of an activation (``x.norm(dim=1)``, ``x.var(...)``) held constant: allowed where every use of it
+    ends, through constant arithmetic, in a product or quotient with an activation."""
+    if not only_scales(node):
+        raise Unsupported("a statistic of an activation (norm, var, std) that does not scale an activation (only "
+                          "normalizations such as x / x.norm(dim, keepdim=True) have a rule)")
 
 
 def _addc(operation: Callable) -> OperationEntry:
@@ -616,6 +630,12 @@ def default_registry() -> OperationRegistry:
     for function in STATISTIC_FUNCTIONS:
         add_function(function, OperationEntry("held constant (a normalizer)", _held_statistic, "none",
                                               constant=True))
+    extremum = OperationEntry("winner takes all (a max pooling); held constant where it only normalizes",
+                              None, "preserve", constant_when=lambda node, view: only_scales(node))
+    for name in EXTREMUM_METHODS:
+        add_method(name, extremum)
+    for function in EXTREMUM_FUNCTIONS:
+        add_function(function, extremum)
     add_function(F.normalize, _activation(F.normalize))
     add_method("unfold", _keep("index map (copies summed)"))  # x.unfold(dim, size, step): overlapping windows
     add_function(torch.repeat_interleave, _keep("index map"))

@@ -67,11 +67,11 @@ Handler = Callable[["RunTimeOperations", tuple, dict], Any]
 
 #: calls on activations whose gradient is their rule (besides the registry's index maps)
 GRADIENT_FUNCTIONS = (
-    F.unfold, torch.repeat_interleave, F.relu, torch.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+    torch.amax, torch.amin, F.unfold, torch.repeat_interleave, F.relu, torch.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.embedding,
     F.pad, torch.where, torch.masked_fill,
 )
-GRADIENT_METHODS = ("unfold", "repeat_interleave", "relu", "masked_fill", "__getitem__", "__get__", "requires_grad_", "type_as", "float", "half",
+GRADIENT_METHODS = ("amax", "amin", "unfold", "repeat_interleave", "relu", "masked_fill", "__getitem__", "__get__", "requires_grad_", "type_as", "float", "half",
                     "bfloat16", "double", "to", "cpu", "cuda", "contiguous", "clone", "detach")
 
 
