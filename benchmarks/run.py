@@ -7,6 +7,8 @@ CPU: tensor allocations recorded by the profiler in a separate, untimed call) an
 
     python benchmarks/run.py                       # full run (minutes on a CPU)
     python benchmarks/run.py --smoke               # tiny model, one repeat (CI)
+    python benchmarks/run.py --models timm:resnet50 timm:efficientnet_b0 timm:convnext_tiny \
+        timm:vit_small_patch16_224                 # timm's models (pip install timm)
 """
 from __future__ import annotations
 
@@ -80,6 +82,8 @@ def methods(name: str, model: torch.nn.Module, device: torch.device, dtype: torc
         from zennit.canonizers import SequentialMergeBatchNorm
         from zennit.torchvision import ResNetCanonizer
 
+        # zennit's canonizers are torchvision's: on timm's models (functional batch norms, subclassed layers) its
+        # numbers are timings only
         canonizers = [ResNetCanonizer()] if name.startswith("resnet") else [SequentialMergeBatchNorm()]
         zennit_model = copy.deepcopy(model)
         peers = {"zennit EpsilonPlus": lambda: zc.EpsilonPlus(canonizers=canonizers),
@@ -130,6 +134,9 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
                 if args.smoke:
                     model = torchvision.models.resnet18(num_classes=10) if model_name.startswith("resnet") \
                         else torchvision.models.vgg11(num_classes=10)
+                elif model_name.startswith("timm:"):  # a timm model (random weights), e.g. timm:convnext_tiny
+                    import timm
+                    model = timm.create_model(model_name[len("timm:"):], pretrained=False)
                 else:
                     model = getattr(torchvision.models, model_name)()
                 model = model.eval().to(device, dtype)

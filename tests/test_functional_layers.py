@@ -423,3 +423,29 @@ def test_dynamic_kernels_are_refused():
 
     with pytest.raises(lrp.ConversionError, match="weight or bias depends on the input"):
         lrp.convert(Dynamic())
+
+
+def test_a_forward_torch_fx_cannot_trace_is_explained_at_run_time():
+    class Creates(nn.Module):  # Cadene's NASNet-A-Mobile: a module made inside the forward (fx: NameError)
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 2, bias=False)
+
+        def forward(self, x):
+            return self.fc(nn.ZeroPad1d((1, 1))(x))
+
+    model = Creates().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="NameError"):
+        converted = lrp.convert(model)
+    relevance = lrp.explain(converted, x, rule="zero", start="logit")
+    torch.testing.assert_close(relevance.sum(1), model(x).max(1).values.detach())
+
+    class Unknown(Creates):  # and anything without a rule there raises, naming the call
+        def forward(self, x):
+            return self.fc(torch.sin(nn.ZeroPad1d((1, 1))(x)))
+
+    with pytest.warns(UserWarning, match="NameError"):
+        converted = lrp.convert(Unknown().double())
+    with pytest.raises(lrp.ConversionError, match="sin"):
+        lrp.explain(converted, x)

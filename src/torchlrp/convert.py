@@ -564,7 +564,9 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
     _swap_twins(model)
     try:
         graph = _Tracer(registry, allowed).trace(model, concrete_args=_sequential_options(model))
-    except (torch.fx.proxy.TraceError, TypeError, ValueError, NotImplementedError, RuntimeError, AttributeError) as error:
+    except Exception as error:  # noqa: BLE001 -- torch.fx raises many kinds (TraceError, NameError for a module
+        # created in the forward, TypeError, ...): the model is explained at run time, where anything without a
+        # rule raises a ConversionError
         unsupported = _check_leaves(model, registry, allowed)
         if unsupported:
             raise ConversionError(unsupported) from None
