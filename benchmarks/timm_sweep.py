@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out", type=pathlib.Path)
     parser.add_argument("--only", nargs="*", help="these families only")
+    parser.add_argument("--max-parameters", type=float, default=1.4e8,
+                        help="skip models with more parameters (memory: a 400M model in float64 with its copies "
+                             "needs over 20 GB)")
     args = parser.parse_args()
     from tests.timm_check import FAMILIES
 
@@ -40,9 +43,14 @@ def main() -> None:
         names = timm.list_models()
     else:
         names = [entry["model"] for family, entry in FAMILIES.items() if not args.only or family in args.only]
+    sizes = {entry["model"]: entry["parameters"] for entry in FAMILIES.values()}
     results = []
     context = multiprocessing.get_context("spawn")
     for name in names:
+        if sizes.get(name, 0) > args.max_parameters:
+            results.append({"model": name, "status": "skipped", "parameters": sizes[name]})
+            print(json.dumps(results[-1]), flush=True)
+            continue
         queue = context.Queue()
         process = context.Process(target=_run, args=(name, queue))
         start = time.perf_counter()
@@ -57,7 +65,7 @@ def main() -> None:
         results.append(result)
         print(json.dumps(result), flush=True)
     counts = {status: sum(r["status"] == status for r in results) for status in ("explained", "failed", "timeout",
-                                                                                  "crashed")}
+                                                                                  "crashed", "skipped")}
     print(f"{len(results)} models: {counts}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

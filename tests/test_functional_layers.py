@@ -4,6 +4,8 @@ A model written with ``F.conv2d``/``F.linear``/``F.batch_norm``/``F.pad`` on its
 like its twin written with modules (same relevance to 1e-12, every composite), traced and at run time; each new
 operation rule is checked against its formula.
 """
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -449,3 +451,69 @@ def test_a_forward_torch_fx_cannot_trace_is_explained_at_run_time():
         converted = lrp.convert(Unknown().double())
     with pytest.raises(lrp.ConversionError, match="sin"):
         lrp.explain(converted, x)
+
+
+class NewGELU(nn.Module):
+    """transformers' NewGELUActivation, written out."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class StarReLU(nn.Module):
+    """PoolFormer v2's StarReLU: s * relu(x) ** 2 + b."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.bias = nn.Parameter(torch.tensor([0.8])), nn.Parameter(torch.tensor([0.1]))
+
+    def forward(self, x):
+        return self.scale * F.relu(x) ** 2 + self.bias
+
+
+class Twin(nn.Module):
+    """The same function as one module call (the identity rule's reference)."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.function(x)
+
+
+@pytest.mark.parametrize("written, twin", [
+    (NewGELU, lambda: nn.GELU(approximate="tanh")),
+    (QuickGELU, lambda: nn.SiLU()),  # another function, the same rule: compared through the identity rule below
+    (StarReLU, None),
+], ids=["tanh-GELU", "quick-GELU", "StarReLU"])
+def test_activations_written_as_formulas_take_the_identity_rule(written, twin):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), written(), nn.Linear(6, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    converted = lrp.convert(model)
+    assert "Activation" in str(converted) or "activation" in converted.code.lower() or "add" in converted.code
+    torch.testing.assert_close(converted(x), model(x), rtol=1e-12, atol=1e-12)
+    # the identity rule: the relevance of the second layer's input, passed unchanged to the first layer's output
+    with torch.no_grad():
+        hidden = model[0](x)
+        activated = model[1](hidden)
+    for rule in ("epsilon", "zero", lrp.EpsilonPlus()):
+        relevance = lrp.explain(converted, x, target=1, rule=rule)
+        top = lrp.explain(lrp.convert(nn.Sequential(model[2])), activated, target=1, rule=rule)
+        first = nn.Sequential(model[0], Twin(lambda t: t))  # identity, so that its output relevance is `top`
+        expected = lrp.explain(lrp.convert(first), x, output_relevance=top, rule=rule)
+        torch.testing.assert_close(relevance, expected, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.bias.zero_()
+    if written is StarReLU:
+        model[1].bias.data.zero_()
+    converted = lrp.convert(model)
+    relevance = lrp.explain(converted, x, rule="zero", start="logit")
+    torch.testing.assert_close(relevance.sum(1), model(x).max(1).values.detach())

@@ -33,7 +33,7 @@ from .modules.affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTransp
 from .modules.attention import MultiheadAttention
 from .modules.norm import NORM_TWINS
 from .modules.rectifier import ReLU
-from .modules.operation import Scale
+from .modules.operation import Activation, Scale
 from .modules.residual import Add
 from .modules.sequential import Sequential
 from .batchnorm import fold_batchnorm_tensors
@@ -117,6 +117,83 @@ def _padding_of(node: Node, modules: dict[str, torch.nn.Module]) -> tuple[tuple[
     return tuple(pad), mode
 
 
+#: element-wise calls a written-out activation is made of
+_ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.neg,
+                          torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.neg, torch.tanh, torch.sigmoid,
+                          torch.exp, torch.erf, torch.relu, torch.square, torch.nn.functional.relu,
+                          torch.nn.functional.sigmoid, torch.nn.functional.tanh}
+_ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "pow", "neg", "tanh", "sigmoid", "exp", "erf", "relu", "square"}
+_NONLINEAR = {operator.pow, torch.pow, "pow", torch.square, "square"}
+_PRODUCT_CALLS = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"}
+
+
+def _is_elementwise(node: Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ELEMENTWISE_FUNCTIONS and node.kwargs in ({}, {"inplace": False})
+    return node.op == "call_method" and node.target in _ELEMENTWISE_METHODS and not node.kwargs
+
+
+def _elementwise_region(root: Node, derived: set[Node]) -> tuple[Node, set[Node], list[Node]] | None:
+    """The element-wise calls fed by ``root`` and by constants only, if they form a written-out activation: one
+    output, and a power of ``root`` or a product of two of its values among them. Returns (output, members,
+    constant nodes)."""
+    members: set[Node] = set()
+    frontier = [user for user in root.users]
+    while frontier:
+        node = frontier.pop()
+        if node in members or not _is_elementwise(node):
+            continue
+        arguments = _node_arguments(node.args)
+        if not all(a is root or a in members or a not in derived for a in arguments):
+            if any(a in derived and a is not root and a not in members for a in arguments):
+                continue  # another activation enters here: revisited once its operands are members
+        members.add(node)
+        frontier.extend(node.users)
+    # drop members whose operands are not all inside (another activation enters there), until stable
+    changed = True
+    while changed:
+        changed = False
+        for node in list(members):
+            if any(a in derived and a is not root and a not in members for a in _node_arguments(node.args)):
+                members.discard(node)
+                changed = True
+    outputs = [node for node in members if any(user not in members for user in node.users) or not node.users]
+    if len(outputs) != 1 or len(members) < 2:
+        return None
+    output = outputs[0]
+    # keep only what the output depends on
+    needed, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        stack.extend(a for a in _node_arguments(node.args) if a in members)
+    if needed != members:
+        return None
+    nonlinear = any(node.target in _NONLINEAR for node in members) or any(
+        node.target in _PRODUCT_CALLS and sum(a is root or a in members for a in _node_arguments(node.args)) == 2
+        for node in members)
+    if not nonlinear:
+        return None
+    constants = sorted({a for node in members for a in _node_arguments(node.args)
+                        if a is not root and a not in members}, key=lambda n: n.name)
+    return output, members, constants
+
+
+def _region_function(root: Node, output: Node, members: set[Node], constants: list[Node]) -> GraphModule:
+    """The region as a function ``f(x, *constants)`` (a GraphModule of its calls, in graph order)."""
+    graph = Graph()
+    mapping = {root: graph.placeholder("x")}
+    for index, constant in enumerate(constants):
+        mapping[constant] = graph.placeholder(f"constant_{index}")
+    for node in root.graph.nodes:
+        if node in members:
+            mapping[node] = graph.node_copy(node, lambda n: mapping[n])
+    graph.output(mapping[output])
+    return GraphModule(torch.nn.Module(), graph, class_name="WrittenActivation")
+
+
 def _node_arguments(value: Any) -> list[Node]:
     """Every node inside an argument (lists, tuples, dicts, slices)."""
     found: list[Node] = []
@@ -180,6 +257,7 @@ class _Analysis:
 
     # -- the pass
     def run(self) -> None:
+        self._fuse_written_activations()
         for node in list(self.graph.nodes):
             if node.op == "placeholder":
                 # an argument with a default (or fixed to it while tracing) is not where relevance lands
@@ -196,6 +274,34 @@ class _Analysis:
             if node.op == "get_attr" and not node.users:
                 self.graph.erase_node(node)
         self._mark_calls()
+
+    def _fuse_written_activations(self) -> None:
+        """Activations written as formulas of one activation (``0.5 * x * (1 + tanh(c * (x + 0.044715 * x ** 3)))``,
+        ``x * sigmoid(1.702 * x)``, StarReLU's ``s * relu(x) ** 2 + b``): a region of element-wise calls whose only
+        activation input is ``x``, with one output, that raises ``x`` to a power or multiplies two of its values,
+        becomes one :class:`~torchlrp.modules.operation.Activation` (the identity rule), computing the same."""
+        derived = {node for node in self.graph.nodes if node.op == "placeholder" and not node.args}
+        for node in self.graph.nodes:
+            if node.op in ("call_function", "call_method", "call_module") and any(
+                    a in derived for a in _node_arguments((node.args, node.kwargs))):
+                entry = self.registry.lookup(node, self.modules)
+                if entry is None or not (entry.shape or entry.constant):
+                    derived.add(node)
+        consumed: set[Node] = set()
+        for root in list(self.graph.nodes):
+            if root not in derived or root in consumed:
+                continue
+            region = _elementwise_region(root, derived)
+            if region is None:
+                continue
+            output, members, constants = region
+            consumed.update(members)
+            function = _region_function(root, output, members, constants)
+            output.args, output.kwargs = (root, *constants), {}
+            output.op = "call_function"  # (made a module call by _replace)
+            self._replace(output, Activation(function))
+            for member in reversed([n for n in self.graph.nodes if n in members and n is not output]):
+                self.graph.erase_node(member)
 
     def _label(self, node: Node) -> tuple[str, str]:
         if node.op == "call_module":

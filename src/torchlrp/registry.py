@@ -615,6 +615,7 @@ def default_registry() -> OperationRegistry:
                         torch.nn.Unflatten, torch.nn.ChannelShuffle, torch.nn.PixelShuffle, torch.nn.PixelUnshuffle):
         add_module(module_type, _keep("identity" if "Dropout" in module_type.__name__ else "index map"))
     add_module(Add, _keep("sum"))
+    add_module(Activation, _keep("identity (an activation written as a formula of its input)"))
     add_module(torch.nn.Embedding, _keep("lookup: explained from its output (inputs_embeds)", "none"))
     add_module(MultiheadAttention, _keep("attention: AttnLRP (or CP-LRP), projections by the layer rule", "none"))
     add_module(Rotate, _keep("index map (rotations)"))
