@@ -270,3 +270,49 @@ def test_llama_from_its_config_eager_and_sdpa_agree_and_conserve(masked):
             assert (results["eager", attention][0, 3] != 0).any()
     torch.testing.assert_close(results["eager", "cp"].sum((1, 2)), logits.gather(1, target[:, None])[:, 0],
                                rtol=1e-7, atol=0)
+
+
+class _InPlace(torch.nn.Module):
+    """Code that updates activations in place after rules kept them (ConViT's attn /= ..., DeBERTa's score += ...),
+    and a gate computed from a parameter only (ConViT's sigmoid(gating)); ``in_place=False`` is the same forward
+    written out of place, traceable."""
+
+    def __init__(self, in_place):
+        super().__init__()
+        self.in_place = in_place
+        self.a = torch.nn.Linear(4, 4, bias=False)
+        self.b = torch.nn.Linear(4, 2, bias=False)
+        self.gating = torch.nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        if self.in_place and float(x.sum()) > 1e9:  # data-dependent: explained at run time
+            return x
+        h = self.a(x)
+        gate = 1.0 - torch.sigmoid(self.gating)
+        mixed = h * h                 # the product's rule keeps h
+        if self.in_place:
+            h.mul_(gate)              # h updated in place after that, by a parameter expression
+            mixed += h                # an augmented assignment on an activation
+            mixed[:, 0] = 0.0         # assignment into an activation
+            h2 = mixed
+        else:
+            h = h * gate
+            mixed = mixed + h
+            h2 = torch.cat((torch.zeros_like(mixed[:, :1]), mixed[:, 1:]), dim=1)
+        return self.b(h2)
+
+
+def test_run_time_in_place_updates_are_explained_like_their_out_of_place_form():
+    torch.manual_seed(0)
+    in_place, out_of_place = _InPlace(True).double(), _InPlace(False).double()
+    out_of_place.load_state_dict(in_place.state_dict())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="cannot trace"):
+        run_time = lrp.convert(in_place)
+    traced = lrp.convert(out_of_place)
+    for rule in (lrp.Composite(default="zero"), lrp.Composite(default="zero", attention="cp"), "epsilon"):
+        relevance, scores = lrp.explain(run_time, x, rule=rule, return_scores=True)
+        torch.testing.assert_close(scores, in_place(x).detach())  # the output is the model's
+        # (epsilon: the run-time and the traced sum stabilize their denominators alike up to rounding near 0)
+        tolerance = {"rtol": 1e-3, "atol": 1e-6} if rule == "epsilon" else {"rtol": 1e-10, "atol": 1e-12}
+        torch.testing.assert_close(relevance, lrp.explain(traced, x, rule=rule), **tolerance)

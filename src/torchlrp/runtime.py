@@ -75,8 +75,23 @@ GRADIENT_METHODS = ("amax", "amin", "unfold", "repeat_interleave", "relu", "mask
                     "bfloat16", "double", "to", "cpu", "cuda", "contiguous", "clone", "detach")
 
 
+#: marks a tensor computed from parameters and constants only (a weight expression, sigmoid(gating_param)): it
+#: requires grad but carries no relevance
+_PARAMETER_EXPRESSION = "_torchlrp_parameter_expression"
+
+
 def _is_activation(value: Any) -> bool:
-    return isinstance(value, Tensor) and value.requires_grad and not isinstance(value, torch.nn.Parameter)
+    return (isinstance(value, Tensor) and value.requires_grad and not isinstance(value, torch.nn.Parameter)
+            and not getattr(value, _PARAMETER_EXPRESSION, False))
+
+
+def _mark_parameter_expressions(result: Any, args: tuple, kwargs: dict) -> None:
+    """Mark the tensors a call computed from parameters and constants only (no activation among its inputs)."""
+    if any(_is_activation(a) for a in _tensors(args, kwargs)):
+        return
+    for tensor in (result if isinstance(result, (tuple, list)) else (result,)):
+        if isinstance(tensor, Tensor) and tensor.requires_grad and not isinstance(tensor, torch.nn.Parameter):
+            setattr(tensor, _PARAMETER_EXPRESSION, True)
 
 
 def _is_absorbing(active: Any, other: Any) -> bool:
@@ -116,6 +131,7 @@ class RunTimeOperations(TorchFunctionMode):
         self.stack: list[torch.nn.Module] = []
         self.calls: dict[tuple[str, Any], AffineCall] = {}
         self.layer_seen = False
+        self.saved = _SavedCopies()
         self.handlers = _handlers()
         self._hooks: list[Any] = []
         if composite is not None and state.first_layer is not None:
@@ -141,12 +157,14 @@ class RunTimeOperations(TorchFunctionMode):
 
         self._hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
                        torch.nn.modules.module.register_module_forward_hook(leave)]
+        self.saved.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self.saved.__exit__(*exc)
         return super().__exit__(*exc)
 
     def _keep_layer(self, output: Tensor, refold: Callable[[Tensor, Tensor], Tensor]) -> None:
@@ -171,12 +189,16 @@ class RunTimeOperations(TorchFunctionMode):
         kwargs = kwargs or {}
         if not torch.is_grad_enabled():
             return func(*args, **kwargs)
+        updated = _updated_in_place(func, args, kwargs)
+        if updated is not None:
+            self.saved.before_update(updated)
         handler = self.handlers.get(func)
         if handler is not None:
             result = handler(self, args, kwargs)
             if result is not NotImplemented:
                 return result
         result = func(*args, **kwargs)
+        _mark_parameter_expressions(result, args, kwargs)
         if _is_activation(result) and not _passes_gradient(func) and (
                 handler is None or any(_is_activation(a) for a in _tensors(args, kwargs))):
             label = _name(func)
@@ -261,6 +283,78 @@ def _product(function: Callable[[Tensor, Tensor], Tensor], elementwise: bool) ->
             return NotImplemented
         return bilinear_rule(function, left, right, (1.0, 0.0) if left_active else (0.0, 1.0), mode.epsilon)
     return handle
+
+
+def _in_place(handler: Handler) -> Handler:
+    """An in-place update of an activation, explained as its out-of-place form and copied into the tensor."""
+    def handle(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+        if not args or not isinstance(args[0], Tensor) or not any(_is_activation(a) for a in args):
+            return NotImplemented
+        result = handler(mode, args, kwargs)
+        if result is NotImplemented:
+            return NotImplemented
+        mode.saved.before_update(args[0])  # the rule just kept the tensor's old values (a summand, a signal)
+        return args[0].copy_(result)
+    return handle
+
+
+class _SavedCopies:
+    """Saved-tensor hooks that let an in-place update leave what the backward kept intact (copy on write).
+
+    While a run-time explanation's forward runs, every tensor autograd saves for the backward is packed in a slot,
+    indexed by its storage; before a call updates a tensor in place, the slots of its storage get a copy of the
+    values it is about to lose. Tensors never updated in place are not copied.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[int, list[list[Tensor]]] = {}
+        self._context: Any = None
+
+    def pack(self, tensor: Tensor) -> list[Tensor]:
+        """Keep ``tensor`` in a slot (autograd's pack hook)."""
+        slot = [tensor]
+        try:
+            key = tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # no storage (a tensor subclass): kept as it is
+            return slot
+        self.slots.setdefault(key, []).append(slot)
+        return slot
+
+    @staticmethod
+    def unpack(slot: list[Tensor]) -> Tensor:
+        """The kept tensor (autograd's unpack hook)."""
+        return slot[0]
+
+    def before_update(self, tensor: Tensor) -> None:
+        """Copy the values the backward kept of ``tensor``'s storage before it is updated in place."""
+        try:
+            key = tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return
+        for slot in self.slots.pop(key, []):
+            slot[0] = slot[0].clone()
+
+    def __enter__(self) -> "_SavedCopies":
+        self._context = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._context.__exit__(*exc)
+        self.slots.clear()  # the slots live on in the autograd graph, as long as the backward needs them
+
+
+def _updated_in_place(func: Any, args: tuple, kwargs: dict) -> Tensor | None:
+    """The tensor a call updates in place (``x.add_(y)``, ``x[i] = v``, ``F.relu(x, inplace=True)``, ``out=``)."""
+    name = getattr(func, "__name__", "")
+    if "out" in kwargs and isinstance(kwargs["out"], Tensor):
+        return kwargs["out"]
+    if not args or not isinstance(args[0], Tensor):
+        return None
+    if (name.endswith("_") and not name.endswith("__")) or name in (
+            "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__") or kwargs.get("inplace") is True:
+        return args[0]
+    return None
 
 
 def _quotient(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
@@ -484,6 +578,14 @@ def _handlers() -> dict[Any, Handler]:
     handlers: dict[Any, Handler] = {}
     for function in (torch.Tensor.add, torch.add, torch.Tensor.__add__, torch.Tensor.__radd__):
         handlers[function] = _sum((1.0, 1.0))
+    # in-place arithmetic on activations (score += bias, attn /= attn.sum(...), x.mul_(g)): the rule of the
+    # out-of-place form, copied into the tensor (whose earlier values the backward keeps: see _SavedCopies)
+    for name, handler in (("add_", _sum((1.0, 1.0))), ("sub_", _sum((1.0, -1.0))),
+                          ("mul_", _product(torch.mul, True)), ("div_", _quotient)):
+        handlers[getattr(torch.Tensor, name)] = _in_place(handler)
+    for name, handler in (("__iadd__", _sum((1.0, 1.0))), ("__isub__", _sum((1.0, -1.0))),
+                          ("__imul__", _product(torch.mul, True)), ("__itruediv__", _quotient)):
+        handlers[getattr(torch.Tensor, name)] = _in_place(handler)
     for function in (torch.Tensor.sub, torch.sub, torch.Tensor.__sub__):
         handlers[function] = _sum((1.0, -1.0))
     for function in (torch.Tensor.mul, torch.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__):

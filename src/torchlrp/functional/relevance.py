@@ -50,6 +50,9 @@ class AffineRelevance(torch.autograd.Function):
             saved = (input, output)
         else:
             output, saved = rule.forward(op, input)
+        if output._is_view():  # (a flattened batch viewed back): code may update the output in place, which
+            viewed, output = output, output.clone()  # autograd forbids on a view made inside a Function
+            saved = tuple(output if tensor is viewed else tensor for tensor in saved)
         ctx.parameter_versions = _versions(op)
         ctx.keeps_output = any(tensor is output for tensor in saved)
         ctx.recompute_input = getattr(input.grad_fn, "recompute_output", None)
