@@ -316,3 +316,45 @@ def test_run_time_in_place_updates_are_explained_like_their_out_of_place_form():
         # (epsilon: the run-time and the traced sum stabilize their denominators alike up to rounding near 0)
         tolerance = {"rtol": 1e-3, "atol": 1e-6} if rule == "epsilon" else {"rtol": 1e-10, "atol": 1e-12}
         torch.testing.assert_close(relevance, lrp.explain(traced, x, rule=rule), **tolerance)
+
+
+def test_every_registry_entry_has_a_run_time_counterpart():
+    """The run-time mode reads the registry's gradient entries and has a handler for every entry with a rule, but
+    for the listed ones (explained in traced graphs only)."""
+    from torchlrp import runtime
+
+    registry = lrp.default_registry()
+    handlers = runtime._handlers()
+    traced_only = {"log_softmax", "shifted_window_attention", "stochastic_depth"}
+    missing = []
+    for function, entry in registry.functions.items():
+        if entry.shape or entry.constant or function in handlers or runtime._passes_gradient(function, registry):
+            continue
+        name = getattr(function, "__name__", str(function)).strip("_")
+        if getattr(function, "__module__", "") == "_operator" and getattr(torch.Tensor, f"__{name}__", None) in handlers:
+            continue
+        missing.append(name)
+    for name, entry in registry.methods.items():
+        method = getattr(torch.Tensor, name, None)
+        if entry.shape or entry.constant or method in handlers or runtime._passes_gradient(method, registry):
+            continue
+        missing.append(name)
+    assert set(missing) <= traced_only, sorted(set(missing) - traced_only)
+
+
+def test_a_registered_entry_applies_at_run_time_too():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            if float(x.sum()) > 1e9:
+                return x
+            return self.fc(torch.sin(x))
+
+    registry = lrp.default_registry()
+    registry.add_function(torch.sin, lrp.OperationEntry("identity"))  # its gradient is taken as its rule
+    with pytest.warns(UserWarning, match="cannot trace"):
+        converted = lrp.convert(Model(), registry=registry)
+    assert torch.isfinite(lrp.explain(converted, torch.randn(3, 4))).all()

@@ -306,7 +306,10 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
             composite = as_composite(rule)
             allowed = next((_attribute(module, "torchlrp_allow_gradient") for module in modules
                             if _attribute(module, "torchlrp_allow_gradient") is not None), ())
-            run_time = RunTimeOperations(state, composite.proportional_rule().epsilon, composite, model, allowed)
+            registry = next((_attribute(module, "torchlrp_registry") for module in modules
+                             if _attribute(module, "torchlrp_registry") is not None), None)
+            run_time = RunTimeOperations(state, composite.proportional_rule().epsilon, composite, model, allowed,
+                                         registry)
             with run_time:
                 yield state
             run_time.report()

@@ -665,6 +665,7 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
                       f"eval-mode model (explaining raises while such modules are in training mode); call "
                       f"model.eval() before converting", stacklevel=2)
     model = model if inplace else copy.deepcopy(model)
+    registry_given = registry is not None
     registry = default_registry() if registry is None else registry
     allowed = set(allow_gradient)
     _swap_twins(model)
@@ -681,6 +682,8 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
                       f"means) are explained at run time (torchlrp.runtime)", stacklevel=2)
         model.torchlrp_run_time = True  # read by rules_applied: explain this model's forward call by call
         model.torchlrp_allow_gradient = tuple(sorted(allowed))  # calls that may pass their gradient at run time
+        if registry_given:  # the run-time mode reads the same entries (the default's are built in)
+            model.torchlrp_registry = registry
         return model
     analysis = _Analysis(model, graph, registry, allowed)
     analysis.run()

@@ -55,7 +55,7 @@ from .functional.relevance import proportional
 from .modules.affine import ExplainableAffine
 from .modules.affine_call import AFFINE_FUNCTIONS, AffineCall, bind_affine_call
 from .modules.operation import ScaledSum
-from .registry import (BATCH_NORM_ARGUMENTS, INDEX_FUNCTIONS, INDEX_METHODS, SHAPE_METHODS, STATISTIC_FUNCTIONS,
+from .registry import (BATCH_NORM_ARGUMENTS, INDEX_FUNCTIONS, OperationRegistry, INDEX_METHODS, SHAPE_METHODS, STATISTIC_FUNCTIONS,
                        STATISTIC_METHODS)
 from .rules import Epsilon, Rule
 from .state import ExplainState, current
@@ -67,11 +67,11 @@ Handler = Callable[["RunTimeOperations", tuple, dict], Any]
 
 #: calls on activations whose gradient is their rule (besides the registry's index maps)
 GRADIENT_FUNCTIONS = (
-    torch.amax, torch.amin, F.unfold, torch.repeat_interleave, F.relu, torch.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+    F.relu_, torch.relu_, F.alpha_dropout, F.feature_alpha_dropout, torch.amax, torch.amin, F.unfold, torch.repeat_interleave, F.relu, torch.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.embedding,
     F.pad, torch.where, torch.masked_fill,
 )
-GRADIENT_METHODS = ("amax", "amin", "unfold", "repeat_interleave", "relu", "masked_fill", "__getitem__", "__get__", "requires_grad_", "type_as", "float", "half",
+GRADIENT_METHODS = ("relu_", "amax", "amin", "unfold", "repeat_interleave", "relu", "masked_fill", "__getitem__", "__get__", "requires_grad_", "type_as", "float", "half",
                     "bfloat16", "double", "to", "cpu", "cuda", "contiguous", "clone", "detach")
 
 
@@ -117,8 +117,10 @@ class RunTimeOperations(TorchFunctionMode):
     """
 
     def __init__(self, state: ExplainState, epsilon: float, composite: "Composite | None" = None,
-                 model: torch.nn.Module | None = None, allow_gradient: Sequence[str] = ()) -> None:
+                 model: torch.nn.Module | None = None, allow_gradient: Sequence[str] = (),
+                 registry: OperationRegistry | None = None) -> None:
         super().__init__()
+        self.registry = registry
         self.state = state
         self.epsilon = epsilon
         self.composite = composite
@@ -199,7 +201,7 @@ class RunTimeOperations(TorchFunctionMode):
                 return result
         result = func(*args, **kwargs)
         _mark_parameter_expressions(result, args, kwargs)
-        if _is_activation(result) and not _passes_gradient(func) and (
+        if _is_activation(result) and not _passes_gradient(func, self.registry) and (
                 handler is None or any(_is_activation(a) for a in _tensors(args, kwargs))):
             label = _name(func)
             path = self.owner()[0]
@@ -238,12 +240,23 @@ def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
     return found
 
 
-def _passes_gradient(func: Any) -> bool:
+def _passes_gradient(func: Any, registry: OperationRegistry | None = None) -> bool:
+    """Whether a call's gradient is its rule: the registry's entries without a build (index maps, dropout, ...,
+    and what a user registered so), and the calls the run-time mode adds (listed above)."""
     name = getattr(func, "__name__", "")
-    is_method = isinstance(func, type(torch.Tensor.add)) or "TensorBase" in repr(func) or "getset" in repr(func)
+    is_method = isinstance(func, type(torch.Tensor.add)) or "TensorBase" in repr(func) or "getset" in repr(func) \
+        or (bool(name) and getattr(torch.Tensor, name, None) is func)
     if is_method and name in (*INDEX_METHODS, *SHAPE_METHODS, *GRADIENT_METHODS):
         return True
-    return func in INDEX_FUNCTIONS or func in GRADIENT_FUNCTIONS
+    if func in INDEX_FUNCTIONS or func in GRADIENT_FUNCTIONS:
+        return True
+    if registry is None:
+        return False
+    try:
+        entry = registry.methods.get(name) if is_method else registry.functions.get(func)
+    except TypeError:  # an unhashable callable
+        return False
+    return entry is not None and entry.build is None
 
 
 def _sum(signs: tuple[float, float]) -> Handler:
@@ -586,11 +599,11 @@ def _handlers() -> dict[Any, Handler]:
     for name, handler in (("__iadd__", _sum((1.0, 1.0))), ("__isub__", _sum((1.0, -1.0))),
                           ("__imul__", _product(torch.mul, True)), ("__itruediv__", _quotient)):
         handlers[getattr(torch.Tensor, name)] = _in_place(handler)
-    for function in (torch.Tensor.sub, torch.sub, torch.Tensor.__sub__):
+    for function in (torch.Tensor.sub, torch.sub, torch.subtract, torch.Tensor.__sub__):
         handlers[function] = _sum((1.0, -1.0))
-    for function in (torch.Tensor.mul, torch.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__):
+    for function in (torch.Tensor.mul, torch.mul, torch.multiply, torch.Tensor.__mul__, torch.Tensor.__rmul__):
         handlers[function] = _product(torch.mul, True)
-    for function in (torch.Tensor.div, torch.div, torch.Tensor.__truediv__):
+    for function in (torch.Tensor.div, torch.div, torch.true_divide, torch.divide, torch.Tensor.__truediv__):
         handlers[function] = _quotient
     for function in (torch.Tensor.matmul, torch.matmul, torch.Tensor.__matmul__):
         handlers[function] = _product(torch.matmul, False)
