@@ -358,3 +358,49 @@ def test_a_registered_entry_applies_at_run_time_too():
     with pytest.warns(UserWarning, match="cannot trace"):
         converted = lrp.convert(Model(), registry=registry)
     assert torch.isfinite(lrp.explain(converted, torch.randn(3, 4))).all()
+
+
+class _NewGELU(torch.nn.Module):
+    """transformers' NewGELUActivation: a module whose forward is a formula of its input."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, untraceable):
+        super().__init__()
+        self.untraceable = untraceable
+        self.up, self.act, self.down = torch.nn.Linear(4, 8), _NewGELU(), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.untraceable and float(x.sum()) > 1e9:
+            return x
+        return self.down(self.act(self.up(x)))
+
+
+def test_run_time_module_written_as_a_formula_is_one_activation():
+    torch.manual_seed(0)
+    run_time_model, traced_model = _MLP(True).double(), _MLP(False).double()
+    traced_model.load_state_dict(run_time_model.state_dict())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="cannot trace"):
+        run_time = lrp.convert(run_time_model)
+    traced = lrp.convert(traced_model)
+    for rule in ("epsilon", "zero", lrp.EpsilonPlus()):
+        relevance, scores = lrp.explain(run_time, x, rule=rule, return_scores=True)
+        torch.testing.assert_close(scores, run_time_model(x).detach(), rtol=0, atol=0)
+        torch.testing.assert_close(relevance, lrp.explain(traced, x, rule=rule))
+    # and a formula the run time cannot see whole (written in the forward itself) raises, naming the power
+
+    class Inline(_MLP):
+        def forward(self, x):
+            if float(x.sum()) > 1e9:
+                return x
+            h = self.up(x)
+            return self.down(0.5 * h * (1.0 + torch.tanh(0.79788 * (h + 0.044715 * torch.pow(h, 3.0)))))
+
+    with pytest.warns(UserWarning, match="cannot trace"):
+        inline = lrp.convert(Inline(True).double())
+    with pytest.raises(lrp.ConversionError, match="pow"):
+        lrp.explain(inline, x)

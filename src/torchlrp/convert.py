@@ -181,6 +181,36 @@ def _elementwise_region(root: Node, derived: set[Node]) -> tuple[Node, set[Node]
     return output, members, constants
 
 
+def is_written_activation(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward is an activation written as a formula of its one input (transformers'
+    ``NewGELUActivation``, a quick-GELU module): traced alone, one element-wise region that powers or multiplies
+    its input (see :meth:`_Analysis._fuse_written_activations`). The run-time mode explains such a module's call
+    as one activation.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        A module of its own (torch's modules are not asked).
+
+    Returns
+    -------
+    bool
+        False also where ``torch.fx`` cannot trace the module alone.
+    """
+    try:
+        graph = torch.fx.Tracer().trace(module)
+    except Exception:  # noqa: BLE001 (untraceable alone: not recognised)
+        return False
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != 1:
+        return False
+    calls = {node for node in graph.nodes if node.op in ("call_function", "call_method", "call_module")}
+    derived = {node for node in graph.nodes if node.op not in ("get_attr", "output")}
+    region = _elementwise_region(placeholders[0], derived)
+    output = next(node for node in graph.nodes if node.op == "output").args[0]
+    return region is not None and region[0] is output and region[1] == calls
+
+
 def _region_function(root: Node, output: Node, members: set[Node], constants: list[Node]) -> GraphModule:
     """The region as a function ``f(x, *constants)`` (a GraphModule of its calls, in graph order)."""
     graph = Graph()

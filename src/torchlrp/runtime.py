@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .functional.attention import attention_rule
-from .convert import ConversionError
+from .convert import ConversionError, is_written_activation
 from .functional.operations import (ChannelAffineRelevance, bilinear_rule, group_norm_rule, identity_rule,
                                     layer_norm_rule, scale_rule, softmax_rule, weighted_sum_rule)
 from .functional.relevance import proportional
@@ -133,6 +133,8 @@ class RunTimeOperations(TorchFunctionMode):
         self.stack: list[torch.nn.Module] = []
         self.calls: dict[tuple[str, Any], AffineCall] = {}
         self.layer_seen = False
+        self.inside_activation = 0
+        self.activation_types: dict[type, bool] = {}
         self.saved = _SavedCopies()
         self.handlers = _handlers()
         self._hooks: list[Any] = []
@@ -145,14 +147,21 @@ class RunTimeOperations(TorchFunctionMode):
         def enter(module: torch.nn.Module, args: tuple) -> None:
             if current() is self.state:
                 self.stack.append(module)
+                if self._written_activation(module, args):
+                    self.inside_activation += 1  # its calls run as they are: the module is one activation
                 if isinstance(module, ExplainableAffine) and not self.layer_seen and module in self.state.rules:
                     self.layer_seen = True
                     self.state.rules[module] = self.composite.rule_for(self.names.get(module, ""), module,
                                                                        is_first=True)
 
-        def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        def leave(module: torch.nn.Module, args: tuple, output: Any) -> Any:
             if current() is self.state and self.stack and self.stack[-1] is module:
                 self.stack.pop()
+                if self._written_activation(module, args):
+                    self.inside_activation -= 1
+                    if self.inside_activation == 0:
+                        value = output.detach()
+                        return identity_rule(args[0], lambda _: value)
                 if isinstance(module, ExplainableAffine) and not isinstance(module, AffineCall) and isinstance(
                         output, Tensor) and args and isinstance(args[0], Tensor):
                     self._keep_layer(output, _refold_twin(module, args[0]))
@@ -168,6 +177,16 @@ class RunTimeOperations(TorchFunctionMode):
         self._hooks = []
         self.saved.__exit__(*exc)
         return super().__exit__(*exc)
+
+    def _written_activation(self, module: torch.nn.Module, args: tuple) -> bool:
+        """Whether this call is of a module that is an activation written as a formula of its one activation input
+        (recognised once per module class by :func:`torchlrp.convert.is_written_activation`)."""
+        if len(args) != 1 or not _is_activation(args[0]) or type(module).__module__.startswith("torch."):
+            return False
+        kind = type(module)
+        if kind not in self.activation_types:
+            self.activation_types[kind] = is_written_activation(module)
+        return self.activation_types[kind]
 
     def _keep_layer(self, output: Tensor, refold: Callable[[Tensor, Tensor], Tensor]) -> None:
         """Remember how to recompute a layer's output with a batch norm folded in (``refold(scale, shift)``)."""
@@ -190,6 +209,8 @@ class RunTimeOperations(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        if self.inside_activation:  # inside a written-out activation module: explained as one activation
             return func(*args, **kwargs)
         updated = _updated_in_place(func, args, kwargs)
         if updated is not None:
