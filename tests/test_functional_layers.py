@@ -517,3 +517,36 @@ def test_activations_written_as_formulas_take_the_identity_rule(written, twin):
     converted = lrp.convert(model)
     relevance = lrp.explain(converted, x, rule="zero", start="logit")
     torch.testing.assert_close(relevance.sum(1), model(x).max(1).values.detach())
+
+
+class _Scores(nn.Module):
+    """BLOOM's attention scores: alibi.baddbmm(q, k^T, beta=1, alpha=1/sqrt(d)), or the same written out."""
+
+    def __init__(self, fused, untraceable=False):
+        super().__init__()
+        self.fused, self.untraceable = fused, untraceable
+        self.q, self.k = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+        self.register_buffer("alibi", torch.randn(2, 1, 3))
+
+    def forward(self, x):
+        if self.untraceable and float(x.sum()) > 1e9:
+            return x
+        q, k = self.q(x), self.k(x).transpose(1, 2)
+        if self.fused:
+            return torch.baddbmm(self.alibi, q, k, beta=1.0, alpha=0.5)
+        return self.alibi + (q @ k) * 0.5
+
+
+@pytest.mark.parametrize("untraceable", [False, True], ids=["traced", "run-time"])
+def test_baddbmm_is_its_written_out_form(untraceable):
+    torch.manual_seed(0)
+    fused, written = _Scores(True, untraceable).double(), _Scores(False).double()
+    written.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    start = torch.randn(2, 3, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="cannot trace") if untraceable else _no_warning():
+        converted = lrp.convert(fused)
+    reference = lrp.convert(written)
+    for rule in ("epsilon", "zero"):
+        torch.testing.assert_close(lrp.explain(converted, x, output_relevance=start, rule=rule),
+                                   lrp.explain(reference, x, output_relevance=start, rule=rule))

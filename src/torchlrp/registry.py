@@ -38,8 +38,8 @@ from .modules.affine_call import AFFINE_FUNCTIONS, AffineCall, bind_affine_call
 from .modules.attention import MultiheadAttention, ScaledDotProductAttention, ShiftedWindowAttention
 from .modules.norm import NORM_TWINS, BatchNormCall, GroupNormCall
 from .modules.pooling import MaxPool
-from .modules.operation import (Activation, Bilinear, Einsum, LayerNormFunction, OutputSoftmax, Proportional, Scale,
-                                ScaledSum, Softmax)
+from .modules.operation import (Activation, Bilinear, Einsum, LayerNormFunction, OutputSoftmax, ProductSum,
+                                Proportional, Scale, ScaledSum, Softmax)
 from .modules.rectifier import ReLU
 from .modules.residual import Add
 from .modules.rotation import CyclicPool, Rotate
@@ -354,6 +354,8 @@ def _affine_call(function: Callable) -> OperationEntry:
             raise Unsupported("torch.addmm with keyword arguments, beta or alpha")
         if not view.is_activation(bound.get("input")):
             raise Unsupported("a linear map of a constant input with a weight computed from the input")
+        if function is torch.addmm and view.is_activation(bound.get("weight")):
+            return _product_sum(torch.mm, node, view)  # a product of activations plus a term, not a layer
         if view.is_activation(bound.get("weight")) or view.is_activation(bound["bias"]):
             raise Unsupported("a linear map or convolution whose weight or bias depends on the input (a dynamic "
                               "kernel)")
@@ -363,6 +365,18 @@ def _affine_call(function: Callable) -> OperationEntry:
             return AffineCall(function, view.owner_type(node))
         return AffineCall(function, view.owner_type(node), *padding)
     return OperationEntry("layer rule (composite), as the layer twins", build, "none")
+
+
+def _product_sum(product: Callable, node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
+    """``addmm``/``baddbmm(input, a, b, beta=, alpha=)`` with activation factors (BLOOM's ALiBi scores)."""
+    names = ("input", "batch1", "batch2") if product is torch.bmm else ("input", "mat1", "mat2")
+    bound = dict(zip(names, node.args), **node.kwargs)
+    if set(bound) - {*names, "beta", "alpha"} or not all(isinstance(bound.get(k, 1.0), (int, float))
+                                                          for k in ("beta", "alpha")):
+        raise Unsupported(f"{product.__name__}-sum with other arguments or non-constant beta/alpha")
+    active = (view.is_activation(bound.get(names[1])), view.is_activation(bound.get(names[2])))
+    shares = (0.5, 0.5) if all(active) else (1.0, 0.0) if active[0] else (0.0, 1.0)
+    return ProductSum(product, shares, view.is_activation(bound.get("input")))
 
 
 def _norm_call(module: Callable[[], torch.nn.Module], names: tuple[str, ...]) -> Build:
@@ -560,6 +574,10 @@ def default_registry() -> OperationRegistry:
     # linear maps and convolutions called as functions on parameters (timm, GPT-2's Conv1D)
     for function in AFFINE_FUNCTIONS:
         add_function(function, _affine_call(function))
+    add_function(torch.baddbmm, OperationEntry("uniform rule (AttnLRP) on the product, then the sum",
+                                               lambda node, view: _product_sum(torch.bmm, node, view)))
+    add_method("baddbmm", OperationEntry("uniform rule (AttnLRP) on the product, then the sum",
+                                         lambda node, view: _product_sum(torch.bmm, node, view)))
     for function in (torch.rsqrt, torch.sqrt):
         add_function(function, _statistic(square=False))
     for name in ("rsqrt", "sqrt"):

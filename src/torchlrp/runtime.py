@@ -54,7 +54,7 @@ from .functional.operations import (ChannelAffineRelevance, bilinear_rule, group
 from .functional.relevance import proportional
 from .modules.affine import ExplainableAffine
 from .modules.affine_call import AFFINE_FUNCTIONS, AffineCall, bind_affine_call
-from .modules.operation import ScaledSum
+from .modules.operation import ProductSum, ScaledSum
 from .registry import (BATCH_NORM_ARGUMENTS, INDEX_FUNCTIONS, OperationRegistry, INDEX_METHODS, SHAPE_METHODS, STATISTIC_FUNCTIONS,
                        STATISTIC_METHODS)
 from .rules import Epsilon, Rule
@@ -600,6 +600,39 @@ def _addc(operation: Callable) -> Handler:
     return handle
 
 
+def _product_sum(product: Callable) -> Handler:
+    """``addmm``/``baddbmm`` whose factors include an activation and whose weight is not a parameter expression
+    (that is a layer: :func:`_affine`)."""
+    def handle(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+        names = ("input", "batch1", "batch2") if product is torch.bmm else ("input", "mat1", "mat2")
+        bound = dict(zip(names, args), **kwargs)
+        input, first, second = (bound.get(name) for name in names)
+        if set(bound) - {*names, "beta", "alpha"} or not isinstance(first, Tensor) or not isinstance(second, Tensor):
+            return NotImplemented
+        active = (_is_activation(first), _is_activation(second))
+        if not any(active):
+            return NotImplemented
+        shares = (0.5, 0.5) if all(active) else (1.0, 0.0) if active[0] else (0.0, 1.0)
+        module = ProductSum(product, shares, _is_activation(input))
+        undo = _bare_state(module, Epsilon(mode.epsilon))
+        try:
+            return module(input, first, second, beta=bound.get("beta", 1.0), alpha=bound.get("alpha", 1.0))
+        finally:
+            undo()
+    return handle
+
+
+def _first_of(*candidates: Handler) -> Handler:
+    """The first of ``candidates`` that handles the call."""
+    def handle(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+        for candidate in candidates:
+            result = candidate(mode, args, kwargs)
+            if result is not NotImplemented:
+                return result
+        return NotImplemented
+    return handle
+
+
 def _bare_state(module: torch.nn.Module, rule: Rule) -> Callable[[], None]:
     """Give an operation module made at run time ``rule`` in the active explanation (undone by the result)."""
     state = current()
@@ -648,6 +681,10 @@ def _handlers() -> dict[Any, Handler]:
         handlers[function] = _reduction(function)
     for function in AFFINE_FUNCTIONS:
         handlers[function] = _affine(function)
+    for function in (torch.addmm, torch.Tensor.addmm):  # a layer (GPT-2's Conv1D), else a product of activations
+        handlers[function] = _first_of(_affine(torch.addmm), _product_sum(torch.mm))
+    for function in (torch.baddbmm, torch.Tensor.baddbmm):
+        handlers[function] = _product_sum(torch.bmm)
     handlers[F.batch_norm] = _batch_norm
     handlers[F.pad] = _pad
     handlers[F.group_norm] = _group_norm

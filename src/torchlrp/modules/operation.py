@@ -196,6 +196,59 @@ class ScaledSum(Operation, torch.nn.Module):
         return f"{self.operation.__name__}, value={self.value}, active_factor={self.active_factor}"
 
 
+class ProductSum(Operation, torch.nn.Module):
+    """``torch.addmm``/``torch.baddbmm(input, a, b, beta=, alpha=)`` of activations: ``beta * input + alpha * a @ b``
+    (BLOOM's attention scores with ALiBi). The product takes AttnLRP's uniform rule (all to the activation where
+    the other factor is a constant), ``alpha`` is a scale, and the sum splits relevance in proportion (a constant
+    ``input`` absorbs its share, as a bias does).
+
+    Parameters
+    ----------
+    product : callable
+        ``torch.mm`` or ``torch.bmm``.
+    shares : tuple of float
+        The factors' shares of the product's relevance (``(0.5, 0.5)``: both activations).
+    input_active : bool
+        Whether ``input`` carries relevance.
+    """
+
+    def __init__(self, product: Callable[[Tensor, Tensor], Tensor], shares: tuple[float, float],
+                 input_active: bool) -> None:
+        super().__init__()
+        self.product, self.shares, self.input_active = product, tuple(float(v) for v in shares), input_active
+
+    def forward(self, input: Tensor, batch1: Tensor, batch2: Tensor, *, beta: float = 1.0,
+                alpha: float = 1.0) -> Tensor:
+        """Compute ``beta * input + alpha * product(batch1, batch2)``.
+
+        Parameters
+        ----------
+        input, batch1, batch2 : Tensor
+            The call's operands.
+        beta, alpha : float
+            The call's factors.
+
+        Returns
+        -------
+        Tensor
+            The result (as ``torch.addmm``/``torch.baddbmm`` computes it outside explanations).
+        """
+        rule = self.operation_rule()
+        function = torch.addmm if self.product is torch.mm else torch.baddbmm
+        if rule is None:
+            return function(input, batch1, batch2, beta=beta, alpha=alpha)
+        product = bilinear_rule(self.product, batch1, batch2, self.shares, rule.epsilon)
+        if alpha != 1:
+            product = scale_rule(product, alpha, torch.mul)
+        scaled = input if beta == 1 else input * beta
+        if self.input_active:
+            return weighted_sum_rule([scaled, product], [1.0, 1.0], None, rule.epsilon)
+        return weighted_sum_rule([product], [1.0], scaled, rule.epsilon)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{self.product.__name__}, shares={self.shares}, input_active={self.input_active}"
+
+
 class Activation(FunctionOperation):
     """An element-wise activation called as a function (``F.silu(x)``, ``x.sigmoid()``): the identity rule.
 
