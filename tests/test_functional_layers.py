@@ -550,3 +550,31 @@ def test_baddbmm_is_its_written_out_form(untraceable):
     for rule in ("epsilon", "zero"):
         torch.testing.assert_close(lrp.explain(converted, x, output_relevance=start, rule=rule),
                                    lrp.explain(reference, x, output_relevance=start, rule=rule))
+
+
+def test_a_quotient_of_activations_holds_the_divisor_constant():
+    class Renormalized(nn.Module):  # ConViT: attention renormalized by its own sum
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4, bias=False)
+            self.out = nn.Linear(4, 2, bias=False)
+
+        def forward(self, x):
+            h = torch.relu(self.fc(x)) + 0.1
+            return self.out(h / h.sum(-1, keepdim=True))
+
+    model = Renormalized().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    converted = lrp.convert(model)
+    relevance = lrp.explain(converted, x, target=0, rule="zero", start="logit")
+    # the formula: with the sum a constant s, the quotient is the diagonal map h -> h / s (relevance unchanged), so
+    # the input relevance is that of the layers h = relu(W x) + 0.1 (the constant absorbing its share) below it
+    with torch.no_grad():
+        h = torch.relu(model.fc(x)) + 0.1
+        normalized = h / h.sum(-1, keepdim=True)
+        top = normalized * model.out.weight[0] / model(x)[:, :1] * model(x)[:, :1]  # LRP-0 of the last layer
+        share = top * (h - 0.1) / h  # the sum with the constant 0.1
+        pre = model.fc(x)
+        signal = torch.where(pre > 0, share / pre, torch.zeros_like(pre))
+        expected = x * (signal @ model.fc.weight)
+    torch.testing.assert_close(relevance, expected)

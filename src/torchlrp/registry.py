@@ -293,7 +293,7 @@ def _scale(operation: Callable, inplace: bool = False) -> OperationEntry:
             if operation is torch.mul:  # AttnLRP's uniform rule (a gated linear unit; attention weights * values)
                 attention = [index for index, argument in enumerate((left, right)) if view.is_attention(argument)]
                 return Bilinear(torch.mul, attention_factor=attention[0] if len(attention) == 1 else None)
-            raise Unsupported("a quotient of two activations")
+            return Scale(operation, 0)  # a quotient of activations: the divisor is a normalizer, held constant
         raise Unsupported("a division by an activation")
     return OperationEntry("scale", build, "none", inplace=inplace)
 

@@ -392,8 +392,10 @@ def _updated_in_place(func: Any, args: tuple, kwargs: dict) -> Tensor | None:
 
 
 def _quotient(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
-    if len(args) != 2 or kwargs or not _is_activation(args[0]) or _is_activation(args[1]):
-        return NotImplemented  # a quotient of two activations has no rule here: the plain call
+    """``a / b``: the divisor held constant (a number, a parameter, or an activation as a normalizer:
+    ``attn / attn.sum(-1)``, linear attention's denominator); a constant divided by an activation has no rule."""
+    if len(args) != 2 or kwargs or not _is_activation(args[0]):
+        return NotImplemented
     return scale_rule(args[0], args[1], torch.div)
 
 
