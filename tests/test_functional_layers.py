@@ -392,6 +392,26 @@ def test_softmax_module_inside_the_model_takes_attnlrp():
         torch.testing.assert_close(module_relevance, function_relevance)
 
 
+def test_absorbed_shares_are_reported_once():
+    class TwoEmbeddings(nn.Module):  # SAM2-Hiera: an interpolated embedding plus a tiled one, added once
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(1, 2, 2, 3))
+            self.window = nn.Parameter(torch.randn(1, 1, 2, 3))
+            self.fc = nn.Linear(3, 2, bias=False)
+
+        def forward(self, x):
+            embedding = F.interpolate(self.pos, size=(4, 3), mode="bicubic") + self.window.tile((1, 2, 1))
+            return self.fc((x + embedding).sum((1, 2)))
+
+    model = TwoEmbeddings().double()
+    x = torch.randn(2, 1, 4, 3, dtype=torch.float64)
+    relevance, absorbed = lrp.explain(lrp.convert(model), x, target=0, rule="zero", start="logit",
+                                      return_absorbed=True)
+    assert list(absorbed) == ["add"]  # the sum x + embedding (the sum of the two parameters is a constant)
+    torch.testing.assert_close(relevance.sum() + absorbed["add"], model(x)[:, 0].sum().detach())
+
+
 def test_absorbed_shares_are_reported():
     class Tokens(nn.Module):  # a class token concatenated, a position embedding added by broadcasting
         def __init__(self):
@@ -408,13 +428,13 @@ def test_absorbed_shares_are_reported():
     x = torch.randn(3, 2, 4, dtype=torch.float64)
     converted = lrp.convert(model)
     relevance, absorbed = lrp.explain(converted, x, target=0, rule="zero", start="logit", return_absorbed=True)
-    assert set(absorbed) >= {"cls_token", "pos_embed"}
+    assert set(absorbed) == {"cls_token", "add"}  # the token by its name, the embedding by the sum that adds it
     logits = model(x)[:, 0].detach()
     torch.testing.assert_close(relevance.sum() + sum(absorbed.values()), logits.sum())
     # the formula (LRP-0): each entry of the sum gets its value times the linear weight, so the position
     # embedding takes sum_{t,k} pos[t, k] w[k] per sample, the class token sum_k cls[k] w[k]
     weight = model.fc.weight[0].detach()
-    torch.testing.assert_close(absorbed["pos_embed"], 3 * (model.pos_embed[0].detach() * weight).sum())
+    torch.testing.assert_close(absorbed["add"], 3 * (model.pos_embed[0].detach() * weight).sum())
     torch.testing.assert_close(absorbed["cls_token"], 3 * (model.cls_token[0, 0].detach() * weight).sum())
 
 

@@ -434,6 +434,8 @@ class _Analysis:
             name = f"{base}_{index}"
             target = f"{path}.{name}" if path else name
         self.insertions.append((container, name, replacement))
+        if isinstance(replacement, Add) and replacement.constant_summands:
+            replacement.label = target  # the name its absorbed share is reported under
         self.modules[target] = replacement
         self.calls[target] += 1
         node.op, node.target = "call_module", target

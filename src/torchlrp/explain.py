@@ -95,8 +95,9 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
         a caller that needs the prediction too does not run the model twice.
     return_absorbed : bool
         Also return the relevance that parameters took on the way: class and distillation tokens concatenated to
-        the input, registers, position embeddings added by broadcasting (``{parameter name: relevance}``, each
-        summed over the batch, only parameters that took any). With LRP-0 and zero biases, ``relevance.sum()``
+        the input, registers (``{parameter name: relevance}``), position embeddings and other parameter
+        expressions added to activations (``{name of the sum: relevance}``: an interpolated embedding plus a
+        tiled one is one share), each summed over the batch. With LRP-0 and zero biases, ``relevance.sum()``
         plus these shares is the start relevance: this is what lets conservation be checked on ViT-style models.
 
     Returns
@@ -154,5 +155,6 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
     results = (relevance, scores[::per_sample]) if return_scores else (relevance,)
     if return_absorbed:
         absorbed = {name: share.sum() for (name, _), share in zip(named, shares) if share is not None}
+        absorbed.update(state.absorbed)  # parameter expressions added to activations, by the sum's name
         results = (*results, absorbed)
     return results[0] if len(results) == 1 else results

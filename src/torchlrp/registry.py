@@ -270,7 +270,9 @@ def _sum(signs: tuple[float, float], inplace: bool = False) -> OperationEntry:
     def build(node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
         if node.kwargs or len(node.args) != 2:
             raise Unsupported("a sum with more than two operands or with alpha=")
-        return Add(signs=signs)
+        constants = [index for index, argument in enumerate(node.args)
+                     if isinstance(argument, torch.fx.Node) and not view.is_activation(argument)]
+        return Add(signs=signs, constant_summands=constants)
     return OperationEntry("sum", build, "preserve", inplace=inplace)
 
 

@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode
 
 from .functional.attention import attention_rule
 from .convert import ConversionError, is_written_activation
-from .functional.operations import (ChannelAffineRelevance, bilinear_rule, group_norm_rule, identity_rule,
+from .functional.operations import (ChannelAffineRelevance, absorbed_share, bilinear_rule, group_norm_rule, identity_rule,
                                     layer_norm_rule, scale_rule, softmax_rule, weighted_sum_rule)
 from .functional.relevance import proportional
 from .modules.affine import ExplainableAffine
@@ -134,6 +134,7 @@ class RunTimeOperations(TorchFunctionMode):
         self.calls: dict[tuple[str, Any], AffineCall] = {}
         self.layer_seen = False
         self.inside_activation = 0
+        self.site_counts: dict[str, int] = {}
         self.activation_types: dict[type, bool] = {}
         self.saved = _SavedCopies()
         self.handlers = _handlers()
@@ -199,6 +200,14 @@ class RunTimeOperations(TorchFunctionMode):
             return "", None
         module = self.stack[-1]
         return self.names.get(module, ""), module
+
+    def site_label(self, operation: str) -> str:
+        """A name for this call, unique within the forward: ``"<module path>.<operation>"``, then ``_1``, ``_2``."""
+        path = self.owner()[0]
+        base = f"{path}.{operation}" if path else operation
+        count = self.site_counts.get(base, 0)
+        self.site_counts[base] = count + 1
+        return base if count == 0 else f"{base}_{count}"
 
     def allows_gradient(self, name: str) -> bool:
         """Whether ``allow_gradient`` lets a call of ``name`` (in the running module) pass its gradient."""
@@ -285,8 +294,13 @@ def _sum(signs: tuple[float, float]) -> Handler:
         if len(args) != 2 or kwargs:
             return NotImplemented  # alpha=, out=: the plain call
         left, right = args
-        if _is_activation(left) and _is_activation(right) or _is_absorbing(left, right) or _is_absorbing(right, left):
-            # a parameter added by broadcasting (a position embedding) takes its share as its gradient: reported
+        if _is_absorbing(left, right) or _is_absorbing(right, left):
+            # a parameter expression added to an activation (a position embedding): its share is reported
+            label = mode.site_label("add")
+            left, right = (absorbed_share(t, mode.state.absorbed, label) if not _is_activation(t) else t
+                           for t in (left, right))
+            return weighted_sum_rule([left, right], signs, epsilon=mode.epsilon)
+        if _is_activation(left) and _is_activation(right):
             return weighted_sum_rule([left, right], signs, epsilon=mode.epsilon)
         if _is_activation(left):  # activation +/- constant
             constant = right * signs[1] if isinstance(right, Tensor) else signs[1] * right

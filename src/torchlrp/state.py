@@ -45,6 +45,9 @@ class ExplainState:
     output_scores : Tensor or None
         The scores a final softmax of the model took (set in the forward; detached): relevance passes that softmax
         unchanged, so they are what is explained, and ``start="logit"`` starts at them.
+    absorbed : dict
+        Filled in the backward: the relevance that parameter expressions added to activations took, by the sum's
+        name (see :func:`~torchlrp.functional.operations.absorbed_share`).
     """
 
     rules: dict[torch.nn.Module, Rule] = field(default_factory=dict)
@@ -57,6 +60,7 @@ class ExplainState:
     repeat_rule: Rule | None = None
     attention: str = "attnlrp"
     output_scores: Tensor | None = None
+    absorbed: dict[str, Tensor] = field(default_factory=dict)
 
 
 ACTIVE: ContextVar[ExplainState | None] = ContextVar("torchlrp_explain_state", default=None)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..functional.kernels import sum_forward
-from ..functional.operations import weighted_sum_rule
+from ..functional.operations import absorbed_share, weighted_sum_rule
 from ..functional.relevance import sum_relevance
 from ..state import current
 from .operation import Operation
@@ -32,15 +32,23 @@ class Add(Operation, torch.nn.Module):
     ----------
     signs : sequence of float, optional
         ``1.0`` or ``-1.0`` per argument (default: all ``1.0``); ``Add(signs=(1, -1))(a, b)`` is ``a - b``.
+    constant_summands : sequence of int
+        Arguments that are made of parameters only (a position embedding; set by :func:`torchlrp.convert`): the
+        relevance they take is recorded under ``label`` (``explain(..., return_absorbed=True)``), not passed on.
+    label : str
+        The name the absorbed share is reported under (the module's name in its model).
     """
 
     feeds_rectifier: bool = False
 
-    def __init__(self, signs: Sequence[float] | None = None) -> None:
+    def __init__(self, signs: Sequence[float] | None = None, constant_summands: Sequence[int] = (),
+                 label: str = "") -> None:
         super().__init__()
         if signs is not None and any(float(s) not in (1.0, -1.0) for s in signs):
             raise ValueError(f"signs must be 1 or -1, got {tuple(signs)}")
         self.signs = None if signs is None else tuple(float(s) for s in signs)
+        self.constant_summands = tuple(constant_summands)
+        self.label = label
 
     def forward(self, *inputs: Tensor | float, feeds_rectifier: bool | None = None) -> Tensor:
         """Sum ``inputs`` (each with its sign).
@@ -69,13 +77,17 @@ class Add(Operation, torch.nn.Module):
         rule = self.operation_rule()
         if rule is None:
             return self._plain(inputs, signs)
+        state = current()
+        if self.constant_summands:  # parameter expressions (a position embedding): their share is reported
+            label = self.label or "add"
+            inputs = tuple(absorbed_share(x, state.absorbed, label) if index in self.constant_summands and
+                           isinstance(x, Tensor) and x.requires_grad else x for index, x in enumerate(inputs))
         tensors = [(x, s) for x, s in zip(inputs, signs) if isinstance(x, Tensor)]
         constants = [x * s for x, s in zip(inputs, signs) if not isinstance(x, Tensor)]
         if not tensors:
             return self._plain(inputs, signs)
         shapes = {t.shape for t, _ in tensors}
         if not constants and len(tensors) > 1 and len(shapes) == 1 and all(s == 1.0 for s in signs):
-            state = current()
             rectified = self.feeds_rectifier if feeds_rectifier is None else feeds_rectifier
             rectified = rectified or self in state.feeds_rectifier
             return sum_relevance(inputs, rule.epsilon, fused=state.fused, rectified=rectified)
@@ -94,4 +106,5 @@ class Add(Operation, torch.nn.Module):
         return total
 
     def extra_repr(self) -> str:  # noqa: D102
-        return "" if self.signs is None else f"signs={self.signs}"
+        extra = "" if self.signs is None else f"signs={self.signs}"
+        return extra + (f", constant_summands={self.constant_summands}" if self.constant_summands else "")
