@@ -142,17 +142,16 @@ def test_vit_converts_keeps_outputs_and_conserves_with_cp_lrp():
     pixels, token = torch.autograd.grad(output, (carrier, converted.class_token), start)
     torch.testing.assert_close(pixels.sum() + token.sum(), start.sum(), rtol=1e-6, atol=1e-8)
     assert pixels.sum().abs() > 0.05 * start.sum().abs()  # the pixels get a real share, not all left on the token
-    # with the position embedding back, its share is reported the same way (relevance of the parameter)
+    # with the position embedding back, its share is reported by explain (under the name of the sum adding it)
     with torch.no_grad():
         converted.encoder.pos_embedding.normal_(std=0.1)
     logits = converted(x)
-    carrier = x.clone().requires_grad_(True)
-    with lrp.rules_applied(converted, lrp.Composite(default="zero", attention="cp")):
-        output = converted(carrier)
-    start = torch.zeros_like(output).scatter_(1, target[:, None], logits.gather(1, target[:, None]))
-    parts = torch.autograd.grad(output, (carrier, converted.class_token, converted.encoder.pos_embedding), start)
-    torch.testing.assert_close(sum(part.sum() for part in parts), start.sum(), rtol=1e-6, atol=1e-8)
-    assert parts[2].abs().sum() > 0
+    start = torch.zeros_like(logits).scatter_(1, target[:, None], logits.gather(1, target[:, None]))
+    relevance, absorbed = lrp.explain(converted, x, output_relevance=start, return_absorbed=True,
+                                      rule=lrp.Composite(default="zero", attention="cp"))
+    assert set(absorbed) == {"class_token", "encoder.add"}
+    torch.testing.assert_close(relevance.sum() + sum(absorbed.values()), start.sum(), rtol=1e-6, atol=1e-8)
+    assert absorbed["encoder.add"].abs() > 0
     # AttnLRP's softmax rule does not conserve by itself (the softmax's implicit bias), but stays finite
     attnlrp = lrp.explain(converted, x, rule=lrp.Composite(default="epsilon"))
     assert torch.isfinite(attnlrp).all() and not torch.allclose(attnlrp, pixels)

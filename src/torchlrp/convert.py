@@ -91,6 +91,27 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(module, qualified_name)
 
 
+def held_constant(value: Any) -> Any:
+    """``value`` detached: a tensor, or each tensor of what ``x.max(dim)`` returns (a normalizer held constant).
+
+    Parameters
+    ----------
+    value : Tensor or tuple
+        The call's result.
+
+    Returns
+    -------
+    Tensor or tuple
+        The same structure, its tensors detached.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        parts = [held_constant(part) for part in value]
+        return type(value)(parts) if type(value) is not tuple else tuple(parts)
+    return value
+
+
 def _padding_of(node: Node, modules: dict[str, torch.nn.Module]) -> tuple[tuple[int, ...], str] | None:
     """``(pad, mode)`` of a padding call with constant sizes (``F.pad`` with zeros or a copying mode, a padding
     module), in ``F.pad``'s order; None for anything else."""
@@ -298,7 +319,7 @@ class _Analysis:
                 self._visit(node)
         for node in self._held:  # computed from an activation, held constant: no relevance flows into it
             with self.graph.inserting_after(node):
-                detached = self.graph.call_method("detach", (node,))
+                detached = self.graph.call_function(held_constant, (node,))
             node.replace_all_uses_with(detached, delete_user_cb=lambda user: user is not detached)
         for node in list(self.graph.nodes):  # parameters a fold or a layer call no longer reads
             if node.op == "get_attr" and not node.users:

@@ -148,13 +148,16 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
             output_relevance = output_relevance.clone()
         named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad] \
             if return_absorbed else []
+        named += state.absorbed if return_absorbed else []  # constants added to activations, by the sum's name
         relevance, *shares = torch.autograd.grad(output, [carrier, *(p for _, p in named)], output_relevance,
                                                  allow_unused=True)
     if multi:
         relevance = relevance.reshape(batch, per_sample, *input.shape[1:])
     results = (relevance, scores[::per_sample]) if return_scores else (relevance,)
     if return_absorbed:
-        absorbed = {name: share.sum() for (name, _), share in zip(named, shares) if share is not None}
-        absorbed.update(state.absorbed)  # parameter expressions added to activations, by the sum's name
+        absorbed: dict[str, Tensor] = {}
+        for (name, _), share in zip(named, shares):
+            if share is not None:  # (an additive mask's -inf takes 0 * -inf: nothing)
+                absorbed[name] = absorbed[name] + share.nansum() if name in absorbed else share.nansum()
         results = (*results, absorbed)
     return results[0] if len(results) == 1 else results

@@ -270,8 +270,7 @@ def _sum(signs: tuple[float, float], inplace: bool = False) -> OperationEntry:
     def build(node: torch.fx.Node, view: GraphView) -> torch.nn.Module:
         if node.kwargs or len(node.args) != 2:
             raise Unsupported("a sum with more than two operands or with alpha=")
-        constants = [index for index, argument in enumerate(node.args)
-                     if isinstance(argument, torch.fx.Node) and not view.is_activation(argument)]
+        constants = [index for index, argument in enumerate(node.args) if not view.is_activation(argument)]
         return Add(signs=signs, constant_summands=constants)
     return OperationEntry("sum", build, "preserve", inplace=inplace)
 
@@ -414,8 +413,8 @@ def _softmax_module(node: torch.fx.Node, view: GraphView) -> torch.nn.Module | N
 STATISTIC_METHODS = ("var", "std", "norm")
 STATISTIC_FUNCTIONS = (torch.var, torch.std, torch.norm, torch.linalg.vector_norm, torch.linalg.norm)
 #: maxima: a max pooling (winner takes all) where they are data, held constant where they only normalize
-EXTREMUM_METHODS = ("amax", "amin")
-EXTREMUM_FUNCTIONS = (torch.amax, torch.amin)
+EXTREMUM_METHODS = ("amax", "amin", "max", "min")
+EXTREMUM_FUNCTIONS = (torch.amax, torch.amin, torch.max, torch.min)
 _SCALING = (*_PRODUCTS, torch.addcmul, torch.addcdiv, "addcmul", "addcdiv")
 
 

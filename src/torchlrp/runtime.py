@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode
 
 from .functional.attention import attention_rule
 from .convert import ConversionError, is_written_activation
-from .functional.operations import (ChannelAffineRelevance, absorbed_share, bilinear_rule, group_norm_rule, identity_rule,
+from .functional.operations import (ChannelAffineRelevance, bilinear_rule, group_norm_rule, identity_rule,
                                     layer_norm_rule, scale_rule, softmax_rule, weighted_sum_rule)
 from .functional.relevance import proportional
 from .modules.affine import ExplainableAffine
@@ -67,11 +67,11 @@ Handler = Callable[["RunTimeOperations", tuple, dict], Any]
 
 #: calls on activations whose gradient is their rule (besides the registry's index maps)
 GRADIENT_FUNCTIONS = (
-    F.relu_, torch.relu_, F.alpha_dropout, F.feature_alpha_dropout, torch.amax, torch.amin, F.unfold, torch.repeat_interleave, F.relu, torch.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+    F.relu_, torch.relu_, F.alpha_dropout, F.feature_alpha_dropout, torch.amax, torch.amin, torch.max, torch.min, F.unfold, torch.repeat_interleave, F.relu, torch.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.embedding,
     F.pad, torch.where, torch.masked_fill,
 )
-GRADIENT_METHODS = ("relu_", "amax", "amin", "unfold", "repeat_interleave", "relu", "masked_fill", "__getitem__", "__get__", "requires_grad_", "type_as", "float", "half",
+GRADIENT_METHODS = ("relu_", "amax", "amin", "max", "min", "unfold", "repeat_interleave", "relu", "masked_fill", "__getitem__", "__get__", "requires_grad_", "type_as", "float", "half",
                     "bfloat16", "double", "to", "cpu", "cuda", "contiguous", "clone", "detach")
 
 
@@ -297,8 +297,7 @@ def _sum(signs: tuple[float, float]) -> Handler:
         if _is_absorbing(left, right) or _is_absorbing(right, left):
             # a parameter expression added to an activation (a position embedding): its share is reported
             label = mode.site_label("add")
-            left, right = (absorbed_share(t, mode.state.absorbed, label) if not _is_activation(t) else t
-                           for t in (left, right))
+            left, right = (mode.state.absorb(t, label) if not _is_activation(t) else t for t in (left, right))
             return weighted_sum_rule([left, right], signs, epsilon=mode.epsilon)
         if _is_activation(left) and _is_activation(right):
             return weighted_sum_rule([left, right], signs, epsilon=mode.epsilon)

@@ -45,9 +45,9 @@ class ExplainState:
     output_scores : Tensor or None
         The scores a final softmax of the model took (set in the forward; detached): relevance passes that softmax
         unchanged, so they are what is explained, and ``start="logit"`` starts at them.
-    absorbed : dict
-        Filled in the backward: the relevance that parameter expressions added to activations took, by the sum's
-        name (see :func:`~torchlrp.functional.operations.absorbed_share`).
+    absorbed : list of (str, Tensor)
+        The constants added to activations in this forward (see :meth:`absorb`): their gradient is the relevance
+        they took (``explain(..., return_absorbed=True)`` reports it by the sum's name).
     """
 
     rules: dict[torch.nn.Module, Rule] = field(default_factory=dict)
@@ -60,7 +60,28 @@ class ExplainState:
     repeat_rule: Rule | None = None
     attention: str = "attnlrp"
     output_scores: Tensor | None = None
-    absorbed: dict[str, Tensor] = field(default_factory=dict)
+    absorbed: list[tuple[str, Tensor]] = field(default_factory=list)
+
+    def absorb(self, value: Tensor, label: str) -> Tensor:
+        """A constant summand (a position embedding, a buffer, a number as a tensor) as a new leaf whose gradient
+        is the relevance it takes, recorded under ``label``; the relevance goes no further (the parameters it is
+        made of would otherwise each receive it: counted twice for ``interpolate(p) + tile(q)``).
+
+        Parameters
+        ----------
+        value : Tensor
+            The constant.
+        label : str
+            The site (the sum's name).
+
+        Returns
+        -------
+        Tensor
+            A leaf with ``value``'s values that requires grad.
+        """
+        leaf = value.detach().requires_grad_(True)
+        self.absorbed.append((label, leaf))
+        return leaf
 
 
 ACTIVE: ContextVar[ExplainState | None] = ContextVar("torchlrp_explain_state", default=None)

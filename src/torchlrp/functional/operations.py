@@ -127,45 +127,6 @@ class WeightedSumRelevance(torch.autograd.Function):
         return (None, None, None, *shares)
 
 
-class AbsorbedShare(torch.autograd.Function):
-    """Forward: ``tensor`` (a parameter expression added to activations: a position embedding, possibly
-    interpolated or a sum of two parameters). Backward: the relevance it took is added, summed, to
-    ``sink[label]``, and goes no further (the parameters it is made of would otherwise each receive it by their
-    gradient: counted twice for ``interpolate(p) + tile(q)``)."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, sink: dict, label: str) -> Tensor:  # noqa: D102
-        ctx.sink, ctx.label = sink, label
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, relevance: Tensor) -> tuple[None, None, None]:  # noqa: D102
-        total = relevance.sum()
-        previous = ctx.sink.get(ctx.label)
-        ctx.sink[ctx.label] = total if previous is None else previous + total
-        return None, None, None
-
-
-def absorbed_share(tensor: Tensor, sink: dict, label: str) -> Tensor:
-    """``tensor``, whose relevance is recorded in ``sink[label]`` instead of flowing on (see :class:`AbsorbedShare`).
-
-    Parameters
-    ----------
-    tensor : Tensor
-        A constant summand that requires grad (made of parameters).
-    sink : dict
-        Where the explanation collects absorbed shares (``ExplainState.absorbed``).
-    label : str
-        The site (the sum's module name).
-
-    Returns
-    -------
-    Tensor
-        ``tensor``'s values.
-    """
-    return AbsorbedShare.apply(tensor, sink, label)
-
-
 class ChannelAffineRelevance(torch.autograd.Function):
     """Forward: an eval-mode batch norm. Backward: the epsilon rule on its per-channel affine map."""
 
@@ -413,7 +374,7 @@ def weighted_sum_rule(inputs: Sequence[Tensor], signs: Sequence[float], constant
 
 
 __all__ = [
-    "AbsorbedShare", "absorbed_share", "BilinearRelevance", "ChannelAffineRelevance", "IdentityRelevance", "NormalizationRelevance", "ScaleRelevance",
+    "BilinearRelevance", "ChannelAffineRelevance", "IdentityRelevance", "NormalizationRelevance", "ScaleRelevance",
     "SoftmaxRelevance", "WeightedSumRelevance", "identity_rule", "scale_rule", "weighted_sum_rule",
 ]
 

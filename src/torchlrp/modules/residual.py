@@ -7,10 +7,21 @@ import torch
 from torch import Tensor
 
 from ..functional.kernels import sum_forward
-from ..functional.operations import absorbed_share, weighted_sum_rule
+from ..functional.operations import weighted_sum_rule
 from ..functional.relevance import sum_relevance
-from ..state import current
+from ..state import ExplainState, current
 from .operation import Operation
+
+
+def _absorbing(value: Tensor | float, reference: Tensor, state: ExplainState, label: str) -> Tensor | float:
+    """A constant summand as a tensor whose relevance the explanation records under ``label``."""
+    if not isinstance(value, Tensor):
+        if not isinstance(value, (int, float)):
+            return value
+        value = torch.tensor(float(value), dtype=reference.dtype, device=reference.device)
+    if not value.dtype.is_floating_point:
+        return value
+    return state.absorb(value, label)
 
 
 class Add(Operation, torch.nn.Module):
@@ -33,8 +44,9 @@ class Add(Operation, torch.nn.Module):
     signs : sequence of float, optional
         ``1.0`` or ``-1.0`` per argument (default: all ``1.0``); ``Add(signs=(1, -1))(a, b)`` is ``a - b``.
     constant_summands : sequence of int
-        Arguments that are made of parameters only (a position embedding; set by :func:`torchlrp.convert`): the
-        relevance they take is recorded under ``label`` (``explain(..., return_absorbed=True)``), not passed on.
+        Arguments that carry no relevance (a position embedding, a constant computed from parameters or buffers;
+        set by :func:`torchlrp.convert`): the relevance they take is recorded under ``label``
+        (``explain(..., return_absorbed=True)``), not passed on.
     label : str
         The name the absorbed share is reported under (the module's name in its model).
     """
@@ -78,10 +90,11 @@ class Add(Operation, torch.nn.Module):
         if rule is None:
             return self._plain(inputs, signs)
         state = current()
-        if self.constant_summands:  # parameter expressions (a position embedding): their share is reported
+        if self.constant_summands:  # constants (a position embedding, a buffer, a number): their share is reported
             label = self.label or "add"
-            inputs = tuple(absorbed_share(x, state.absorbed, label) if index in self.constant_summands and
-                           isinstance(x, Tensor) and x.requires_grad else x for index, x in enumerate(inputs))
+            reference = next(x for x in inputs if isinstance(x, Tensor))
+            inputs = tuple(_absorbing(x, reference, state, label) if index in self.constant_summands else x
+                           for index, x in enumerate(inputs))
         tensors = [(x, s) for x, s in zip(inputs, signs) if isinstance(x, Tensor)]
         constants = [x * s for x, s in zip(inputs, signs) if not isinstance(x, Tensor)]
         if not tensors:
