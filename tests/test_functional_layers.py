@@ -598,3 +598,29 @@ def test_a_quotient_of_activations_holds_the_divisor_constant():
         signal = torch.where(pre > 0, share / pre, torch.zeros_like(pre))
         expected = x * (signal @ model.fc.weight)
     torch.testing.assert_close(relevance, expected)
+
+
+@pytest.mark.parametrize("untraceable", [False, True], ids=["traced", "run-time"])
+def test_clamp_of_an_activation_is_an_activation(untraceable):
+    class Clipped(nn.Module):  # Gemma 4's ViT clips its projections' activations
+        def __init__(self, clip):
+            super().__init__()
+            self.clip = clip
+            self.up, self.down = nn.Linear(4, 6), nn.Linear(6, 2)
+            self.hardtanh = nn.Hardtanh(-0.5, 0.5)
+
+        def forward(self, x):
+            if untraceable and float(x.sum()) > 1e9:
+                return x
+            h = self.up(x)
+            return self.down(h.clamp(-0.5, 0.5) if self.clip else self.hardtanh(h))
+
+    torch.manual_seed(0)
+    clipped, reference = Clipped(True).double(), Clipped(False).double()
+    reference.load_state_dict(clipped.state_dict())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="cannot trace") if untraceable else _no_warning():
+        converted = lrp.convert(clipped)
+    for rule in ("epsilon", "zero", lrp.EpsilonPlus()):
+        torch.testing.assert_close(lrp.explain(converted, x, rule=rule),
+                                   lrp.explain(lrp.convert(reference), x, rule=rule))

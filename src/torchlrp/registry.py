@@ -554,8 +554,10 @@ def default_registry() -> OperationRegistry:
     for function in (F.relu6, F.hardtanh):
         add_function(function, _activation(function, "nonnegative" if function is F.relu6 else "none"))
     for function in (F.silu, F.gelu, F.hardswish, F.elu, F.celu, F.selu, F.leaky_relu, F.softplus, F.mish,
-                     F.tanh, torch.tanh):
+                     F.tanh, torch.tanh, torch.clamp, torch.clip):
         add_function(function, _activation(function))
+    for name in ("clamp", "clip"):  # activation clipping (Gemma 4's ViT): an element-wise activation
+        add_method(name, _activation(getattr(torch.Tensor, name)))
     for function in (F.sigmoid, torch.sigmoid, F.hardsigmoid):
         add_function(function, _activation(function, "nonnegative", gate=True))
     add_method("sigmoid", _activation(torch.sigmoid, "nonnegative", gate=True))

@@ -684,7 +684,8 @@ def _handlers() -> dict[Any, Handler]:
     handlers[F.scaled_dot_product_attention] = _attention
     for function in (F.gelu, F.silu, F.mish, F.elu, F.celu, F.selu, F.softplus, F.leaky_relu, F.hardswish, torch.tanh,
                      torch.Tensor.tanh, F.tanh, torch.erf, torch.neg, torch.Tensor.neg, torch.Tensor.__neg__,
-                     torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid, F.hardsigmoid, F.hardtanh):
+                     torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid, F.hardsigmoid, F.hardtanh, torch.clamp,
+                     torch.Tensor.clamp, torch.clip, torch.Tensor.clip):
         handlers[function] = _identity(function)
     for function in (torch.Tensor.sum, torch.sum, torch.Tensor.mean, torch.mean):
         handlers[function] = _reduction(function)
