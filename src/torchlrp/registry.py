@@ -237,6 +237,21 @@ _PRODUCTS = (operator.mul, torch.mul, torch.multiply, operator.truediv, torch.di
 _ROOTS = (torch.rsqrt, torch.sqrt, "rsqrt", "sqrt")
 
 
+def _uses_end_in(node: torch.fx.Node, targets: tuple) -> bool:
+    """Whether every path from ``node`` through its users reaches a call of one of ``targets`` before the output or
+    a module call."""
+    frontier, seen = list(node.users), set()
+    while frontier:
+        user = frontier.pop()
+        if user in seen or user.target in targets:
+            continue
+        seen.add(user)
+        if user.op in ("output", "call_module", "placeholder"):
+            return False
+        frontier.extend(user.users)
+    return True
+
+
 def _statistic(square: bool) -> OperationEntry:
     """A norm's statistic of an activation, held constant (AttnLRP): ``rsqrt``/``sqrt`` whose every use scales an
     activation (``x * rsqrt(v)``, ``x / sqrt(v)``), and the square ``x ** 2`` whose every path ends in such a root."""
@@ -245,16 +260,9 @@ def _statistic(square: bool) -> OperationEntry:
             exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
             if exponent != 2:
                 raise Unsupported(f"a power {exponent!r} of an activation (only a norm's square x ** 2 has a rule)")
-            frontier, seen = list(node.users), set()
-            while frontier:
-                user = frontier.pop()
-                if user in seen or user.target in _ROOTS:
-                    continue
-                seen.add(user)
-                if user.op in ("output", "call_module", "placeholder"):
-                    raise Unsupported("a square of an activation that is not a norm's statistic (only "
-                                      "x * rsqrt(mean(x ** 2) + eps) and the like have a rule)")
-                frontier.extend(user.users)
+            if not _uses_end_in(node, _ROOTS):
+                raise Unsupported("a square of an activation that is not a norm's statistic (only "
+                                  "x * rsqrt(mean(x ** 2) + eps) and the like have a rule)")
         elif any(user.target not in _PRODUCTS for user in node.users):
             raise Unsupported("a square root of an activation that does not scale an activation (only a norm's "
                               "x * rsqrt(v) or x / sqrt(v) has a rule)")
@@ -420,16 +428,7 @@ _SCALING = (*_PRODUCTS, torch.addcmul, torch.addcdiv, "addcmul", "addcdiv")
 
 def only_scales(node: torch.fx.Node) -> bool:
     """Whether every use of ``node`` ends, through constant arithmetic, in a product or quotient (a normalizer)."""
-    frontier, seen = list(node.users), set()
-    while frontier:
-        user = frontier.pop()
-        if user in seen or user.target in _SCALING:
-            continue
-        seen.add(user)
-        if user.op in ("output", "call_module", "placeholder"):
-            return False
-        frontier.extend(user.users)
-    return True
+    return _uses_end_in(node, _SCALING)
 
 
 def _held_statistic(node: torch.fx.Node, view: GraphView) -> None:

@@ -24,7 +24,6 @@ from torch import Tensor
 from .functional.affine import AffineOp
 from .functional.kernels import kernels
 from .functional.rectified import RectifiedForm, Term
-from .functional.stabilize import stabilize
 
 Saved = tuple[Tensor, ...]
 
