@@ -624,3 +624,66 @@ def test_clamp_of_an_activation_is_an_activation(untraceable):
     for rule in ("epsilon", "zero", lrp.EpsilonPlus()):
         torch.testing.assert_close(lrp.explain(converted, x, rule=rule),
                                    lrp.explain(lrp.convert(reference), x, rule=rule))
+
+
+class _LastState(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, **kwargs)
+
+    def forward(self, x):
+        output, _ = self.rnn(x)
+        return output[:, -1] if self.rnn.batch_first else output[-1]
+
+
+def test_lstm_against_the_formula():
+    """Arras et al. 2017: gates constant, c_t = f c + i g split in proportion, tanh identity, z_g by LRP-0."""
+    torch.manual_seed(0)
+    model = _LastState(bias=False).double().eval()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    start = torch.randn(2, 4, dtype=torch.float64)
+    relevance = lrp.explain(lrp.convert(model), x, output_relevance=start, rule="zero")
+    with torch.no_grad():  # the forward, keeping every step's values
+        w, u = model.rnn.weight_ih_l0, model.rnn.weight_hh_l0
+        h, c = torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)
+        steps = []
+        for t in range(5):
+            z = x[t] @ w.T + h @ u.T
+            i, f, g, o = z[:, :4].sigmoid(), z[:, 4:8].sigmoid(), z[:, 8:12].tanh(), z[:, 12:].sigmoid()
+            steps.append((h, c, i, f, g, z[:, 8:12]))
+            c = f * c + i * g
+            h = o * c.tanh()
+        expected = torch.zeros_like(x)
+        r_h, r_c = start, torch.zeros(2, 4, dtype=torch.float64)
+        for t in reversed(range(5)):
+            h_prev, c_prev, i, f, g, z_g = steps[t]
+            r_c = r_c + r_h                         # h = o tanh(c): o constant, tanh identity
+            c_t = f * c_prev + i * g
+            r_prev_c, r_g = f * c_prev / c_t * r_c, i * g / c_t * r_c
+            signal = r_g / z_g                      # z_g = W_g x + U_g h_prev, LRP-0
+            expected[t] = x[t] * (signal @ w[8:12])
+            r_h, r_c = h_prev * (signal @ u[8:12]), r_prev_c
+    torch.testing.assert_close(relevance, expected)
+    torch.testing.assert_close(relevance.sum(), start.sum())  # conserves (zero biases and initial states)
+
+
+@pytest.mark.parametrize("kwargs", [{"num_layers": 2, "bidirectional": True, "batch_first": True},
+                                    {"num_layers": 1, "bias": True}], ids=["2-layer-bidirectional", "bias"])
+def test_lstm_keeps_its_outputs_and_explains(kwargs):
+    torch.manual_seed(0)
+    model = _LastState(**kwargs).double().eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64) if kwargs.get("batch_first") else torch.randn(5, 2, 3,
+                                                                                                 dtype=torch.float64)
+    converted = lrp.convert(model)
+    start = torch.randn(2, 4 * (2 if kwargs.get("bidirectional") else 1), dtype=torch.float64)
+    for rule in ("epsilon", "zplus", lrp.Composite(by_type={nn.LSTM: "zero"})):
+        relevance, scores = lrp.explain(converted, x, output_relevance=start, rule=rule, return_scores=True)
+        torch.testing.assert_close(scores, model(x).detach(), rtol=1e-12, atol=1e-12)
+        assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
+    if not kwargs.get("bias", True):
+        return
+    for name, parameter in model.named_parameters():
+        if "bias" in name:
+            parameter.data.zero_()
+    relevance = lrp.explain(lrp.convert(model), x, output_relevance=start, rule="zero")
+    torch.testing.assert_close(relevance.sum(), start.sum())

@@ -19,11 +19,9 @@ DEFAULT = ("byobnet", "convnext", "cpubone", "cspnet", "cspnext", "deit", "dla",
            "ghostnet", "hgnet", "levit", "maxxvit", "nest", "resnest", "resnet", "senet", "starnet", "swiftformer",
            "twins", "visformer", "vision_transformer", "vision_transformer_hybrid", "vision_transformer_relpos",
            "vovnet")
-#: families that are not explained, with the reason measured by benchmarks/timm_sweep.py (95 of the 98 are;
-#: they run under -m slow as expected failures, so a fix shows up as XPASS)
-NOT_EXPLAINED = {
-    "sequencer": "nn.LSTM has no rule yet (ConversionError listing every LSTM)",
-}
+#: families that are not explained, with the reason measured by benchmarks/timm_sweep.py (96 of the 98 are, the
+#: other two are too large to run here); one listed here runs under -m slow as an expected failure (XPASS once fixed)
+NOT_EXPLAINED: dict[str, str] = {}
 #: families too large to run on this 2-core, 24 GB machine in float64 (not counted as explained)
 TOO_LARGE = {
     "deepseek_vit": "412M parameters: the float64 model and the copies convert makes exceed 24 GB",
