@@ -687,3 +687,57 @@ def test_lstm_keeps_its_outputs_and_explains(kwargs):
             parameter.data.zero_()
     relevance = lrp.explain(lrp.convert(model), x, output_relevance=start, rule="zero")
     torch.testing.assert_close(relevance.sum(), start.sum())
+
+
+class _LastGRUState(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, **kwargs)
+
+    def forward(self, x):
+        output, _ = self.rnn(x)
+        return output[:, -1] if self.rnn.batch_first else output[-1]
+
+
+def test_gru_against_the_formula():
+    """Gates constant: n = tanh(W_n x + r U_n h), h' = (1 - z) n + z h, sums split in proportion, LRP-0."""
+    torch.manual_seed(0)
+    model = _LastGRUState(bias=False).double().eval()
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    start = torch.randn(2, 4, dtype=torch.float64)
+    relevance = lrp.explain(lrp.convert(model), x, output_relevance=start, rule="zero")
+    with torch.no_grad():
+        w, u = model.rnn.weight_ih_l0, model.rnn.weight_hh_l0
+        h = torch.zeros(2, 4, dtype=torch.float64)
+        steps = []
+        for t in range(4):
+            gx, gh = x[t] @ w.T, h @ u.T
+            r, z = (gx[:, :4] + gh[:, :4]).sigmoid(), (gx[:, 4:8] + gh[:, 4:8]).sigmoid()
+            a, b = gx[:, 8:], gh[:, 8:]
+            n = (a + r * b).tanh()
+            steps.append((h, r, z, a, b, n))
+            h = (1 - z) * n + z * h
+        expected = torch.zeros_like(x)
+        r_h = start
+        for t in reversed(range(4)):
+            h_prev, r, z, a, b, n = steps[t]
+            h_t = (1 - z) * n + z * h_prev
+            r_n, r_direct = (1 - z) * n / h_t * r_h, z * h_prev / h_t * r_h
+            pre = a + r * b
+            r_a, r_b = a / pre * r_n, r * b / pre * r_n
+            expected[t] = x[t] * ((r_a / a) @ w[8:])
+            r_h = r_direct + h_prev * ((r_b / b) @ u[8:]) if t else r_direct
+    torch.testing.assert_close(relevance, expected)
+    torch.testing.assert_close(relevance.sum(), start.sum())
+
+
+def test_gru_keeps_its_outputs_and_explains():
+    torch.manual_seed(0)
+    model = _LastGRUState(num_layers=2, bidirectional=True, batch_first=True).double().eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    converted = lrp.convert(model)
+    start = torch.randn(2, 8, dtype=torch.float64)
+    for rule in ("epsilon", "zplus"):
+        relevance, scores = lrp.explain(converted, x, output_relevance=start, rule=rule, return_scores=True)
+        torch.testing.assert_close(scores, model(x).detach(), rtol=1e-12, atol=1e-12)
+        assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0

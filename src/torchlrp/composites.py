@@ -16,7 +16,7 @@ import torch
 from .functional.attention import ATTENTION_MODES
 from .modules.affine import ExplainableAffine
 from .modules.attention import ATTENTION_TYPES
-from .modules.recurrent import LSTM
+from .modules.recurrent import GRU, LSTM
 from .modules.operation import Operation
 from .modules.pooling import MAX_POOLING_MODULES, MaxPool
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Gradient, Rule, WSquare, ZBox, ZPlus, resolve
@@ -190,7 +190,7 @@ class Composite:
         for name, module in model.named_modules():
             if isinstance(module, ExplainableAffine):
                 assignment[module] = self.rule_for(name, module, is_first=module is first_layer)
-            elif isinstance(module, (*ATTENTION_TYPES, LSTM)):  # its projections take the rule of a linear layer
+            elif isinstance(module, (*ATTENTION_TYPES, LSTM, GRU)):  # its projections take the rule of a linear layer
                 assignment[module] = self.rule_for(name, module)
             elif isinstance(module, MIXING_TYPES):
                 rule = self.rule_for(name, module)

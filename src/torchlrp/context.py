@@ -23,7 +23,7 @@ from .functional.relevance import proportional
 from .modules.affine import ExplainableAffine
 from .modules.attention import ATTENTION_TYPES
 from .modules.norm import NORM_TWINS
-from .modules.recurrent import LSTM
+from .modules.recurrent import GRU, LSTM
 from .modules.operation import output_softmax_rule
 from .modules.pooling import MAX_POOLING_MODULES, proportional_max_pool, window_mean
 from .modes import in_training_mode
@@ -198,7 +198,7 @@ def has_torchlrp_layers(modules: Iterable[torch.nn.Module]) -> bool:
     bool
         False for a model that needs :func:`torchlrp.convert` first.
     """
-    return any(isinstance(module, (ExplainableAffine, *ATTENTION_TYPES, LSTM)) for module in modules)
+    return any(isinstance(module, (ExplainableAffine, *ATTENTION_TYPES, LSTM, GRU)) for module in modules)
 
 
 def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilon",

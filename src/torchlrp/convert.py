@@ -31,7 +31,7 @@ from .modules.activation import ACTIVATION_TWINS
 from .modules.affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d,
                              ExplainableAffine, Linear)
 from .modules.attention import MultiheadAttention
-from .modules.recurrent import LSTM
+from .modules.recurrent import GRU, LSTM
 from .modules.norm import NORM_TWINS
 from .modules.rectifier import ReLU
 from .modules.operation import Activation, Scale
@@ -46,7 +46,7 @@ TWINS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
     torch.nn.Linear: Linear, torch.nn.modules.linear.NonDynamicallyQuantizableLinear: Linear, torch.nn.Conv1d: Conv1d, torch.nn.Conv2d: Conv2d, torch.nn.Conv3d: Conv3d,
     torch.nn.ConvTranspose1d: ConvTranspose1d, torch.nn.ConvTranspose2d: ConvTranspose2d,
     torch.nn.ConvTranspose3d: ConvTranspose3d, torch.nn.ReLU: ReLU, torch.nn.MultiheadAttention: MultiheadAttention,
-    torch.nn.LSTM: LSTM,
+    torch.nn.LSTM: LSTM, torch.nn.GRU: GRU,
     **ACTIVATION_TWINS, **NORM_TWINS,
 }
 

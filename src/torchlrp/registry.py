@@ -36,7 +36,7 @@ from .modules.activation import ACTIVATION_TWINS, Hardsigmoid, IdentityRuleActiv
 from .modules.affine import ExplainableAffine
 from .modules.affine_call import AFFINE_FUNCTIONS, AffineCall, bind_affine_call
 from .modules.attention import MultiheadAttention, ScaledDotProductAttention, ShiftedWindowAttention
-from .modules.recurrent import LSTM
+from .modules.recurrent import GRU, LSTM
 from .modules.norm import NORM_TWINS, BatchNormCall, GroupNormCall
 from .modules.pooling import MaxPool
 from .modules.operation import (Activation, Bilinear, Einsum, LayerNormFunction, OutputSoftmax, ProductSum,
@@ -640,6 +640,7 @@ def default_registry() -> OperationRegistry:
     add_module(torch.nn.Embedding, _keep("lookup: explained from its output (inputs_embeds)", "none"))
     add_module(MultiheadAttention, _keep("attention: AttnLRP (or CP-LRP), projections by the layer rule", "none"))
     add_module(LSTM, _keep("LSTM: gates constant, cell sum proportional, candidate by the layer rule", "none"))
+    add_module(GRU, _keep("GRU: gates constant, sums proportional, candidate by the layer rule", "none"))
     add_module(Rotate, _keep("index map (rotations)"))
     add_module(CyclicPool, _keep("proportional (mean, rms), winner takes all (max)"))
     for module_type in (torch.nn.Softmax, torch.nn.LogSoftmax):

@@ -10,7 +10,7 @@ from .operation import (Activation, Bilinear, Einsum, FunctionOperation, LayerNo
                         Proportional, Scale, Softmax)
 from .pooling import MaxPool, MaxPool1d, MaxPool2d, MaxPool3d
 from .rectifier import ReLU
-from .recurrent import LSTM
+from .recurrent import GRU, LSTM
 from .rotation import CyclicPool, Rotate
 from .residual import Add
 from .sequential import Sequential
@@ -18,7 +18,7 @@ from .sequential import Sequential
 __all__ = [
     "Activation", "Add", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Bilinear", "CELU", "Conv1d", "Conv2d", "Conv3d",
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "CyclicPool", "ELU", "Einsum", "ExplainableAffine",
-    "FunctionOperation", "GELU", "GroupNorm", "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction", "LSTM",
+    "FunctionOperation", "GELU", "GroupNorm", "GRU", "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction", "LSTM",
     "LeakyReLU", "Linear", "MaxPool", "MaxPool1d", "MaxPool2d", "MaxPool3d", "Mish", "MultiheadAttention", "Operation", "OutputSoftmax",
     "PReLU", "Proportional", "RMSNorm", "ReLU", "ReLU6", "Rotate", "SELU", "ScaledDotProductAttention", "Scale", "Sequential", "SiLU", "Sigmoid", "Softmax",
     "Softplus", "Tanh",
