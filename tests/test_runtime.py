@@ -401,3 +401,41 @@ def test_run_time_module_written_as_a_formula_is_one_activation():
         inline = lrp.convert(Inline(True).double())
     with pytest.raises(lrp.ConversionError, match="pow"):
         lrp.explain(inline, x)
+
+
+class _Mixed(torch.nn.Module):
+    """An LSTM, a GRN-style normalizer (norm held constant, addcmul) and a clamp, traceable or not."""
+
+    def __init__(self, untraceable):
+        super().__init__()
+        self.untraceable = untraceable
+        self.rnn = torch.nn.LSTM(3, 4, bias=False)
+        self.gru = torch.nn.GRU(4, 4, bias=False)
+        self.gamma = torch.nn.Parameter(torch.rand(4))
+        self.head = torch.nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        if self.untraceable and float(x.sum()) > 1e9:
+            return x[0, :, :2]
+        h, _ = self.rnn(x)
+        h, _ = self.gru(h)
+        h = h[-1]
+        n = h.norm(dim=-1, keepdim=True)
+        h = torch.addcmul(h, self.gamma, h / n)
+        return self.head(h.clamp(-2.0, 2.0))
+
+
+def test_recurrent_layers_and_normalizers_at_run_time_equal_their_traced_form():
+    torch.manual_seed(0)
+    run_time_model, traced_model = _Mixed(True).double(), _Mixed(False).double()
+    traced_model.load_state_dict(run_time_model.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="cannot trace"):
+        run_time = lrp.convert(run_time_model)
+    traced = lrp.convert(traced_model)
+    for rule in ("epsilon", "zero", lrp.EpsilonPlus()):
+        relevance, scores = lrp.explain(run_time, x, rule=rule, return_scores=True)
+        torch.testing.assert_close(scores, run_time_model(x).detach())
+        torch.testing.assert_close(relevance, lrp.explain(traced, x, rule=rule))
+    relevance = lrp.explain(run_time, x, rule="zero", start="logit")  # no biases: LRP-0 conserves
+    torch.testing.assert_close(relevance.sum((0, 2)), run_time_model(x).max(1).values.detach())

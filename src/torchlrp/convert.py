@@ -114,6 +114,11 @@ def held_constant(value: Any) -> Any:
     return value
 
 
+#: padding module class name prefix -> F.pad's mode
+_PAD_MODES = {"Zero": "constant", "Constant": "constant", "Reflection": "reflect", "Replication": "replicate",
+              "Circular": "circular"}
+
+
 def _padding_of(node: Node, modules: dict[str, torch.nn.Module]) -> tuple[tuple[int, ...], str] | None:
     """``(pad, mode)`` of a padding call with constant sizes (``F.pad`` with zeros or a copying mode, a padding
     module), in ``F.pad``'s order; None for anything else."""
@@ -121,9 +126,7 @@ def _padding_of(node: Node, modules: dict[str, torch.nn.Module]) -> tuple[tuple[
         module = modules[node.target]
         if not isinstance(module, PADDING_MODULES) or not node.args:
             return None
-        mode = {"Zero": "constant", "Constant": "constant", "Reflection": "reflect", "Replication": "replicate",
-                "Circular": "circular"}[next(key for key in ("Zero", "Constant", "Reflection", "Replication",
-                                                              "Circular") if type(module).__name__.startswith(key))]
+        mode = next(mode for prefix, mode in _PAD_MODES.items() if type(module).__name__.startswith(prefix))
         if mode == "constant" and getattr(module, "value", 0.0) != 0.0:
             return None
         return tuple(module.padding), mode

@@ -48,6 +48,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .functional.attention import attention_rule
+from .batchnorm import fold_batchnorm_tensors
 from .convert import ConversionError, is_written_activation
 from .functional.operations import (ChannelAffineRelevance, bilinear_rule, group_norm_rule, identity_rule,
                                     layer_norm_rule, scale_rule, softmax_rule, weighted_sum_rule)
@@ -64,6 +65,8 @@ if TYPE_CHECKING:
     from .composites import Composite
 
 Handler = Callable[["RunTimeOperations", tuple, dict], Any]
+#: ``fold(weight, bias) -> (weight, bias)``: a batch norm folded into a layer's parameters
+Fold = Callable[[Tensor, "Tensor | None"], tuple[Tensor, Tensor]]
 
 #: calls on activations whose gradient is their rule (besides the registry's index maps)
 GRADIENT_FUNCTIONS = (
@@ -128,7 +131,7 @@ class RunTimeOperations(TorchFunctionMode):
         self.gradient_only: dict[str, int] = {}
         self.masked: dict[int, tuple[weakref.ref, Tensor, Tensor]] = {}  # scores + constant, by the sum's id
         self.pads: dict[int, tuple[weakref.ref, Tensor, tuple[int, ...], str]] = {}  # padded -> input, pad, mode
-        self.layer_outputs: dict[int, tuple[weakref.ref, Callable[[Tensor, Tensor], Tensor]]] = {}
+        self.layer_outputs: dict[int, tuple[weakref.ref, Callable[[Fold], Tensor]]] = {}
         self.names = {} if model is None else {module: name for name, module in model.named_modules()}
         self.stack: list[torch.nn.Module] = []
         self.calls: dict[tuple[str, Any], AffineCall] = {}
@@ -189,8 +192,8 @@ class RunTimeOperations(TorchFunctionMode):
             self.activation_types[kind] = is_written_activation(module)
         return self.activation_types[kind]
 
-    def _keep_layer(self, output: Tensor, refold: Callable[[Tensor, Tensor], Tensor]) -> None:
-        """Remember how to recompute a layer's output with a batch norm folded in (``refold(scale, shift)``)."""
+    def _keep_layer(self, output: Tensor, refold: Callable[[Fold], Tensor]) -> None:
+        """Remember how to recompute a layer's output with a batch norm folded in (``refold(fold)``)."""
         key, table = id(output), self.layer_outputs
         table[key] = (weakref.ref(output, lambda _: table.pop(key, None)), refold)
 
@@ -520,9 +523,8 @@ def _affine(function: Callable) -> Handler:
         rule = mode.composite.rule_for(name, call, is_first=first)
         output = call(*args, explain=True, rule=rule, **kwargs)
         if not call.transposed and function is not torch.addmm:
-            def refold(scale: Tensor, shift: Tensor) -> Tensor:
-                weight = bound["weight"] * scale.view(-1, *([1] * (bound["weight"].dim() - 1)))
-                bias = shift if bound["bias"] is None else bound["bias"] * scale + shift
+            def refold(fold: Fold) -> Tensor:
+                weight, bias = fold(bound["weight"], bound["bias"])
                 folded = {**bound, "weight": weight, "bias": bias}
                 names = AFFINE_FUNCTIONS[function][3]
                 return call(*(folded[n] for n in names if n in folded), explain=True, rule=rule)
@@ -544,11 +546,10 @@ def _pad(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
     return output
 
 
-def _refold_twin(layer: ExplainableAffine, input: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-    """Recompute a layer twin's output with a per-channel scale and shift folded into it (its own rule)."""
-    def refold(scale: Tensor, shift: Tensor) -> Tensor:
-        weight = layer.weight * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
-        bias = shift if layer.bias is None else layer.bias * scale + shift
+def _refold_twin(layer: ExplainableAffine, input: Tensor) -> Callable[[Fold], Tensor]:
+    """Recompute a layer twin's output with a batch norm folded into it (its own rule)."""
+    def refold(fold: Fold) -> Tensor:
+        weight, bias = fold(layer.weight, layer.bias)
         state = current()
         rule = state.rules.get(layer) if state is not None else None
         return layer._explained(input, {}, True, rule, None, None, None, None, layer._plain_forward,
@@ -565,14 +566,9 @@ def _batch_norm(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
         return NotImplemented
     eps = bound.get("eps", 1e-5)
     kept = mode.layer_outputs.get(id(input))
-    if kept is not None and kept[0]() is input and not getattr(kept[1], "transposed", False):
-        scale = (bound["running_var"] + eps).rsqrt()
-        shift = -bound["running_mean"] * scale
-        if bound.get("weight") is not None:
-            scale, shift = scale * bound["weight"], shift * bound["weight"]
-        if bound.get("bias") is not None:
-            shift = shift + bound["bias"]
-        return kept[1](scale.detach(), shift.detach())  # folded into the layer before it
+    if kept is not None and kept[0]() is input:  # folded into the layer before it
+        statistics = [None if bound.get(name) is None else bound[name].detach() for name in BATCH_NORM_ARGUMENTS[1:5]]
+        return kept[1](lambda weight, bias: fold_batchnorm_tensors(weight, bias, *statistics, eps))
     return ChannelAffineRelevance.apply(input, bound["running_mean"], bound["running_var"], bound.get("weight"),
                                         bound.get("bias"), eps, mode.epsilon)
 
@@ -583,15 +579,6 @@ def _group_norm(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
         return NotImplemented
     return group_norm_rule(bound["input"], bound["num_groups"], bound.get("weight"), bound.get("bias"),
                            bound.get("eps", 1e-5), mode.epsilon)
-
-
-def _statistic(function: Callable) -> Handler:
-    """A normalizer computed from an activation (norm, var, amax, ...): held constant."""
-    def handle(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
-        if not args or not _is_activation(args[0]):
-            return NotImplemented
-        return function(args[0].detach(), *args[1:], **kwargs)
-    return handle
 
 
 def _addc(operation: Callable) -> Handler:
@@ -705,7 +692,7 @@ def _handlers() -> dict[Any, Handler]:
     handlers[F.pad] = _pad
     handlers[F.group_norm] = _group_norm
     for function in (*STATISTIC_FUNCTIONS, *(getattr(torch.Tensor, name) for name in STATISTIC_METHODS)):
-        handlers[function] = _statistic(function)
+        handlers[function] = _held_constant(function)
     handlers[F.normalize] = _identity(F.normalize)
     for operation in (torch.addcmul, torch.addcdiv):
         handlers[operation] = handlers[getattr(torch.Tensor, operation.__name__)] = _addc(operation)

@@ -37,7 +37,26 @@ class _ExplainableRecurrent:
     #: how many state tensors the cell carries (LSTM: h and c; GRU: h)
     state_count = 1
 
-    def forward(self, input: Tensor, hx: Any = None) -> Any:  # noqa: D102
+    def forward(self, input: Tensor, hx: Any = None) -> Any:
+        """Run the layer; while an explanation of its model is active, step by step with the cell's rule.
+
+        Parameters
+        ----------
+        input : Tensor
+            ``(L, N, H_in)`` (``(N, L, H_in)`` with ``batch_first``) or unbatched ``(L, H_in)``.
+        hx : Tensor or tuple of Tensor, optional
+            The initial state(s), as for the torch layer (zeros if omitted).
+
+        Returns
+        -------
+        tuple
+            ``(output, h_n)`` (GRU) or ``(output, (h_n, c_n))`` (LSTM), as the torch layer returns them.
+
+        Raises
+        ------
+        ValueError
+            For an LSTM with ``proj_size`` while explaining.
+        """
         state = current()
         rule = None if state is None else state.rules.get(self)
         if rule is None or rule.propagates_gradient or isinstance(input, torch.nn.utils.rnn.PackedSequence):
