@@ -207,7 +207,7 @@ def test_cli_refuses_weights_that_are_not_this_models_state_dict(tmp_path, pictu
     assert "state_dict" in result.stderr
 
 
-@pytest.mark.parametrize("size, message", [("0", "--size must be a positive"), ("8", "--size too small")])
+@pytest.mark.parametrize("size, message", [("0", "--size must be a side length of 1..4096"), ("8", "--size too small")])
 def test_cli_refuses_sizes_the_model_cannot_take(tmp_path, picture, size, message):
     result = run_cli("explain", str(picture), "--model", "alexnet", "--random-weights", "--size", size,
                      "--out", str(tmp_path / "out"))

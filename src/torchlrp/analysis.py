@@ -98,6 +98,29 @@ def _features(relevances: Any, samples: np.ndarray, size: tuple[int, int], block
     return np.concatenate(parts)
 
 
+def _distinct_maps(features: np.ndarray, samples: np.ndarray, enough: int) -> int:
+    """Number of different normalized maps (apart by more than 1e-5), counted up to ``enough``, with a warning for
+    all-zero maps and for a single map."""
+    flat = features.reshape(len(features), -1)
+    zero = np.flatnonzero(~flat.any(1))
+    kept = [flat[0]]
+    for row in flat[1:]:
+        if len(kept) >= enough:
+            break
+        if np.abs(np.stack(kept) - row).max(1).min() > 1e-5:
+            kept.append(row)
+    distinct = len(kept)
+    if zero.size:
+        warnings.warn(f"{zero.size} of {len(flat)} heatmaps are all zero (first: sample {samples[zero[0]]}): a class "
+                      f"the model never scores, or a rule that loses all relevance; they form one cluster",
+                      RuntimeWarning, stacklevel=3)
+    if distinct == 1:
+        warnings.warn("every heatmap is the same map after downsizing and normalizing (scaled copies or all zero): "
+                      "spray returns one cluster and, for an embedding, every point at the origin",
+                      RuntimeWarning, stacklevel=3)
+    return distinct
+
+
 def _graph(features: np.ndarray, n_neighbors: int) -> Any:
     """Symmetric nearest-neighbour connectivity graph (scipy sparse)."""
     from sklearn.neighbors import kneighbors_graph
@@ -154,9 +177,18 @@ def spray(relevances: Any, n_clusters: int | None = None, *, samples: Any = None
     Raises
     ------
     ValueError
-        For fewer than ``n_neighbors + 2`` heatmaps, bad shapes or arguments.
+        For fewer than ``n_neighbors + 2`` heatmaps, heatmaps holding NaN or inf, bad shapes or arguments, or an
+        ``n_clusters`` larger than the number of different maps.
     ImportError
         Without scikit-learn (``pip install scikit-learn``), or without umap-learn for ``embedding="umap"``.
+
+    Warns
+    -----
+    RuntimeWarning
+        When heatmaps are all zero (a class the model never scores), and when every heatmap is the same map after
+        normalizing (scaled copies, or all zero): the result is then one cluster with every embedded point at the
+        origin (t-SNE and UMAP are undefined on one point repeated). The eigengap's suggestion never exceeds the
+        number of different maps.
 
     Notes
     -----
@@ -188,9 +220,16 @@ def spray(relevances: Any, n_clusters: int | None = None, *, samples: Any = None
         bad = np.flatnonzero(~np.isfinite(features.reshape(len(features), -1)).all(1))
         raise ValueError(f"{bad.size} heatmap(s) hold NaN or inf (first: sample {chosen[bad[0]]}); spray needs finite "
                          f"relevance")
+    distinct = _distinct_maps(features, chosen, max(max_clusters, n_clusters or 1) + 1)
+    if n_clusters is not None and n_clusters > distinct:
+        raise ValueError(f"n_clusters={n_clusters} but the heatmaps are only {distinct} different maps (after "
+                         f"downsizing and normalizing); ask for at most {distinct}")
+    if distinct == 1:  # one map repeated (or all zero): nothing to cluster, and t-SNE/UMAP are undefined
+        return SprayResult(np.zeros(len(chosen), dtype=np.int64), 1, 1, np.zeros(max_clusters + 1), features,
+                           None if embedding == "none" else np.zeros((len(chosen), 2), dtype=np.float32), chosen)
     affinity = _graph(features, n_neighbors)
     eigenvalues = _eigenvalues(affinity, max_clusters + 1)
-    suggested = int(np.argmax(np.diff(eigenvalues))) + 1
+    suggested = min(int(np.argmax(np.diff(eigenvalues))) + 1, distinct)
     clusters_made = suggested if n_clusters is None else int(n_clusters)
     if clusters_made == 1:
         clusters = np.zeros(len(chosen), dtype=np.int64)

@@ -3,11 +3,13 @@
     torchlrp explain cat.jpg dog.png --model vgg16 --rule epsilon-gamma-box --out heatmaps/
     torchlrp explain-dataset photos/ --model resnet50 --store relevance.zarr
     torchrun --nproc-per-node 4 -m torchlrp.cli explain-dataset photos/ --model resnet50 --store relevance.zarr
+    torchlrp verify-store relevance.zarr --repair
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import numpy as np
@@ -98,7 +100,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fused", action="store_true", help="fuse the rules' elementwise work with torch.compile "
                      "(faster for many images; compiling takes seconds and needs a C++ compiler or Triton)")
     _add_dataset_parser(commands)
+    verify = commands.add_parser(
+        "verify-store", help="check every chunk of a store written by explain-dataset",
+        description="Read every done chunk of STORE back and check it (zstd checksums, missing chunks, sample "
+                    "indices). Exit status 0 when healthy, 1 when damaged. With --repair the damaged chunks are "
+                    "marked undone, so that running the same explain-dataset command again explains them anew.")
+    verify.add_argument("store", metavar="STORE", help="the Zarr store (path or fsspec URL)")
+    verify.add_argument("--repair", action="store_true", help="mark damaged chunks undone (nothing else changes)")
     return parser
+
+
+def run_verify_store(args: argparse.Namespace) -> int:
+    """Execute ``torchlrp verify-store``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments.
+
+    Returns
+    -------
+    int
+        0 for a healthy store (or one repaired), 1 for a damaged one.
+    """
+    from .store import verify_store
+
+    try:
+        health = verify_store(args.store, repair=args.repair)
+    except (ValueError, OSError, ImportError) as error:
+        raise CommandError(str(error)) from None
+    print(health)
+    return 0 if health.healthy or health.repaired else 1
 
 
 def _add_dataset_parser(commands: "argparse._SubParsersAction") -> None:
@@ -142,20 +174,20 @@ def run_explain_dataset(args: argparse.Namespace) -> None:
     """
     from .dataset import explain_dataset
 
-    if args.size < 1:
-        raise CommandError(f"--size must be a positive number of pixels, got {args.size}")
+    _check_size(args.size)
     target: str | int = args.target
     if target not in ("prediction", "label"):
-        if not target.isdigit():
-            raise CommandError(f"--target must be 'prediction', 'label' or a class index, got {target!r}")
+        if re.fullmatch("[0-9]+", target) is None:
+            raise CommandError(f"--target must be 'prediction', 'label' or a class index (digits 0-9), got {target!r}")
         target = int(target)
+    device = None if args.device is None else _device(args.device)
     try:
         data = imagenet.ImageFiles(args.data, args.size)
         model = _model(args.model, args.weights, args.random_weights, args.num_classes)
         explain_dataset(model, data, _rule(args.rule), args.store, target=target, batch_size=args.batch_size,
-                        num_workers=args.num_workers, dtype=args.dtype, device=args.device, quiet=args.quiet,
+                        num_workers=args.num_workers, dtype=args.dtype, device=device, quiet=args.quiet,
                         model_name=args.model, fused=args.fused)
-    except (ValueError, PermissionError, ImportError) as error:
+    except (ValueError, OSError, ImportError, FloatingPointError) as error:
         raise CommandError(str(error)) from None
 
 
@@ -171,8 +203,7 @@ def run_explain(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.size < 1:
-        raise CommandError(f"--size must be a positive number of pixels, got {args.size}")
+    _check_size(args.size)
     missing = [path for path in args.images if not os.path.isfile(path)]
     if missing:
         raise CommandError(f"image file(s) not found: {', '.join(missing)}")
@@ -184,11 +215,7 @@ def run_explain(args: argparse.Namespace) -> None:
         pictures = torch.stack([imagenet.load_image(path, args.size) for path in args.images])
     except ValueError as error:
         raise CommandError(str(error)) from None
-    try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:
-        raise CommandError(f"device {args.device!r} is not available: {error}") from None
+    device = _device(args.device)
     model = convert(_model(args.model, args.weights, args.random_weights)).to(device)
     names = imagenet.categories()
     note = " (random weights: not an explanation)" if args.random_weights else ""
@@ -203,15 +230,25 @@ def run_explain(args: argparse.Namespace) -> None:
             raise CommandError(f"{args.model} cannot run on {args.size}x{args.size} inputs (--size too small?): "
                                f"{str(error).splitlines()[0]}") from None
         target = top if args.target is None else args.target
-        relevance = explain(model, inputs, target=target, rule=rule, fused=args.fused).cpu()
+        relevance, scores = explain(model, inputs, target=target, rule=rule, fused=args.fused, return_scores=True)
+        relevance = relevance.cpu()
+        for index, path in enumerate(args.images[batch]):
+            if not (bool(torch.isfinite(scores[index]).all()) and bool(torch.isfinite(relevance[index]).all())):
+                what = "logits" if not bool(torch.isfinite(scores[index]).all()) else "relevance"
+                raise CommandError(f"{path}: the model's {what} are not finite (NaN or inf); nothing was written for "
+                                   f"it. Check --weights (a model whose scores are NaN has nothing to explain)")
         maps = image.heatmap(relevance, percentile=99.5)
         for index, (path, output) in enumerate(zip(args.images[batch], outputs[batch])):
             cls = int(top[index]) if args.target is None else args.target
-            image.save_grid(output, [[image.as_image(pictures[start + index:start + index + 1])[0], maps[index]]],
-                            ["input", f"relevance for {names[cls]!r} ({cls})"], cell_size=3.0,
-                            title=f"{args.model}, {args.rule}{note}")
-            if args.save_relevance:
-                np.save(os.path.splitext(output)[0] + ".npy", relevance[index].numpy())
+            try:
+                image.save_grid(output, [[image.as_image(pictures[start + index:start + index + 1])[0],
+                                          maps[index]]],
+                                ["input", f"relevance for {names[cls]!r} ({cls})"], cell_size=3.0,
+                                title=f"{args.model}, {args.rule}{note}")
+                if args.save_relevance:
+                    np.save(os.path.splitext(output)[0] + ".npy", relevance[index].numpy())
+            except OSError as error:
+                raise CommandError(f"cannot write {output!r}: {error.strerror or error}") from None
             print(f"{path}: class {cls} ({names[cls]}) -> {output}{note}")
 
 
@@ -224,7 +261,7 @@ def _output_paths(args: argparse.Namespace) -> list[str]:
                                f"give a directory")
         paths = [args.out]
     else:
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
+        if os.path.lexists(args.out) and not os.path.isdir(args.out):
             raise CommandError(f"--out {args.out!r} is an existing file; give a directory, or a new .png file name "
                                f"for a single image")
         paths, taken = [], set()
@@ -235,15 +272,42 @@ def _output_paths(args: argparse.Namespace) -> list[str]:
                 path, number = os.path.join(args.out, f"{stem}-{number}_{args.model}_{args.rule}.png"), number + 1
             taken.add(path)
             paths.append(path)
-    existing = [path for path in paths
-                if os.path.exists(path) or (args.save_relevance and os.path.exists(os.path.splitext(path)[0] + ".npy"))]
+    existing = [path for path in paths  # lexists: a dangling symbolic link is not written through either
+                if os.path.lexists(path)
+                or (args.save_relevance and os.path.lexists(os.path.splitext(path)[0] + ".npy"))]
     if existing:
         raise CommandError(f"output file(s) exist and are not overwritten: {', '.join(existing)}; remove them or "
                            f"choose another --out")
     directory = os.path.dirname(paths[0])
     if directory:
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as error:
+            raise CommandError(f"cannot make the output directory {directory!r} for --out {args.out!r}: "
+                               f"{error.strerror or error}") from None
     return paths
+
+
+#: the largest --size the command accepts: an ImageNet classifier takes 224 (or up to ~600) pixels
+MAX_SIZE = 4096
+
+
+def _check_size(size: int) -> None:
+    if not 1 <= size <= MAX_SIZE:
+        raise CommandError(f"--size must be a side length of 1..{MAX_SIZE} pixels, got {size}")
+
+
+def _device(name: str) -> torch.device:
+    """The device ``name`` names, where tensors can be computed (not ``meta``) and the machine has it."""
+    try:
+        device = torch.device(name)
+        if device.type == "meta":
+            raise CommandError(f"--device {name!r} holds no data (meta tensors have shapes only); use cpu, cuda, "
+                               f"cuda:N or mps")
+        torch.zeros(1, device=device).add_(1).cpu()
+    except (RuntimeError, AssertionError) as error:
+        raise CommandError(f"device {name!r} is not available: {str(error).splitlines()[0]}") from None
+    return device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,15 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     Returns
     -------
     int
-        Exit status: 0 on success, 2 on a user error.
+        Exit status: 0 on success, 1 for a damaged store (``verify-store``), 2 on a user error.
     """
     args = build_parser().parse_args(argv)
+    commands = {"explain": run_explain, "explain-dataset": run_explain_dataset, "verify-store": run_verify_store}
     try:
-        (run_explain_dataset if args.command == "explain-dataset" else run_explain)(args)
+        return commands[args.command](args) or 0
     except CommandError as error:
         print(f"torchlrp: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

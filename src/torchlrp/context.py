@@ -10,6 +10,7 @@ nothing is written on the modules.
 """
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
@@ -72,14 +73,23 @@ def final_softmax(model: torch.nn.Module) -> torch.nn.Module | None:
     return model if isinstance(model, OUTPUT_SOFTMAX) else None
 
 
-def _scan_sequential(container: torch.nn.Sequential, names: dict[torch.nn.Module, str],
-                     state: ExplainState) -> None:
+def _scan_sequential(container: torch.nn.Sequential, names: dict[torch.nn.Module, str], state: ExplainState,
+                     tied: set[torch.nn.Module]) -> None:
     """Record, inside one Sequential, batch norms after torchlrp layers, layers that follow a ReLU and layers that
-    feed a :class:`torchlrp.ReLU` (possibly through a batch norm to fold)."""
+    feed a :class:`torchlrp.ReLU` (possibly through a batch norm to fold). These are marks on the module, so a layer
+    the model calls more than once (``tied``) gets none: they would hold at every call."""
     children = list(container)
     nonnegative = False
     for index, child in enumerate(children):
-        if isinstance(child, ExplainableAffine):
+        if isinstance(child, ExplainableAffine) and child in tied:
+            following = children[index + 1:index + 2]
+            if following and isinstance(following[0], _BatchNorm) and _plain_batchnorm(following[0]):
+                raise ValueError(f"layer {names.get(child, '')!r} is used more than once and is followed by the batch "
+                                 f"norm {names.get(following[0], '')!r} at one of its uses: the norm cannot be folded "
+                                 f"into a layer it does not follow at every call; give each use its own layer, or "
+                                 f"explain the model with torchlrp.convert(model), which folds per call")
+            nonnegative = False
+        elif isinstance(child, ExplainableAffine):
             if nonnegative:
                 state.nonnegative.add(child)
             following = children[index + 1:index + 3]
@@ -240,9 +250,14 @@ def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilo
             raise ValueError(f"rule {state.rules[module]!r} needs a pattern for layer {names[module]!r}; pass "
                              f"pattern=torchlrp.patterns.fit_patternnet(model, loader)")
     if not isinstance(getattr(model, "graph", None), torch.fx.Graph):  # convert decided folds and marks per call
+        uses = Counter(module for _, module in model.named_modules(remove_duplicate=False))
+        tied = {module for module, count in uses.items() if count > 1}
+        if state.first_layer in tied and state.repeat_rule is None:
+            state.counts_first_calls = True
+            state.repeat_rule = composite.rule_for(names[state.first_layer], state.first_layer, is_first=False)
         for container in model.modules():
             if isinstance(container, torch.nn.Sequential):
-                _scan_sequential(container, names, state)
+                _scan_sequential(container, names, state, tied)
     return state
 
 

@@ -712,10 +712,14 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
         Listing every module (dotted path and type) or operation (fx node name) whose relevance cannot be
         propagated.
     TypeError
-        If ``model`` is not a module.
+        If ``model`` is not a module, or is a TorchScript module.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"convert cannot explain a TorchScript model ({type(model).__name__}): scripting compiled its "
+                        f"Python forward away, and the rules replace that code. Convert the nn.Module you scripted "
+                        f"(before torch.jit.script / torch.jit.trace)")
     training = in_training_mode(model)
     if training:
         warnings.warn(f"{type(model).__name__} is in training mode ({training[0]!r}{', ...' if len(training) > 1 else ''}"

@@ -25,8 +25,9 @@ from .convert import convert
 from .explain import explain
 from .context import has_torchlrp_layers
 from .rules import Rule
-from .store import (STORE_DTYPES, STORE_FORMAT, Relevances, create_or_check, open_relevances, require_zarr,
-                    run_settings, scaled_for_storage, store_dtype, store_name, write_chunk)
+from .store import (STORE_DTYPES, STORE_FORMAT, Relevances, StoreDamagedError, create_or_check, data_fingerprint,
+                    open_relevances, read_done, require_zarr, run_settings, scaled_for_storage, store_dtype, store_name,
+                    write_chunk)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ def _explain_chunk(model: torch.nn.Module, batch: Any, begin: int, shape: torch.
                    start: str, dtype: str, device: torch.device, fused: bool) -> dict[str, np.ndarray]:
     """Explain one collated chunk (samples ``begin ...``) and return the store's arrays for it, on the CPU."""
     inputs, labels = _split_sample(batch)
+    fingerprint = data_fingerprint(inputs, labels)
     last = begin + len(inputs) - 1
     if inputs.shape[1:] != shape:
         raise ValueError(f"sample {begin}..{last} has shape {tuple(inputs.shape[1:])}, the first sample "
@@ -176,6 +178,9 @@ def _explain_chunk(model: torch.nn.Module, batch: Any, begin: int, shape: torch.
     chosen = None if target == "prediction" else (labels.to(device) if target == "label" else target)
     relevance, scores = explain(model, inputs, target=chosen, rule=rule, start=start, fused=fused,
                                 return_scores=True)
+    if not bool(torch.isfinite(scores).all()):
+        raise FloatingPointError(f"the model's scores of samples {begin}..{last} are not finite (NaN or inf); nothing "
+                                 f"of them was written. Check the model's weights and inputs")
     if not bool(torch.isfinite(relevance).all()):
         raise FloatingPointError(f"the relevance of samples {begin}..{last} is not finite (NaN or inf); nothing of "
                                  f"them was written. A larger epsilon, or a float32 model, usually fixes it")
@@ -187,14 +192,52 @@ def _explain_chunk(model: torch.nn.Module, batch: Any, begin: int, shape: torch.
             "logits": scores.float().cpu().numpy(), "prediction": prediction.cpu().numpy(),
             "target": explained.long().cpu().numpy(),
             "label": (labels if labels is not None else torch.full((len(inputs),), -1)).cpu().numpy(),
-            "index": np.arange(begin, begin + len(inputs), dtype=np.int64)}
+            "index": np.arange(begin, begin + len(inputs), dtype=np.int64), "fingerprint": fingerprint}
+
+
+#: data checks of a resume: the chunks it skips whose fingerprints are compared with the data it is given
+DATA_CHECKS = ("sample", "all")
+
+
+def _checked_chunks(done: np.ndarray, check_data: str) -> list[int]:
+    """The done chunks a resume compares with its data: all, or the first, the last and up to 6 evenly between."""
+    written = np.flatnonzero(done)
+    if check_data == "all" or len(written) <= 8:
+        return [int(chunk) for chunk in written]
+    return sorted({int(written[round(position)]) for position in np.linspace(0, len(written) - 1, 8)})
+
+
+def _check_resume(group: Any, dataset: Any, done: np.ndarray, batch_size: int, check_data: str, name: str) -> None:
+    """Before a resume writes anything: the chunks it skips are intact (their small arrays and the count of
+    relevance chunks) and were made from the data it is given (their fingerprints)."""
+    settings = dict(group.attrs["torchlrp"])
+    if not done.any() or settings.get("format", 1) < 2:
+        return
+    relevances = Relevances(group, name)
+    relevances.indices, relevances.targets  # noqa: B018 -- read to check: a lost chunk raises, naming itself
+    relevances._read("scale")
+    stored = group["relevance"].nchunks_initialized
+    if stored < int(done.sum()):
+        raise StoreDamagedError(f"the store {name!r} marks {int(done.sum())} chunks done but holds {stored} relevance "
+                                f"chunks: some are missing. Run torchlrp.store.verify_store({name!r}, repair=True) "
+                                f"(torchlrp verify-store {name} --repair), then this call again")
+    fingerprints = relevances._read("fingerprint")
+    chunks = _checked_chunks(done, check_data)
+    loader = DataLoader(dataset, batch_sampler=_ChunkBatches(chunks, batch_size, len(dataset)))
+    for chunk, batch in zip(chunks, loader):
+        if not np.array_equal(data_fingerprint(*_split_sample(batch)), fingerprints[chunk]):
+            first = chunk * batch_size
+            raise ValueError(f"the store {name!r} was made from other data: chunk {chunk} (samples {first}..."
+                             f"{first + len(_split_sample(batch)[0]) - 1}) differs from this dataset's samples; "
+                             f"nothing was written. Give the dataset the store was made from, or a new store path")
 
 
 def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Composite", store: Any, *,
                     target: "str | int | None" = None, batch_size: int = 32, num_workers: int = 0,
                     dtype: "torch.dtype | str" = torch.float16, start: str = "one",
                     device: "str | torch.device | None" = None, model_name: str | None = None,
-                    storage_options: dict | None = None, fused: bool = False, quiet: bool = False) -> DatasetReport:
+                    storage_options: dict | None = None, fused: bool = False, quiet: bool = False,
+                    check_data: str = "sample") -> DatasetReport:
     """Explain every sample of ``dataset`` and write the relevances into a Zarr store.
 
     One process by default. Under ``torchrun --nproc-per-node N`` (one or many machines) each rank explains its
@@ -241,6 +284,11 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
         compiles). Not part of the run's settings: the numbers agree up to floating-point reassociation.
     quiet : bool
         No progress bar and no summary line (for logs).
+    check_data : {"sample", "all"}
+        What a resume compares with the data it is given before writing anything: the fingerprints of the first
+        and last chunks already in the store and of up to 6 chunks evenly between them (``"sample"``, default: a
+        few batches are loaded), or of every chunk in the store (``"all"``: loads the stored part of the dataset
+        once more). A mismatch is refused.
 
     Returns
     -------
@@ -250,8 +298,10 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
     Raises
     ------
     ValueError
-        For a bad argument, a store made by another model, rule or dataset, a folder that is not a store, samples
-        of different shapes, or a model whose output is not ``(batch, classes)``.
+        For a bad argument, a store made by another model, rule or dataset (its data fingerprints differ), a path
+        that is not a store, samples of different shapes, or a model whose output is not ``(batch, classes)``.
+    StoreDamagedError
+        For a store with missing or damaged chunks (see :func:`torchlrp.store.verify_store`).
     PermissionError
         For a store that cannot be written.
     FloatingPointError
@@ -268,6 +318,8 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
     samples = len(dataset)
     if samples == 0:
         raise ValueError("the dataset is empty")
+    if check_data not in DATA_CHECKS:
+        raise ValueError(f"check_data must be one of {DATA_CHECKS}, got {check_data!r}")
     target_setting = _target_setting(target)
     stored_dtype = store_dtype(dtype)
     require_zarr()
@@ -295,6 +347,9 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
                 settings = run_settings(model, model_name, rule, target_setting, start, samples, batch_size,
                                      stored_dtype, first.shape[1:], output.shape[1])
                 create_or_check(store, settings, storage_options)
+                written_group = require_zarr().open_group(store, mode="r", storage_options=storage_options)
+                _check_resume(written_group, dataset, read_done(written_group, store_name(store)), batch_size,
+                              check_data, store_name(store))
             except (ValueError, OSError) as error:
                 failure = error
         shared, run = ranks.share((None if failure is None else f"{type(failure).__name__}: {failure}",
@@ -305,7 +360,7 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
             raise RuntimeError(f"rank 0 could not prepare the store: {shared}")
         count_all = ranks.progress(run)  # the bar counts every rank's samples where the ranks share a counter
         group = require_zarr().open_group(store, mode="r+", storage_options=storage_options)
-        done = group["done"][:]
+        done = read_done(group, store_name(store))
         mine = [chunk for chunk in range(ranks.rank, len(done), ranks.world) if not done[chunk]]
         skipped = sum(min(batch_size, samples - chunk * batch_size) for chunk in np.flatnonzero(done))
         loader = DataLoader(dataset, batch_sampler=_ChunkBatches(mine, batch_size, samples), num_workers=num_workers,

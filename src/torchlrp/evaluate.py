@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -85,6 +86,9 @@ def _fill(input: Tensor, fill: str | Tensor | float, seed: int) -> Tensor:
         mean = input.mean((2, 3), keepdim=True)
         if fill == "mean":
             return mean.expand_as(input)
+        if input.shape[2] * input.shape[3] < 2:
+            raise ValueError(f"fill='noise' takes each image's standard deviation, which {input.shape[2]}x"
+                             f"{input.shape[3]} images do not have; use fill='mean' or a value")
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(input.shape, generator=generator, dtype=torch.float64).to(input.device, input.dtype)
         return mean + noise * input.std((2, 3), keepdim=True)
@@ -138,7 +142,8 @@ def pixel_flipping(model: torch.nn.Module, input: Tensor, relevance: Tensor, tar
     Raises
     ------
     ValueError
-        For mismatched shapes, a patch that does not divide the image, or a bad order, fill or step count.
+        For mismatched shapes, a patch that does not divide the image, relevance holding NaN or inf, a bad order,
+        fill or step count, or ``fill="noise"`` on images of one pixel.
     """
     if input.dim() != 4:
         raise ValueError(f"input must have shape (N, C, H, W), got {tuple(input.shape)}")
@@ -155,6 +160,10 @@ def pixel_flipping(model: torch.nn.Module, input: Tensor, relevance: Tensor, tar
     if target.shape != (count,):
         raise ValueError(f"target must hold one class per sample ({count}), got shape {tuple(target.shape)}")
     input = input.detach()
+    if not bool(torch.isfinite(relevance).all()):
+        bad = (~torch.isfinite(relevance.detach().flatten(1))).any(1).nonzero()
+        raise ValueError(f"relevance holds NaN or inf ({len(bad)} sample(s), first: {int(bad[0])}); pixel flipping "
+                         f"ranks patches by their relevance and needs finite maps")
     replacement = _fill(input, fill, seed)
     scores = _patch_scores(relevance.detach().to(input.device, torch.float64), patch).flatten(1)  # (N, P)
     patches = scores.shape[1]
@@ -178,8 +187,35 @@ def pixel_flipping(model: torch.nn.Module, input: Tensor, relevance: Tensor, tar
     return FlipResult(morf, lerf, aopc, abpc)
 
 
+def average_ranks(values: Tensor) -> Tensor:
+    """Ranks of each row's values, ties given the mean of the ranks they span (as ``scipy.stats.rankdata``).
+
+    Parameters
+    ----------
+    values : Tensor
+        ``(N, ...)``; each sample is ranked over its flattened values.
+
+    Returns
+    -------
+    Tensor
+        ``(N, numel / N)`` float64 ranks, ``0 .. numel / N - 1``.
+    """
+    flat = values.detach().flatten(1).double()
+    count, size = flat.shape
+    ordered, order = flat.sort(1)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    group = starts.long().cumsum(1) - 1 + torch.arange(count, device=flat.device)[:, None] * size  # (N, size)
+    position = torch.arange(size, dtype=flat.dtype, device=flat.device).expand(count, -1)
+    totals = torch.zeros(count * size, dtype=flat.dtype, device=flat.device).scatter_add_(0, group.flatten(),
+                                                                                         position.flatten())
+    members = torch.zeros_like(totals).scatter_add_(0, group.flatten(), torch.ones_like(totals))
+    mean_rank = (totals / members.clamp(min=1))[group]
+    return torch.empty_like(flat).scatter_(1, order, mean_rank)
+
+
 def spearman(first: Tensor, second: Tensor) -> Tensor:
-    """Spearman rank correlation of each sample's two maps (flattened; ties in arbitrary order).
+    """Spearman rank correlation of each sample's two maps (flattened; ties take their average rank).
 
     Parameters
     ----------
@@ -189,18 +225,28 @@ def spearman(first: Tensor, second: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        ``(N,)`` correlations in ``[-1, 1]``.
-    """
-    def ranks(values: Tensor) -> Tensor:
-        flat = values.detach().flatten(1).double()
-        order = flat.argsort(1)
-        result = torch.empty_like(flat)
-        result.scatter_(1, order, torch.arange(flat.shape[1], dtype=flat.dtype, device=flat.device).expand_as(flat))
-        return result
+        ``(N,)`` correlations in ``[-1, 1]``; NaN (with a warning) for a sample where either map is constant,
+        whose correlation is undefined.
 
-    a, b = ranks(first), ranks(second)
+    Raises
+    ------
+    ValueError
+        For maps of different shapes, or maps holding NaN or inf.
+    """
+    if first.shape != second.shape:
+        raise ValueError(f"spearman needs two maps of one shape, got {tuple(first.shape)} and {tuple(second.shape)}")
+    for name, values in (("first", first), ("second", second)):
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"the {name} maps hold NaN or inf; rank correlation needs finite maps")
+    a, b = average_ranks(first), average_ranks(second)
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=1e-12)
+    norms = a.norm(dim=1) * b.norm(dim=1)
+    constant = norms == 0
+    if bool(constant.any()):
+        warnings.warn(f"{int(constant.sum())} of {len(norms)} sample(s) have a constant map (first: sample "
+                      f"{int(constant.nonzero()[0])}): their rank correlation is undefined and returned as NaN",
+                      RuntimeWarning, stacklevel=2)
+    return torch.where(constant, torch.full_like(norms, float("nan")), (a * b).sum(1) / norms.clamp(min=1e-300))
 
 
 @dataclass
@@ -326,14 +372,31 @@ def relevance_rank_accuracy(relevance: Tensor, mask: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        ``(N,)`` in ``[0, 1]``.
+        ``(N,)`` in ``[0, 1]``: pixels tied at the ``K``-th value count by their expected share of the places left
+        (ties broken at random), so a map without information scores the mask's share of the image; NaN, with a
+        warning, for a constant map.
+
+    Raises
+    ------
+    ValueError
+        For relevance holding NaN or inf, or shapes that do not fit.
     """
     values, inside = _per_pixel(relevance, mask)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("relevance holds NaN or inf; relevance_rank_accuracy needs finite maps")
     sizes = inside.sum(1)
-    order = values.argsort(1, descending=True)
-    rank_inside = inside.gather(1, order)
-    within_top = torch.arange(values.shape[1], device=values.device)[None, :] < sizes[:, None]
-    return (rank_inside & within_top).sum(1).double() / sizes.clamp(min=1)
+    ordered = values.sort(1, descending=True).values
+    threshold = ordered.gather(1, (sizes - 1).clamp(min=0)[:, None])  # the K-th largest value
+    above, tied = values > threshold, values == threshold
+    slots = (sizes - above.sum(1)).double()  # places among the top K that the tied pixels share
+    share = slots / tied.sum(1).clamp(min=1)  # each tied pixel's chance of a place, ties broken at random
+    accuracy = ((above & inside).sum(1) + share * (tied & inside).sum(1)) / sizes.clamp(min=1)
+    constant = ordered[:, 0] == ordered[:, -1]
+    if bool(constant.any()):
+        warnings.warn(f"{int(constant.sum())} of {len(values)} map(s) are constant (first: sample "
+                      f"{int(constant.nonzero()[0])}): they rank no pixel above another, so their rank accuracy is "
+                      f"undefined and returned as NaN", RuntimeWarning, stacklevel=2)
+    return torch.where(constant, torch.full_like(accuracy, float("nan")), accuracy)
 
 
 METRICS = ("abpc", "aopc")
@@ -395,7 +458,7 @@ def tune(model: torch.nn.Module, input: Tensor, target: Tensor | Sequence[int], 
     Raises
     ------
     ValueError
-        For an unknown metric or no candidates.
+        For an unknown metric, no candidates, or a candidate whose relevance holds NaN or inf.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -406,6 +469,9 @@ def tune(model: torch.nn.Module, input: Tensor, target: Tensor | Sequence[int], 
     for name, candidate in candidates.items():
         relevance = candidate(model, input, target) if callable(candidate) else explain(model, input, target,
                                                                                         rule=candidate)
+        if not bool(torch.isfinite(relevance).all()):
+            raise ValueError(f"candidate {name!r} gives relevance holding NaN or inf; it cannot be ranked (a larger "
+                             f"epsilon usually fixes it)")
         result = pixel_flipping(model, input, relevance, target, order="both" if metric == "abpc" else "morf",
                                 **flipping)
         values = result.abpc if metric == "abpc" else result.aopc

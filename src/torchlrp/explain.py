@@ -55,10 +55,38 @@ def _targets(target: int | Tensor | None, output: Tensor, batch: int) -> Tensor:
     return target.long()
 
 
+def _selected_output(raw: Any, output: "int | str | None") -> Tensor:
+    """The tensor to explain of a model's output: the output itself, ``raw[output]`` of a tuple/list/dict, else the
+    first tensor of a tuple/list or the ``"logits"`` of a dict (Hugging Face's ``ModelOutput``)."""
+    if isinstance(raw, Tensor) and output is None:
+        return raw
+    if output is not None:
+        try:
+            chosen = raw[output]
+        except (KeyError, IndexError, TypeError):
+            keys = list(raw.keys()) if isinstance(raw, dict) else (
+                f"0..{len(raw) - 1}" if isinstance(raw, (tuple, list)) else "none: it is one tensor")
+            raise ValueError(f"output={output!r} selects nothing of the model's {type(raw).__name__} output "
+                             f"(keys/indices: {keys})") from None
+    elif isinstance(raw, dict):
+        chosen = raw.get("logits")
+    elif isinstance(raw, (tuple, list)) and raw:
+        chosen = raw[0]
+    else:
+        chosen = None
+    if not isinstance(chosen, Tensor):
+        keys = list(raw.keys()) if isinstance(raw, dict) else None
+        raise ValueError(f"the model returns a {type(raw).__name__}" + (f" (keys {keys})" if keys else "") +
+                         ", and the part to explain is not a tensor; pass output= (an index or key) to say which "
+                         "tensor of the output is explained")
+    return chosen
+
+
 def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] | Tensor | None = None,
             rule: "str | Rule | Composite" = "epsilon", pattern: PatternsLike | None = None, start: str = "one",
             output_relevance: Tensor | None = None, fused: bool = False,
-            return_scores: bool = False, return_absorbed: bool = False) -> "Tensor | tuple[Tensor, ...]":
+            return_scores: bool = False, return_absorbed: bool = False,
+            output: "int | str | None" = None) -> "Tensor | tuple[Tensor, ...]":
     """Explain ``model``'s decision on ``input``: return the input relevance.
 
     Relevance starts at the target logit of each sample (1 there, 0 elsewhere; ``start="logit"`` starts it at the
@@ -99,6 +127,10 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
         expressions added to activations (``{name of the sum: relevance}``: an interpolated embedding plus a
         tiled one is one share), each summed over the batch. With LRP-0 and zero biases, ``relevance.sum()``
         plus these shares is the start relevance: this is what lets conservation be checked on ViT-style models.
+    output : int or str, optional
+        For a model that returns a tuple, list or dict (Hugging Face's ``ModelOutput``): the index or key of the
+        tensor to explain. Default: the output itself where it is a tensor, else the first element of a tuple/list
+        or the ``"logits"`` of a dict.
 
     Returns
     -------
@@ -110,7 +142,8 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
     Raises
     ------
     ValueError
-        For a bad target, start, rule or output shape, or a model without torchlrp layers.
+        For a bad target, start, rule or output shape, an output that is not a tensor and that ``output`` does not
+        select one of, or a model without torchlrp layers.
     """
     if not isinstance(input, Tensor):
         raise ValueError(f"input must be a tensor, got {type(input).__name__}")
@@ -129,7 +162,7 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
             carrier = carrier.repeat_interleave(per_sample, dim=0)
         carrier.requires_grad_(True)
         with rules_applied(model, rule, pattern, fused) as state:
-            output = model(carrier)
+            output = _selected_output(model(carrier), output)
         scores = output.detach() if state.output_scores is None else state.output_scores
         if output_relevance is None:
             if output.dim() != 2:

@@ -46,7 +46,8 @@ def bounds(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tens
 
 
 def load_image(path: str, size: int = 224) -> torch.Tensor:
-    """Read an image file, resize its shorter side to ``size`` and centre-crop it to ``size x size``.
+    """Read an image file, centre-crop it to a square and resize that to ``size x size`` (16-bit and float images
+    are scaled to ``[0, 1]``, not clipped).
 
     Parameters
     ----------
@@ -63,7 +64,7 @@ def load_image(path: str, size: int = 224) -> torch.Tensor:
     Raises
     ------
     ValueError
-        If the file cannot be read as an image, is larger than Pillow's decompression limit
+        If the file cannot be read as an image, is a float image with values outside ``[0, 1]``, is larger than Pillow's decompression limit
         (``PIL.Image.MAX_IMAGE_PIXELS``, a guard against decompression bombs), or ``size`` is not positive.
     """
     import warnings
@@ -76,18 +77,39 @@ def load_image(path: str, size: int = 224) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
-                picture = opened.convert("RGB")
+                picture = _rgb_array(opened, path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError(f"{path!r} is larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels (a guard "
                          f"against decompression bombs); shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if you "
                          f"trust the file") from None
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"cannot read {path!r} as an image: {error}") from None
-    return from_array(np.asarray(picture), size)
+    return from_array(picture, size)
+
+
+def _rgb_array(opened: "Image.Image", path: str) -> np.ndarray:
+    """An opened image as ``(H, W, 3)``: uint8 for 8-bit modes, float32 in ``[0, 1]`` for 16-bit and 32-bit integer
+    and float modes (which Pillow's ``convert("RGB")`` would clip to black and white)."""
+    if opened.mode.startswith("I;16") or opened.mode in ("I", "F"):
+        values = np.asarray(opened, dtype=np.float64)
+        if opened.mode == "F":
+            low, high = float(np.nanmin(values)), float(np.nanmax(values))
+            if not (np.isfinite(values).all() and 0.0 <= low and high <= 1.0):
+                raise ValueError(f"{path!r} is a float image with values in [{low:g}, {high:g}]; torchlrp reads float "
+                                 f"images with values in [0, 1]: rescale it")
+        else:
+            peak = 65535.0 if opened.mode.startswith("I;16") or values.max() <= 65535 else 2.0 ** 32 - 1
+            values = values / peak
+            if values.min() < 0:
+                raise ValueError(f"{path!r} holds negative pixel values (mode {opened.mode}); torchlrp reads "
+                                 f"unsigned images")
+        return np.repeat(values.astype(np.float32)[:, :, None], 3, axis=2)
+    return np.asarray(opened.convert("RGB"))
 
 
 def from_array(array: np.ndarray, size: int = 224) -> torch.Tensor:
-    """Resize and centre-crop an ``(H, W, 3)`` uint8 or float array to a ``(3, size, size)`` tensor in [0, 1].
+    """Centre-crop an ``(H, W, 3)`` uint8 or float (``[0, 1]``) array to a square and resize it to a
+    ``(3, size, size)`` tensor in [0, 1] (the crop comes first, so memory stays bounded at any aspect ratio).
 
     Parameters
     ----------
@@ -101,16 +123,16 @@ def from_array(array: np.ndarray, size: int = 224) -> torch.Tensor:
     Tensor
         The image.
     """
-    image = torch.as_tensor(np.array(array, dtype=np.float32)).permute(2, 0, 1)
+    height, width = array.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    window = array[top:top + side, left:left + side]  # cropped first: a 20000x1 image resizes 1x1 pixels
+    image = torch.as_tensor(np.array(window, dtype=np.float32)).permute(2, 0, 1)
     if array.dtype == np.uint8:
         image = image / 255.0
-    height, width = image.shape[1:]
-    scale = size / min(height, width)
-    resized = torch.nn.functional.interpolate(image[None], size=(max(size, round(height * scale)),
-                                                                 max(size, round(width * scale))),
-                                              mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (resized.shape[1] - size) // 2, (resized.shape[2] - size) // 2
-    return resized[:, top:top + size, left:left + size].clamp(0, 1)
+    resized = torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True,
+                                              align_corners=False)[0]
+    return resized.clamp(0, 1)
 
 
 def categories() -> list[str]:

@@ -39,7 +39,12 @@ class ExplainState:
         The first layer the input meets; ``rules[first_layer]`` is the composite's rule for it.
     repeat_rule : Rule or None
         The rule of ``first_layer`` at its later calls, for a layer called more than once (weight tying) whose calls
-        :func:`torchlrp.convert` told apart.
+        :func:`torchlrp.convert` told apart, or that a ``Sequential`` calls more than once.
+    counts_first_calls : bool
+        ``first_layer`` is called more than once in a ``Sequential`` (no per-call marks from :func:`torchlrp.convert`):
+        its first call in this forward takes its rule, the later ones ``repeat_rule``.
+    first_calls : int
+        Calls of ``first_layer`` so far in this forward (counted where ``counts_first_calls``).
     attention : {"attnlrp", "cp"}
         How attention passes relevance (the composite's choice, see :class:`torchlrp.Composite`).
     output_scores : Tensor or None
@@ -58,6 +63,8 @@ class ExplainState:
     fused: bool = False
     first_layer: torch.nn.Module | None = None
     repeat_rule: Rule | None = None
+    counts_first_calls: bool = False
+    first_calls: int = 0
     attention: str = "attnlrp"
     output_scores: Tensor | None = None
     absorbed: list[tuple[str, Tensor]] = field(default_factory=list)

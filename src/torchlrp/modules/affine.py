@@ -114,6 +114,8 @@ class ExplainableAffine:
         if rule is None:
             if state is None or self not in state.rules:
                 return resolve("epsilon")
+            if state.first_layer is self and first is None and state.counts_first_calls:
+                first, state.first_calls = state.first_calls == 0, state.first_calls + 1
             if first is False and state.first_layer is self and state.repeat_rule is not None:
                 return state.repeat_rule
             return state.rules[self]
