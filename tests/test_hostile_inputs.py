@@ -3,7 +3,6 @@ wrong answer or a traceback -- and checks that the user now gets a correct resul
 already stored lost."""
 import copy
 import errno
-import glob
 import os
 import subprocess
 import sys

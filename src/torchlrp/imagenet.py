@@ -3,6 +3,7 @@ images as datasets."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ def load_image(path: str, size: int = 224) -> torch.Tensor:
     return from_array(picture, size)
 
 
-def _rgb_array(opened: "Image.Image", path: str) -> np.ndarray:
+def _rgb_array(opened: Any, path: str) -> np.ndarray:
     """An opened image as ``(H, W, 3)``: uint8 for 8-bit modes, float32 in ``[0, 1]`` for 16-bit and 32-bit integer
     and float modes (which Pillow's ``convert("RGB")`` would clip to black and white)."""
     if opened.mode.startswith("I;16") or opened.mode in ("I", "F"):
