@@ -256,7 +256,7 @@ class RandomizationResult:
     Attributes
     ----------
     layers : list of str
-        The randomized layers, top (output side) first.
+        The randomized layers, top (output side) first (with ``at=``: the last layer re-drawn at each count).
     correlation : Tensor
         ``(len(layers), N)``: Spearman correlation between the trained model's heatmap and the heatmap after
         randomizing up to (cascading) or only (independent) each layer.
@@ -278,8 +278,8 @@ def _randomize(layer: ExplainableAffine, generator: torch.Generator) -> None:
 
 def randomization(model: torch.nn.Module, input: Tensor, target: Tensor | Sequence[int] | int, rule: Any,
                   layers: str = "cascading", absolute: bool = False, seed: int = 0,
-                  attribution: Callable[[torch.nn.Module, Tensor, Tensor], Tensor] | None = None
-                  ) -> RandomizationResult:
+                  attribution: Callable[[torch.nn.Module, Tensor, Tensor], Tensor] | None = None,
+                  at: Sequence[int] | None = None) -> RandomizationResult:
     """The model-randomization check: how much the heatmaps change when the layers are re-initialized.
 
     Parameters
@@ -301,6 +301,10 @@ def randomization(model: torch.nn.Module, input: Tensor, target: Tensor | Sequen
     attribution : callable, optional
         ``attribution(model, input, target) -> relevance`` instead of ``explain(model, input, target, rule)``
         (e.g. a baseline that ignores the model, to see what chance looks like).
+    at : sequence of int, optional
+        Cascading only: explain only after re-drawing this many top layers (e.g. ``(1, 5, 20)``; a count above the
+        number of layers means all of them), instead of after every layer -- one explanation per entry, for deep
+        models.
 
     Returns
     -------
@@ -310,7 +314,8 @@ def randomization(model: torch.nn.Module, input: Tensor, target: Tensor | Sequen
     Raises
     ------
     ValueError
-        For an unknown ``layers`` mode or a model without torchlrp layers.
+        For an unknown ``layers`` mode, ``at`` with independent layers or counts below 1, or a model without
+        torchlrp layers.
     """
     if layers not in ("cascading", "independent"):
         raise ValueError(f"layers must be 'cascading' or 'independent', got {layers!r}")
@@ -318,18 +323,24 @@ def randomization(model: torch.nn.Module, input: Tensor, target: Tensor | Sequen
     names = [name for name, module in model.named_modules() if isinstance(module, ExplainableAffine)]
     if not names:
         raise ValueError(f"{type(model).__name__} has no torchlrp layer to randomize; convert it first")
+    if at is not None and (layers != "cascading" or not at or min(at) < 1):
+        raise ValueError(f"at= takes counts >= 1 of top layers, with layers='cascading'; got {at!r} with {layers!r}")
+    counts = set(range(1, len(names) + 1)) if at is None else {min(count, len(names)) for count in at}
     original = explain_with(model, input, target)
     generator = torch.Generator().manual_seed(seed)
     randomized = copy.deepcopy(model)
-    correlations = []
-    for name in reversed(names):
+    reported, correlations = [], []
+    for drawn, name in enumerate(reversed(names), start=1):
         if layers == "independent":
             randomized = copy.deepcopy(model)
         _randomize(randomized.get_submodule(name), generator)
+        if drawn not in counts:
+            continue
         changed = explain_with(randomized, input, target)
         first, second = (original.abs(), changed.abs()) if absolute else (original, changed)
+        reported.append(name)
         correlations.append(spearman(first, second))
-    return RandomizationResult(names[::-1], torch.stack(correlations))
+    return RandomizationResult(reported, torch.stack(correlations))
 
 
 def _per_pixel(relevance: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
