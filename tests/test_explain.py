@@ -121,6 +121,18 @@ def test_composite_precedence():
     assert torch.isfinite(lrp.explain(model, x, rule=composite)).all()
     with pytest.raises(ValueError, match="takes Epsilon"):
         lrp.Composite(by_type={torch.nn.AvgPool2d: "zplus"}).assign(model)
+    with pytest.raises(ValueError, match=r"^5 \(AvgPool2d\) has no parameters; it takes Epsilon"):
+        lrp.Composite(by_name={"5": "zplus"}).assign(model)  # an exact name: the user meant this module
+
+
+def test_glob_pattern_gives_its_rule_to_the_modules_it_fits():
+    model = relu_network(bias=True)
+    assignment = lrp.Composite(by_name={"[3-5]": ("gamma", 0.5)}, default="zero").assign(model)
+    assert isinstance(assignment[model[3]], rules.Gamma) and assignment[model[3]].gamma == 0.5
+    # the average pooling matched by the glob keeps the proportional rule it takes without the pattern
+    assert type(assignment[model[5]]) is rules.Epsilon and assignment[model[5]].epsilon == 0.0
+    fitting = lrp.Composite(by_name={"[3-5]": "gradient"}, default="zero").assign(model)
+    assert isinstance(fitting[model[5]], rules.Gradient)  # a rule that fits is given to the pooling too
 
 
 def test_composite_equals_manual_rules():

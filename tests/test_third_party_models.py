@@ -84,3 +84,69 @@ def test_efficientnet_pytorch_b0_random_weights_conserves():
     relevance = lrp.explain(converted, x, rule=lrp.Composite(default="zero"), start="logit")
     with torch.no_grad():
         torch.testing.assert_close(relevance.flatten(1).sum(1), model(x).max(1).values, rtol=1e-6, atol=0)
+
+
+def _zennit_skip_sum(name, module):
+    """zennit has no canonizer for timm's residual blocks: give their ``x + shortcut`` a ``zennit.layer.Sum`` (the
+    way zennit's own ResNet canonizer does), so its composites apply their sum rule there."""
+    from zennit.layer import Sum
+
+    if not getattr(module, "has_skip", False):
+        return None
+
+    def forward(x, module=module):
+        branch = type(module).forward(module, x)  # the instance's has_skip is False while canonized
+        return module.canonizer_sum(torch.stack([branch, x], dim=-1))
+
+    return {"has_skip": False, "forward": forward, "canonizer_sum": Sum()}
+
+
+def _conv_batchnorm_pairs(model, x):
+    """``([conv name], batch-norm name)`` for each batch norm that directly follows a convolution when run."""
+    order = []
+    handles = [module.register_forward_hook(lambda module, i, o, name=name: order.append((name, module)))
+               for name, module in model.named_modules() if isinstance(module, (torch.nn.Conv2d, _BatchNorm))]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return [([first], second) for (first, conv), (second, norm) in zip(order, order[1:])
+            if isinstance(conv, torch.nn.Conv2d) and isinstance(norm, _BatchNorm)]
+
+
+@needs
+@pytest.mark.parametrize("composite", ["EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonPlus"])
+def test_efficientnet_lite0_trained_matches_zennit(composite):
+    """The whole trained network against zennit's composites, given the canonizers zennit lacks for it: its
+    batch norms merged by name (the pairs found by running it) and a Sum at each residual connection."""
+    import copy
+
+    import zennit.composites as zcomposites
+    from zennit.canonizers import AttributeCanonizer, NamedMergeBatchNorm
+
+    from torchlrp.models import efficientnet_lite
+
+    model = efficientnet_lite(0).double()
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):  # zennit's merged norm divides by sqrt(1 + eps): move eps into the
+            module.running_var += module.eps  # statistics, the same function with eps = 0
+            module.eps = 0.0
+    x = _photo().double()
+    ours_composite, zennit_composite = {
+        "EpsilonPlusFlat": (lrp.EpsilonPlusFlat(), zcomposites.EpsilonPlusFlat),
+        "EpsilonGammaBox": (lrp.EpsilonGammaBox(-2.2, 2.7),
+                            lambda canonizers: zcomposites.EpsilonGammaBox(-2.2, 2.7, canonizers=canonizers)),
+        "EpsilonPlus": (lrp.EpsilonPlus(), zcomposites.EpsilonPlus)}[composite]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm's dynamic same padding: explained at run time
+        ours = lrp.explain(lrp.convert(model), x, target=285, rule=ours_composite)
+    reference = copy.deepcopy(model)
+    canonizers = [NamedMergeBatchNorm(_conv_batchnorm_pairs(reference, x)), AttributeCanonizer(_zennit_skip_sum)]
+    carrier = x.clone().requires_grad_(True)
+    with zennit_composite(canonizers=canonizers).context(reference) as modified:
+        modified(carrier).backward(torch.nn.functional.one_hot(torch.tensor([285]), 1000).double())
+    expected = carrier.grad
+    assert expected.abs().sum() > 0 and not torch.equal(ours, torch.zeros_like(ours))
+    # measured: 1e-15 (EpsilonPlusFlat, EpsilonPlus) and 5e-9 (EpsilonGammaBox: float64 rounding through 50 layers
+    # of gamma) of the largest value
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=2e-8 * float(expected.abs().max()))

@@ -22,5 +22,5 @@ __all__ = [
     "ConversionError", "CyclicPool", "DeepTaylor", "EpsilonAlpha2Beta1", "EpsilonGammaBox", "EpsilonPlus",
     "EpsilonPlusFlat", "Linear", "MaxPool1d", "MaxPool2d", "MaxPool3d", "OperationEntry", "OperationRegistry", "ReLU",
     "Rotate", "Sequential", "composites", "conservation", "convert", "convert_vgg", "dataset", "default_registry", "evaluate", "explain",
-    "functional", "patterns", "rules", "rules_applied", "trace",
+    "functional", "imagenet", "patterns", "rules", "rules_applied", "trace",
 ]

@@ -79,7 +79,10 @@ class Composite:
     ----------
     by_name : mapping of str to rule, optional
         Dotted module names (as ``model.named_modules()`` gives them; glob patterns such as ``"features.*"``
-        allowed) to rules. The first matching entry wins.
+        allowed) to rules. The first matching entry wins. A glob pattern gives its rule to the parametric layers it
+        matches and to the parameter-free modules the rule fits (``Epsilon`` or a gradient-type rule); the others
+        (``"blocks.0.*": Gamma(0.5)`` matching an activation) keep the rule they would get without the pattern. An
+        exact name given a rule that does not fit its module is an error.
     by_type : mapping of type (or tuple of types) to rule, optional
         Layer classes to rules (``isinstance``; torch classes match their torchlrp twins).
     first : rule, optional
@@ -141,6 +144,8 @@ class Composite:
         names = _names(name, module)
         for pattern, rule in self.by_name.items():
             if any(fnmatch.fnmatchcase(candidate, pattern) for candidate in names):
+                if _is_glob(pattern) and not _fits(module, rule):
+                    continue  # "blocks.0.*" names a block's layers; its parameter-free modules keep their rule
                 return rule
         if is_first and self.first is not None and isinstance(module, ExplainableAffine):
             return self.first
@@ -194,7 +199,7 @@ class Composite:
                 assignment[module] = self.rule_for(name, module)
             elif isinstance(module, MIXING_TYPES):
                 rule = self.rule_for(name, module)
-                if not (isinstance(rule, Epsilon) or rule.propagates_gradient):
+                if not _fits(module, rule):
                     raise ValueError(f"{name or 'the model'} ({type(module).__name__}) has no parameters; it takes "
                                      f"Epsilon (proportional split) or Gradient, not {rule!r}")
                 assignment[module] = rule
@@ -203,6 +208,17 @@ class Composite:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(by_name={self.by_name!r}, by_type={self.by_type!r}, first={self.first!r}, "
                 f"default={self.default!r}, max_pooling={self.max_pooling!r}, attention={self.attention!r})")
+
+
+def _is_glob(pattern: str) -> bool:
+    """Whether a ``by_name`` key is a glob pattern rather than one module's name."""
+    return any(character in pattern for character in "*?[")
+
+
+def _fits(module: torch.nn.Module, rule: Rule) -> bool:
+    """Whether ``rule`` can be given to ``module``: a parameter-free mixing module takes only Epsilon or a
+    gradient-type rule."""
+    return not isinstance(module, MIXING_TYPES) or isinstance(rule, Epsilon) or rule.propagates_gradient
 
 
 def as_composite(rule: "str | tuple[str, float] | Rule | Composite") -> Composite:

@@ -128,9 +128,9 @@ def _selected(model: torch.nn.Module, layers: Iterable[str | type] | None) -> li
     if layers is None:
         return [(n, m) for n, m in model.named_modules()
                 if isinstance(m, (ExplainableAffine, *MIXING_TYPES)) and not isinstance(m, MAX_POOLING_TYPES)]
-    patterns = [l for l in layers if isinstance(l, str)]
-    types = tuple(l for l in layers if isinstance(l, type))
-    bad = [l for l in layers if not isinstance(l, (str, type))]
+    patterns = [layer for layer in layers if isinstance(layer, str)]
+    types = tuple(layer for layer in layers if isinstance(layer, type))
+    bad = [layer for layer in layers if not isinstance(layer, (str, type))]
     if bad:
         raise ValueError(f"layers must be module names (globs) or module classes, got {bad}")
     chosen = [(n, m) for n, m in model.named_modules() if n and (
