@@ -103,8 +103,22 @@ def conservation(trace: Trace) -> Conservation:
     return Conservation(start, sums)
 
 
-def _inline_blocks(model: torch.nn.Module) -> dict[str, str]:
-    """For a converted model: each submodule its graph runs inline -> the called module that makes its output."""
+def inline_blocks(model: torch.nn.Module) -> dict[str, str]:
+    """The blocks of a converted model that its graph runs inline, each with the called module making its output.
+
+    ``torch.fx`` traces through a transformer block or a ResNet bottleneck, so the block itself is never called;
+    hooks that need the block's output attach to the module that produces it.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model made by :func:`torchlrp.convert` (any other model has none).
+
+    Returns
+    -------
+    dict of str to str
+        Dotted block name -> dotted name of the module whose output is the block's.
+    """
     graph = getattr(model, "graph", None)
     if not isinstance(graph, torch.fx.Graph):
         return {}
@@ -205,7 +219,7 @@ def collect(model: torch.nn.Module, layers: Iterable[str | type] | None = None,
 
     handles.append(model.register_forward_pre_hook(watch(INPUT)))
     handles.append(model.register_forward_hook(watch_output))
-    inline = _inline_blocks(model)
+    inline = inline_blocks(model)
     for name, module in _selected(model, layers):
         if name in inline:
             handles.append(model.get_submodule(inline[name]).register_forward_hook(watch_block_output(name)))

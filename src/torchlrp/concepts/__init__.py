@@ -1,0 +1,14 @@
+"""Concepts: Concept Relevance Propagation (CRP) and relevance maximization.
+
+* :mod:`~torchlrp.concepts.definitions` -- what a concept is: :class:`Channels`, :class:`Groups` (attention heads),
+  :class:`Directions`;
+* :func:`attribute` -- conditional heatmaps, many conditions in one batched backward, with the concept relevances
+  of any layers recorded;
+* :func:`attribution_graph` -- how a concept's relevance splits over the concepts of lower layers;
+* :func:`reference_samples` -- relevance and activation maximization over a dataset, from the concept statistics
+  :func:`torchlrp.dataset.explain_dataset` writes (``concepts=``), and :func:`receptive_field_crops`.
+"""
+from .conditional import OUTPUT_KEY, ConditionalRelevance, attribute
+from .definitions import Channels, Concepts, Directions, Groups
+
+__all__ = ["Channels", "ConditionalRelevance", "Concepts", "Directions", "Groups", "OUTPUT_KEY", "attribute"]

@@ -1,0 +1,97 @@
+"""Taps: the tensors at named layers of one forward, as distinct autograd nodes a backward can stop at or mask."""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from ..trace import inline_blocks
+from .definitions import Concepts
+
+
+def check_layers(model: torch.nn.Module, layers: Mapping[str, Concepts]) -> None:
+    """Raise ``ValueError`` for a layer name that is not one of ``model``'s modules.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    layers : mapping of str to Concepts
+        Layer names and the concept definitions read there.
+    """
+    names = dict(model.named_modules())
+    inline = inline_blocks(model)
+    for name, concepts in layers.items():
+        if not isinstance(name, str) or not name or name not in names:
+            close = [n for n in names if n and isinstance(name, str) and (name in n or n in name)][:5]
+            raise ValueError(f"layer {name!r} is not a module of {type(model).__name__}" +
+                             (f" (close: {close})" if close else "") + "; give dotted names from "
+                             "model.named_modules()")
+        if name in inline and concepts.at == "input":
+            raise ValueError(f"layer {name!r} runs inline in the converted model (it is never called), so its "
+                             f"input cannot be tapped; tap the output (at='output') or one of its submodules")
+
+
+@contextmanager
+def tapped(model: torch.nn.Module, layers: Mapping[str, Concepts]) -> Iterator[dict[str, Tensor]]:
+    """Record, in forward order, the tensor each layer produces (or receives, ``at="input"``) during the block.
+
+    Each recorded tensor is a fresh view of the layer's tensor, so a backward can stop at it
+    (``torch.autograd.grad(..., inputs=tap)``) and a hook on it sees exactly the relevance at that layer. Only calls
+    in the thread that opened the block are recorded.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    layers : mapping of str to Concepts
+        Layer names (see :func:`check_layers`) and their concept definitions.
+
+    Yields
+    ------
+    dict of str to Tensor
+        Filled during the forward, in forward order.
+
+    Raises
+    ------
+    ValueError
+        (During the forward) if a layer is called twice: a concept needs one tensor per layer.
+    """
+    check_layers(model, layers)
+    inline = inline_blocks(model)
+    taps: dict[str, Tensor] = {}
+    owner = threading.get_ident()
+    handles = []
+
+    def keep(name: str, tensor: object) -> object:
+        if threading.get_ident() != owner or not isinstance(tensor, Tensor) or not tensor.requires_grad:
+            return tensor
+        if name in taps:
+            raise ValueError(f"layer {name!r} is called more than once in one forward (a shared or reused "
+                             f"module); a concept needs one tensor per layer: give the name of a module called once")
+        taps[name] = tensor.view_as(tensor)
+        return taps[name]
+
+    def on_output(name: str):
+        def hook(module: torch.nn.Module, args: tuple, output: object) -> object:
+            return keep(name, output)
+        return hook
+
+    def on_input(name: str):
+        def hook(module: torch.nn.Module, args: tuple) -> tuple:
+            return (keep(name, args[0]), *args[1:]) if args else args
+        return hook
+
+    try:
+        for name, concepts in layers.items():
+            if concepts.at == "input":
+                handles.append(model.get_submodule(name).register_forward_pre_hook(on_input(name)))
+            else:
+                handles.append(model.get_submodule(inline.get(name, name)).register_forward_hook(on_output(name)))
+        yield taps
+    finally:
+        for handle in handles:
+            handle.remove()
