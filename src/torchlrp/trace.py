@@ -119,6 +119,25 @@ def inline_blocks(model: torch.nn.Module) -> dict[str, str]:
     dict of str to str
         Dotted block name -> dotted name of the module whose output is the block's.
     """
+    return {path: target for path, (target, _) in inline_block_calls(model).items()}
+
+
+def inline_block_calls(model: torch.nn.Module) -> dict[str, tuple[str, int]]:
+    """As :func:`inline_blocks`, with which call of that module (0 for its first in a forward) is the block's output.
+
+    A module the graph calls more than once (torchvision's ``BasicBlock`` applies one ``ReLU`` twice) makes the
+    block's output at one of its calls only.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model made by :func:`torchlrp.convert` (any other model has none).
+
+    Returns
+    -------
+    dict of str to (str, int)
+        Dotted block name -> (dotted module name, index of the call among that module's calls in one forward).
+    """
     graph = getattr(model, "graph", None)
     if not isinstance(graph, torch.fx.Graph):
         return {}
@@ -134,7 +153,8 @@ def inline_blocks(model: torch.nn.Module) -> dict[str, str]:
         members_set = set(members)
         leaving = [node for node in members if any(user not in members_set for user in node.users)]
         if len(leaving) == 1 and leaving[0].op == "call_module":
-            blocks[path] = leaving[0].target
+            same = [node for node in nodes if node.op == "call_module" and node.target == leaving[0].target]
+            blocks[path] = (leaving[0].target, same.index(leaving[0]))
     return blocks
 
 

@@ -10,5 +10,7 @@
 """
 from .conditional import OUTPUT_KEY, ConditionalRelevance, attribute
 from .definitions import Channels, Concepts, Directions, Groups
+from .graph import AttributionGraph, ConceptNode, attribution_graph, plot_attribution_graph
 
-__all__ = ["Channels", "ConditionalRelevance", "Concepts", "Directions", "Groups", "OUTPUT_KEY", "attribute"]
+__all__ = ["AttributionGraph", "Channels", "ConceptNode", "ConditionalRelevance", "Concepts", "Directions", "Groups",
+           "OUTPUT_KEY", "attribute", "attribution_graph", "plot_attribution_graph"]

@@ -108,16 +108,16 @@ class ConditionalRelevance:
         return reduce_positions(values, reduction).reshape(batch, conditions, -1)
 
 
-def _start(output: Tensor, row_classes: list[list[int] | None], start: str) -> Tensor:
-    """The start relevance at the model output: 1 (or the logit) at each row's classes, its prediction where None."""
+def _start(output: Tensor, scores: Tensor, row_classes: list[list[int] | None], start: str) -> Tensor:
+    """The start relevance at the model output: 1 (or the score) at each row's classes, its prediction where None."""
     if output.dim() != 2:
         raise ValueError(f"the model output has shape {tuple(output.shape)}, not (batch, classes); condition on "
                          f"a layer with start_layer= instead")
     relevance = torch.zeros_like(output)
-    predicted = output.detach().argmax(1)
+    predicted = scores.argmax(1)
     for row, classes in enumerate(row_classes):
         relevance[row, int(predicted[row]) if classes is None else classes] = 1.0
-    return relevance * output.detach() if start == "logit" else relevance
+    return relevance * scores if start == "logit" else relevance
 
 
 def _row_classes(conditions: list[dict], target: Any, samples: int, classes: int, begin: int,
@@ -256,18 +256,19 @@ def _attribute_rows(model: torch.nn.Module, input: Tensor, conditions: list[dict
             output = _selected_output(model(carrier), None)
         missing = [name for name in definitions if name not in taps]
         if missing:
-            raise ValueError(f"layers {missing} were not reached by the forward (or their tensor does not require "
-                             f"a gradient): give layers the model's forward calls")
+            raise ValueError(f"layers {missing} were not reached by the forward, or their tensor does not require a "
+                             f"gradient: give layers the model's forward calls (a batch norm that convert merged "
+                             f"into the convolution before it is never called: give that convolution)")
         activations = {name: tap.detach() for name, tap in taps.items()}
         selections = {name: _row_selection(row_conditions, name, definitions[name], taps[name])
                       for name in conditioned}
         for name in record:
-            if not exclude_parallel or name not in conditioned:
+            if name not in conditioned:
                 taps[name].register_hook(_recorder(recorded, name))
         if start_layer is None:
             scores = output.detach() if state.output_scores is None else state.output_scores
             row_classes = _row_classes(conditions, target, len(input), output.shape[-1], begin, end)
-            wrt, relevance = output, _start(output, row_classes, start)
+            wrt, relevance = output, _start(output, scores, row_classes, start)
         else:
             scores = activations[start_layer]
             relevance = activations[start_layer]

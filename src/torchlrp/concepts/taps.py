@@ -8,7 +8,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor
 
-from ..trace import inline_blocks
+from ..trace import inline_block_calls, inline_blocks
 from .definitions import Concepts
 
 
@@ -61,14 +61,19 @@ def tapped(model: torch.nn.Module, layers: Mapping[str, Concepts]) -> Iterator[d
         (During the forward) if a layer is called twice: a concept needs one tensor per layer.
     """
     check_layers(model, layers)
-    inline = inline_blocks(model)
+    inline = inline_block_calls(model)
     taps: dict[str, Tensor] = {}
+    calls: dict[str, int] = {}
     owner = threading.get_ident()
     handles = []
 
     def keep(name: str, tensor: object) -> object:
         if threading.get_ident() != owner or not isinstance(tensor, Tensor) or not tensor.requires_grad:
             return tensor
+        if name in inline:  # the block's output is one particular call of the module making it
+            calls[name] = calls.get(name, -1) + 1
+            if calls[name] != inline[name][1]:
+                return tensor
         if name in taps:
             raise ValueError(f"layer {name!r} is called more than once in one forward (a shared or reused "
                              f"module); a concept needs one tensor per layer: give the name of a module called once")
@@ -90,7 +95,8 @@ def tapped(model: torch.nn.Module, layers: Mapping[str, Concepts]) -> Iterator[d
             if concepts.at == "input":
                 handles.append(model.get_submodule(name).register_forward_pre_hook(on_input(name)))
             else:
-                handles.append(model.get_submodule(inline.get(name, name)).register_forward_hook(on_output(name)))
+                module = model.get_submodule(inline[name][0] if name in inline else name)
+                handles.append(module.register_forward_hook(on_output(name)))
         yield taps
     finally:
         for handle in handles:
