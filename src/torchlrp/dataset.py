@@ -21,12 +21,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from .composites import Composite
+from .concepts.conditional import attribute
+from .concepts.definitions import Concepts
+from .concepts.maximization import concept_layers, concept_statistics
 from .convert import convert
 from .explain import explain
 from .context import has_torchlrp_layers
 from .rules import Rule
-from .store import (STORE_DTYPES, STORE_FORMAT, Relevances, StoreDamagedError, create_or_check, data_fingerprint,
-                    open_relevances, read_done, require_zarr, run_settings, scaled_for_storage, store_dtype, store_name,
+from .store import (STORE_DTYPES, STORE_FORMAT, Relevances, StoreDamagedError, concept_array, create_or_check,
+                    data_fingerprint, open_relevances, read_done, require_zarr, run_settings, scaled_for_storage, store_dtype, store_name,
                     write_chunk)
 
 
@@ -163,7 +166,8 @@ class _Ranks:
 
 
 def _explain_chunk(model: torch.nn.Module, batch: Any, begin: int, shape: torch.Size, target: str | int, rule: Any,
-                   start: str, dtype: str, device: torch.device, fused: bool) -> dict[str, np.ndarray]:
+                   start: str, dtype: str, device: torch.device, fused: bool,
+                   concepts: dict[str, Concepts] | None = None) -> dict[str, np.ndarray]:
     """Explain one collated chunk (samples ``begin ...``) and return the store's arrays for it, on the CPU."""
     inputs, labels = _split_sample(batch)
     fingerprint = data_fingerprint(inputs, labels)
@@ -176,12 +180,21 @@ def _explain_chunk(model: torch.nn.Module, batch: Any, begin: int, shape: torch.
                          f"{begin}..{last} have none")
     inputs = inputs.to(device, non_blocking=True)
     chosen = None if target == "prediction" else (labels.to(device) if target == "label" else target)
-    relevance, scores = explain(model, inputs, target=chosen, rule=rule, start=start, fused=fused,
-                                return_scores=True)
+    statistics = {}
+    if concepts:  # the heatmap and every concept layer's relevance, in one backward
+        result = attribute(model, inputs, [{}], rule, concepts=concepts, record=list(concepts), target=chosen,
+                           start=start)
+        relevance, scores = result.heatmaps[:, 0], result.scores
+        statistics = {concept_array(layer, statistic): values
+                      for layer, values_of in concept_statistics(result).items()
+                      for statistic, values in values_of.items()}
+    else:
+        relevance, scores = explain(model, inputs, target=chosen, rule=rule, start=start, fused=fused,
+                                    return_scores=True)
     if not bool(torch.isfinite(scores).all()):
         raise FloatingPointError(f"the model's scores of samples {begin}..{last} are not finite (NaN or inf); nothing "
                                  f"of them was written. Check the model's weights and inputs")
-    if not bool(torch.isfinite(relevance).all()):
+    if not bool(torch.isfinite(relevance).all()) or not all(bool(torch.isfinite(v).all()) for v in statistics.values()):
         raise FloatingPointError(f"the relevance of samples {begin}..{last} is not finite (NaN or inf); nothing of "
                                  f"them was written. A larger epsilon, or a float32 model, usually fixes it")
     prediction = scores.argmax(1)
@@ -192,7 +205,8 @@ def _explain_chunk(model: torch.nn.Module, batch: Any, begin: int, shape: torch.
             "logits": scores.float().cpu().numpy(), "prediction": prediction.cpu().numpy(),
             "target": explained.long().cpu().numpy(),
             "label": (labels if labels is not None else torch.full((len(inputs),), -1)).cpu().numpy(),
-            "index": np.arange(begin, begin + len(inputs), dtype=np.int64), "fingerprint": fingerprint}
+            "index": np.arange(begin, begin + len(inputs), dtype=np.int64), "fingerprint": fingerprint,
+            **{name: values.float().cpu().numpy() for name, values in statistics.items()}}
 
 
 #: data checks of a resume: the chunks it skips whose fingerprints are compared with the data it is given
@@ -237,7 +251,8 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
                     dtype: "torch.dtype | str" = torch.float16, start: str = "one",
                     device: "str | torch.device | None" = None, model_name: str | None = None,
                     storage_options: dict | None = None, fused: bool = False, quiet: bool = False,
-                    check_data: str = "sample") -> DatasetReport:
+                    check_data: str = "sample",
+                    concepts: "Sequence[str] | dict[str, Concepts | None] | None" = None) -> DatasetReport:
     """Explain every sample of ``dataset`` and write the relevances into a Zarr store.
 
     One process by default. Under ``torchrun --nproc-per-node N`` (one or many machines) each rank explains its
@@ -289,6 +304,13 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
         and last chunks already in the store and of up to 6 chunks evenly between them (``"sample"``, default: a
         few batches are loaded), or of every chunk in the store (``"all"``: loads the stored part of the dataset
         once more). A mismatch is refused.
+    concepts : list of str or dict of str to Concepts, optional
+        Layers whose concept statistics are recorded in the same backward (for relevance and activation
+        maximization, :func:`torchlrp.concepts.reference_samples`): per sample and concept, the relevance for the
+        explained class summed over positions and at its largest position, and the activation likewise, as arrays
+        ``concepts/<layer>/<statistic>`` of the store. Names give channel concepts; a dict gives each layer its
+        definition (:class:`torchlrp.concepts.Channels`, ``Groups``, ``Directions``). Needs ``start`` "one" or
+        "logit" and ``fused=False``.
 
     Returns
     -------
@@ -322,6 +344,10 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
         raise ValueError(f"check_data must be one of {DATA_CHECKS}, got {check_data!r}")
     target_setting = _target_setting(target)
     stored_dtype = store_dtype(dtype)
+    definitions = None if concepts is None else concept_layers(concepts)
+    if definitions and (fused or start not in ("one", "logit")):
+        raise ValueError(f"concepts= needs start 'one' or 'logit' and fused=False, got start={start!r}, "
+                         f"fused={fused!r}")
     require_zarr()
     if model.training:
         raise ValueError("the model is in training mode; call model.eval() first (dropout and batch statistics "
@@ -341,11 +367,18 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
             raise ValueError(f"the model output has shape {tuple(output.shape)}, not (batch, classes)")
         if isinstance(target_setting, int) and target_setting >= output.shape[1]:
             raise ValueError(f"target {target_setting} is out of range for {output.shape[1]} classes")
+        recorded = None
+        if definitions:
+            probe = attribute(explainable, first.to(ranks.device), [{}], rule, concepts=definitions,
+                              record=list(definitions))
+            recorded = {layer: {"definition": repr(definition),
+                                "count": int(probe.concept_relevances(layer).shape[-1])}
+                        for layer, definition in definitions.items()}
         failure = None
         if ranks.rank == 0:
             try:
                 settings = run_settings(model, model_name, rule, target_setting, start, samples, batch_size,
-                                     stored_dtype, first.shape[1:], output.shape[1])
+                                        stored_dtype, first.shape[1:], output.shape[1], recorded)
                 create_or_check(store, settings, storage_options)
                 written_group = require_zarr().open_group(store, mode="r", storage_options=storage_options)
                 _check_resume(written_group, dataset, read_done(written_group, store_name(store)), batch_size,
@@ -372,7 +405,7 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
         with ThreadPoolExecutor(max_workers=1) as writer:
             for chunk, batch in zip(mine, loader):
                 arrays = _explain_chunk(explainable, batch, chunk * batch_size, first.shape[1:], target_setting,
-                                        rule, start, stored_dtype, ranks.device, fused)
+                                        rule, start, stored_dtype, ranks.device, fused, definitions)
                 if len(pending) >= 2:  # at most two chunks in flight: the write overlaps the next batch's compute
                     pending.pop(0).result()
                 pending.append(writer.submit(write_chunk, group, chunk, chunk * batch_size, arrays))

@@ -56,11 +56,13 @@ MISSING_INDEX = -2
 #: the arrays of a store and their fill values (what a chunk that was never written, or was lost, reads as)
 ARRAY_FILLS = {"relevance": float("nan"), "scale": float("nan"), "logits": float("nan"), "prediction": MISSING_INDEX,
                "target": MISSING_INDEX, "label": MISSING_INDEX, "index": MISSING_INDEX, "fingerprint": 0}
+#: per concept layer, the arrays ``concepts/<layer>/<statistic>``, ``(N, concepts)`` float32 (NaN where not written)
+CONCEPT_STATISTICS = ("relevance_sum", "relevance_max", "activation_sum", "activation_max")
 #: relevance dtypes a store can hold (bfloat16 has no numpy/Zarr type: float16 with the per-sample scale keeps more)
 STORE_DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
 #: settings that must be equal to continue a store
 MATCHING_SETTINGS = ("format", "model", "architecture_sha256", "parameters_sha256", "rule_sha256", "target", "start",
-                     "samples", "batch_size", "dtype", "input_shape", "classes")
+                     "samples", "batch_size", "dtype", "input_shape", "classes", "concepts")
 
 
 class StoreDamagedError(ValueError):
@@ -254,8 +256,41 @@ def store_name(store: Any) -> str:
     return os.fspath(store) if isinstance(store, (str, os.PathLike)) else repr(store)
 
 
+def fill_value(array: str) -> float | int:
+    """What a never-written (or lost) chunk of ``array`` reads as.
+
+    Parameters
+    ----------
+    array : str
+        An array of the store (``"relevance"``, ``"concepts/features.28/relevance_sum"``, ...).
+
+    Returns
+    -------
+    float or int
+    """
+    return float("nan") if array.startswith("concepts/") else ARRAY_FILLS[array]
+
+
+def concept_array(layer: str, statistic: str) -> str:
+    """The name of a concept statistic's array in a store.
+
+    Parameters
+    ----------
+    layer : str
+        The layer's dotted name.
+    statistic : str
+        One of :data:`CONCEPT_STATISTICS`.
+
+    Returns
+    -------
+    str
+    """
+    return f"concepts/{layer}/{statistic}"
+
+
 def run_settings(model: torch.nn.Module, model_name: str | None, rule: Any, target: str | int, start: str,
-                 samples: int, batch_size: int, dtype: str, input_shape: Sequence[int], classes: int) -> dict:
+                 samples: int, batch_size: int, dtype: str, input_shape: Sequence[int], classes: int,
+                 concepts: dict | None = None) -> dict:
     """The settings of a run, as the store's attribute ``"torchlrp"`` holds them.
 
     Parameters
@@ -268,6 +303,9 @@ def run_settings(model: torch.nn.Module, model_name: str | None, rule: Any, targ
         The rule (its name and its composite's definition are recorded).
     target, start, samples, batch_size, dtype, input_shape, classes
         The run's other settings.
+    concepts : dict, optional
+        Layer name -> ``{"definition": repr of its concept definition, "count": number of concepts}`` for the
+        layers whose concept statistics the run records (``explain_dataset(concepts=...)``).
 
     Returns
     -------
@@ -283,7 +321,7 @@ def run_settings(model: torch.nn.Module, model_name: str | None, rule: Any, targ
             "rule_definition": repr(as_composite(rule)), "rule_sha256": definition_sha256(as_composite(rule)),
             "target": target, "start": start,
             "samples": samples, "batch_size": batch_size, "dtype": dtype, "input_shape": list(input_shape),
-            "classes": classes, "chunks": math.ceil(samples / batch_size)}
+            "classes": classes, "chunks": math.ceil(samples / batch_size), "concepts": concepts}
 
 
 def _layout(settings: dict) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], str]]:
@@ -295,6 +333,10 @@ def _layout(settings: dict) -> dict[str, tuple[tuple[int, ...], tuple[int, ...],
               "logits": ((samples, classes), (batch, classes), "float32"),
               "fingerprint": ((chunks, 32), (1, 32), "uint8"), "done": ((chunks,), (1,), "bool")}
     layout.update({name: ((samples,), (batch,), "int64") for name in ("prediction", "target", "label", "index")})
+    for layer, concepts in (settings.get("concepts") or {}).items():
+        count = int(concepts["count"])
+        layout.update({concept_array(layer, statistic): ((samples, count), (batch, count), "float32")
+                       for statistic in CONCEPT_STATISTICS})
     return layout
 
 
@@ -303,7 +345,8 @@ def _create_arrays(group: Any, settings: dict) -> None:
     from zarr.codecs import ZstdCodec
 
     for name, (shape, chunks, dtype) in _layout(settings).items():
-        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=ARRAY_FILLS.get(name, False),
+        fill = False if name == "done" else fill_value(name)
+        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
                            compressors=ZstdCodec(level=0, checksum=True), overwrite=True)
 
 
@@ -565,7 +608,7 @@ class Relevances:
             per_chunk = array == "fingerprint"  # a row per chunk, not per sample
             written = self._done if per_chunk else self.written
             chosen = np.arange(len(written)) if rows is None else rows
-            lost = (~values.any(1) if per_chunk else _lost_rows(values, ARRAY_FILLS[array])) & written[chosen]
+            lost = (~values.any(1) if per_chunk else _lost_rows(values, fill_value(array))) & written[chosen]
             if lost.any():
                 row = int(chosen[np.argmax(lost)])
                 chunk = row if per_chunk else row // self.settings["batch_size"]
@@ -595,6 +638,42 @@ class Relevances:
     def complete(self) -> bool:
         """Whether every sample is in the store."""
         return bool(self._done.all())
+
+    @property
+    def concept_layers(self) -> list[str]:
+        """The layers whose concept statistics the run recorded (``explain_dataset(concepts=...)``)."""
+        return list(self.settings.get("concepts") or {})
+
+    def concept_values(self, layer: str, statistic: str) -> Tensor:
+        """One concept statistic of every sample: ``(samples, concepts)`` float32.
+
+        Parameters
+        ----------
+        layer : str
+            One of :attr:`concept_layers`.
+        statistic : str
+            One of :data:`CONCEPT_STATISTICS`: ``"relevance_sum"`` (a concept's relevance for the explained
+            class, summed over positions), ``"relevance_max"`` (its largest per-position value),
+            ``"activation_sum"``, ``"activation_max"``.
+
+        Returns
+        -------
+        Tensor
+            NaN for samples not yet written (see :attr:`written`).
+
+        Raises
+        ------
+        ValueError
+            For a layer the run did not record, or an unknown statistic.
+        StoreDamagedError
+            For a damaged or lost chunk.
+        """
+        if layer not in self.concept_layers:
+            raise ValueError(f"the store {self._name!r} holds no concept statistics of layer {layer!r}; it has "
+                             f"{self.concept_layers or 'none'} (explain_dataset(..., concepts=[...]) records them)")
+        if statistic not in CONCEPT_STATISTICS:
+            raise ValueError(f"statistic must be one of {CONCEPT_STATISTICS}, got {statistic!r}")
+        return torch.from_numpy(self._read(concept_array(layer, statistic)))
 
     def _column(self, name: str) -> Tensor:
         return torch.from_numpy(self._read(name))
@@ -685,7 +764,7 @@ def _chunk_error(group: Any, array: str, chunk: int, settings: dict) -> str | No
         return None
     if array == "fingerprint":
         return "the chunk is missing" if not values.any() else None
-    if _lost_rows(values, ARRAY_FILLS[array]).any():
+    if _lost_rows(values, fill_value(array)).any():
         return "the chunk is missing"
     if array == "index" and not np.array_equal(values, np.arange(rows.start, rows.stop)):
         return "its sample indices are not the chunk's"
@@ -827,8 +906,8 @@ def open_relevances(store: Any, storage_options: dict | None = None) -> Relevanc
     return Relevances(group, name)
 
 
-__all__ = ["ARRAY_FILLS", "MATCHING_SETTINGS", "MISSING_INDEX", "READABLE_FORMATS", "Relevances", "STORE_DTYPES",
-           "STORE_FORMAT", "StoreDamagedError", "StoreHealth", "architecture_sha256", "check_layout", "create_or_check",
-           "data_fingerprint", "definition_sha256", "open_relevances", "parameters_sha256", "read_done",
-           "require_zarr", "run_settings", "scaled_for_storage", "store_dtype", "store_name", "verify_store",
-           "write_chunk"]
+__all__ = ["ARRAY_FILLS", "CONCEPT_STATISTICS", "MATCHING_SETTINGS", "MISSING_INDEX", "READABLE_FORMATS", "Relevances",
+           "STORE_DTYPES", "STORE_FORMAT", "StoreDamagedError", "StoreHealth", "architecture_sha256", "check_layout",
+           "concept_array", "create_or_check", "data_fingerprint", "definition_sha256", "fill_value", "open_relevances",
+           "parameters_sha256", "read_done", "require_zarr", "run_settings", "scaled_for_storage", "store_dtype",
+           "store_name", "verify_store", "write_chunk"]

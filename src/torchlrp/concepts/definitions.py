@@ -144,9 +144,34 @@ class Concepts:
             Of ``relevance``'s shape.
         """
         units = self.units(relevance)
-        kept = units * self.shares(selected.to(units.dtype), activation)
-        moved_shape = relevance.movedim(self.dim, -1).shape
-        return kept.reshape(moved_shape).movedim(-1, self.dim)
+        return self._like(units * self.shares(selected.to(units.dtype), activation), relevance)
+
+    def mask_at(self, relevance: Tensor, activation: Tensor, selected: Tensor, positions: Tensor) -> Tensor:
+        """As :meth:`mask`, and zero everywhere but one position per sample (one neuron of each concept).
+
+        Parameters
+        ----------
+        relevance, activation : Tensor
+            The layer's relevance and activation, ``(N, ...)``.
+        selected : Tensor
+            ``(N, K)`` float, 1 for the concepts a row is conditioned on.
+        positions : Tensor
+            ``(N,)`` int: the position (index into the flattened non-unit dimensions, as :meth:`units` orders
+            them) kept in each row.
+
+        Returns
+        -------
+        Tensor
+            Of ``relevance``'s shape.
+        """
+        units = self.units(relevance)
+        only = torch.zeros(units.shape[:2], dtype=units.dtype, device=units.device)
+        only[torch.arange(len(units), device=units.device), positions.to(units.device)] = 1.0
+        return self._like(units * self.shares(selected.to(units.dtype), activation) * only[..., None], relevance)
+
+    def _like(self, units: Tensor, tensor: Tensor) -> Tensor:
+        """``(N, P, C)`` units back in the layout of ``tensor`` (the inverse of :meth:`units`)."""
+        return units.reshape(tensor.movedim(self.dim, -1).shape).movedim(-1, self.dim)
 
     def _check_units(self, units: int, expected: int) -> None:
         if units != expected:

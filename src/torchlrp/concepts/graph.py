@@ -172,10 +172,9 @@ def plot_attribution_graph(graph: AttributionGraph, path: str | None = None, ax:
     -------
     matplotlib Figure
     """
-    import matplotlib
-    if ax is None and path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows: dict[int, list[ConceptNode]] = {}
 
@@ -187,13 +186,14 @@ def plot_attribution_graph(graph: AttributionGraph, path: str | None = None, ax:
     place(graph.root, 0)
     position = {id(node): ((i + 0.5) / len(nodes), -depth) for depth, nodes in rows.items()
                 for i, node in enumerate(nodes)}
-    figure = None
-    if ax is None:
+    if ax is None:  # a Figure with its own Agg canvas: pyplot's global backend (a notebook's) is left alone
         width = max(6.0, 1.3 * max(len(nodes) for nodes in rows.values()))
-        figure, ax = plt.subplots(figsize=(width, 1.6 * len(rows) + 0.6))
+        figure = Figure(figsize=(width, 1.6 * len(rows) + 0.6))
+        FigureCanvasAgg(figure)
+        ax = figure.subplots()
     else:
         figure = ax.figure
-    cmap = plt.get_cmap("bwr")
+    cmap = colormaps["bwr"]
     scale = max(abs(node.relevance) for node in graph.nodes()) or 1.0
     for node in graph.nodes():
         x0, y0 = position[id(node)]
