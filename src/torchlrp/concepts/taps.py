@@ -1,6 +1,7 @@
 """Taps: the tensors at named layers of one forward, as distinct autograd nodes a backward can stop at or mask."""
 from __future__ import annotations
 
+import inspect
 import threading
 from contextlib import contextmanager
 from typing import Iterator, Mapping
@@ -39,9 +40,10 @@ def check_layers(model: torch.nn.Module, layers: Mapping[str, Concepts]) -> None
 def tapped(model: torch.nn.Module, layers: Mapping[str, Concepts]) -> Iterator[dict[str, Tensor]]:
     """Record, in forward order, the tensor each layer produces (or receives, ``at="input"``) during the block.
 
-    Each recorded tensor is a fresh view of the layer's tensor, so a backward can stop at it
-    (``torch.autograd.grad(..., inputs=tap)``) and a hook on it sees exactly the relevance at that layer. Only calls
-    in the thread that opened the block are recorded.
+    Each recorded tensor is the layer's own tensor, and the model goes on with a copy of it: a backward can stop at
+    the tap (``torch.autograd.grad(..., inputs=tap)``), a hook on it sees exactly the relevance at that layer, and
+    an in-place operation after the layer (VGG's ``ReLU(inplace=True)``) changes the copy, not the recorded
+    activation. Only calls in the thread that opened the block are recorded.
 
     Parameters
     ----------
@@ -77,13 +79,18 @@ def tapped(model: torch.nn.Module, layers: Mapping[str, Concepts]) -> Iterator[d
         if name in taps:
             raise ValueError(f"layer {name!r} is called more than once in one forward (a shared or reused "
                              f"module); a concept needs one tensor per layer: give the name of a module called once")
-        taps[name] = tensor.view_as(tensor)
-        return taps[name]
+        taps[name] = tensor
+        return tensor.clone()
 
     def on_output(name: str):
         def hook(module: torch.nn.Module, args: tuple, output: object) -> object:
             return keep(name, output)
         return hook
+
+    def unfolded(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+        # a layer explained together with the ReLU after it returns the rectified output; a tapped layer's
+        # activation is its own (pre-ReLU, as the plain model's), so it is explained apart from the ReLU
+        return args, {**kwargs, "feeds_rectifier": False}
 
     def on_input(name: str):
         def hook(module: torch.nn.Module, args: tuple) -> tuple:
@@ -96,6 +103,8 @@ def tapped(model: torch.nn.Module, layers: Mapping[str, Concepts]) -> Iterator[d
                 handles.append(model.get_submodule(name).register_forward_pre_hook(on_input(name)))
             else:
                 module = model.get_submodule(inline[name][0] if name in inline else name)
+                if "feeds_rectifier" in inspect.signature(module.forward).parameters:
+                    handles.append(module.register_forward_pre_hook(unfolded, with_kwargs=True))
                 handles.append(module.register_forward_hook(on_output(name)))
         yield taps
     finally:
