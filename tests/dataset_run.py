@@ -43,6 +43,7 @@ if __name__ == "__main__":
     parser.add_argument("--crash-at", type=int)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--slow", action="store_true")
+    parser.add_argument("--concepts", nargs="*", help="layers whose concept statistics are recorded")
     args = parser.parse_args()
     explain_dataset(model(), Samples(args.crash_at, slow=args.slow), "epsilon", args.store, batch_size=4, quiet=True,
-                    dtype=args.dtype, target="label")
+                    dtype=args.dtype, target="label", concepts=args.concepts or None)

@@ -1,8 +1,10 @@
 """Concept Relevance Propagation: conditional relevance against a reference written from its definition, partitions
 that sum to the unconditional heatmap under LRP-0, batched conditions against single ones, exclude_parallel on a
 residual network, concept definitions beyond channels, attribution graphs, and bad input."""
+import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -276,3 +278,146 @@ def test_bad_input_is_refused(cnn, resnet):
         crp.attribution_graph(cnn, x.repeat(2, 1, 1, 1), ["5", "2"], 0)
     with pytest.raises(ValueError, match="disjoint"):
         crp.Groups([[0, 1], [1, 2]], units=3)
+
+
+# -- relevance and activation maximization over a dataset (explain_dataset's store) -------------------------------
+
+def _store_run(store, **options):
+    from tests.dataset_run import Samples, model
+
+    from torchlrp.dataset import explain_dataset
+    settings = dict(batch_size=4, quiet=True, dtype="float32", target="label", concepts=["0", "1"])
+    settings.update(options)
+    return explain_dataset(model(), Samples(options.pop("crash_at", None)), "epsilon", store,
+                           **{k: v for k, v in settings.items() if k != "crash_at"})
+
+
+def _concept_arrays(store):
+    import zarr
+    group = zarr.open_group(store, mode="r")
+    return {name: np.asarray(group[f"concepts/{layer}/{statistic}"][:]) for layer in ("0", "1")
+            for statistic in ("relevance_sum", "relevance_max", "activation_sum", "activation_max")
+            for name in [f"{layer}/{statistic}"]}
+
+
+def test_store_concept_statistics_equal_the_definition(tmp_path):
+    pytest.importorskip("zarr")
+    from tests.dataset_run import Samples, model
+
+    from torchlrp.dataset import open_relevances
+    _store_run(tmp_path / "c.zarr")
+    relevances = open_relevances(tmp_path / "c.zarr")
+    assert relevances.concept_layers == ["0", "1"]
+    data = Samples()
+    net = lrp.convert(model())
+    # the definition: the relevance and activation at the conv output, read by plain hooks on one explain
+    kept = {}
+
+    def keep(module, args, output):
+        output.register_hook(lambda relevance: kept.__setitem__("relevance", relevance.detach()))
+    handle = net[0].register_forward_hook(keep)
+    try:
+        heatmaps = lrp.explain(net, data.inputs, data.labels, rule="epsilon")
+    finally:
+        handle.remove()
+    # the heatmaps as without concepts (float32: the tapped conv is explained apart from its ReLU, not folded)
+    torch.testing.assert_close(relevances[:], heatmaps, rtol=1e-4, atol=1e-5 * float(heatmaps.abs().max()))
+    relevance = kept["relevance"]  # (the conv explained with its ReLU folded in: 0 where the ReLU is, as unfolded)
+    with torch.no_grad():
+        activation = model()[0](data.inputs)  # the plain conv's output
+    expected = {"relevance_sum": relevance.sum((2, 3)), "relevance_max": relevance.amax((2, 3)),
+                "activation_sum": activation.sum((2, 3)), "activation_max": activation.amax((2, 3))}
+    for statistic, values in expected.items():
+        torch.testing.assert_close(relevances.concept_values("0", statistic), values.float(), rtol=1e-4,
+                                   atol=1e-5 * float(values.abs().max()))
+    # the ReLU after it: its activation is the rectified one
+    torch.testing.assert_close(relevances.concept_values("1", "activation_sum"),
+                               activation.relu().sum((2, 3)).float(), rtol=1e-5, atol=1e-6)
+    # relevance maximization, by hand: values / sum |values| per sample, descending
+    normalized = expected["relevance_sum"] / (expected["relevance_sum"].abs().sum(1, keepdim=True) + 1e-10)
+    ranked = crp.reference_samples(tmp_path / "c.zarr", "0", n=5)
+    assert ranked.indices.shape == (4, 5)
+    for concept in range(4):
+        order = normalized[:, concept].argsort(descending=True)[:5]
+        assert ranked.indices[concept].tolist() == order.tolist()
+    raw = crp.reference_samples(tmp_path / "c.zarr", "0", mode="activation", reduction="max", n=3, normalize=False)
+    assert raw.indices[2].tolist() == expected["activation_max"][:, 2].argsort(descending=True)[:3].tolist()
+    with pytest.raises(ValueError, match="no concept statistics"):
+        crp.reference_samples(tmp_path / "c.zarr", "2")
+    with pytest.raises(ValueError, match="mode must be"):
+        crp.reference_samples(tmp_path / "c.zarr", "0", mode="gradient")
+
+
+def test_concept_store_with_torchrun_and_after_a_crash_equals_one_run(tmp_path):
+    pytest.importorskip("zarr")
+    from tests.test_dataset import assert_same_store, run_script
+
+    _store_run(tmp_path / "one.zarr")
+    run_script(tmp_path / "two.zarr", "--dtype", "float32", "--concepts", "0", "1", nproc=2)
+    assert_same_store(tmp_path / "one.zarr", tmp_path / "two.zarr")
+    one, two = _concept_arrays(tmp_path / "one.zarr"), _concept_arrays(tmp_path / "two.zarr")
+    for name in one:
+        np.testing.assert_array_equal(one[name], two[name], err_msg=name)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _store_run(tmp_path / "resumed.zarr", crash_at=9)
+    with pytest.raises(ValueError, match="not complete"):
+        crp.reference_samples(tmp_path / "resumed.zarr", "0")
+    report = _store_run(tmp_path / "resumed.zarr")
+    assert report.skipped == 8
+    resumed = _concept_arrays(tmp_path / "resumed.zarr")
+    for name in one:
+        np.testing.assert_array_equal(one[name], resumed[name], err_msg=name)
+    # another set of concept layers is another run: refused, nothing written
+    with pytest.raises(ValueError, match="concepts"):
+        _store_run(tmp_path / "one.zarr", concepts=["0"])
+    with pytest.raises(ValueError, match="start 'one' or 'logit'"):
+        _store_run(tmp_path / "other.zarr", start="probability")
+
+
+def test_receptive_field_crops_follow_the_neuron_heatmap():
+    # a 1x16x16 image, a 3x3 conv then a 3x3 conv: one neuron of the second layer sees a 5x5 window
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+        model[2].weight.fill_(1.0)
+        model[2].bias.zero_()
+    net = lrp.convert(model.eval())
+    images = torch.zeros(2, 1, 16, 16)
+    images[0, 0, 3, 4] = 1.0  # a single bright pixel: the most active neuron of layer "2" sits over it
+    images[1, 0, 10:12, 9:11] = 1.0
+    data = torch.utils.data.TensorDataset(images, torch.tensor([0, 1]))
+    crops = crp.receptive_field_crops(net, data, "2", 1, [0, 1], "zero", mode="activation", threshold=1e-6)
+    assert [crop.index for crop in crops] == [0, 1]
+    top, bottom, left, right = crops[0].box
+    assert bottom - top <= 5 and right - left <= 5 and top <= 3 < bottom and left <= 4 < right
+    assert crops[0].image.shape == (1, bottom - top, right - left) and crops[0].heatmap.shape == (bottom - top,
+                                                                                                   right - left)
+    top, bottom, left, right = crops[1].box
+    assert top <= 10 and bottom >= 12 and left <= 9 and right >= 11 and bottom - top <= 6
+    with pytest.raises(ValueError, match="threshold"):
+        crp.receptive_field_crops(net, data, "2", 1, [0], threshold=0)
+    with pytest.raises(ValueError, match="out of range"):
+        crp.receptive_field_crops(net, data, "2", 7, [0])
+
+
+def test_concepts_example_finds_the_planted_tag(tmp_path):
+    import re
+    import subprocess
+    import sys
+    pytest.importorskip("sklearn")
+    pytest.importorskip("zarr")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(root, "examples", "concepts.py"), "--quick", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    base = float(re.search(r"images are tagged \(([\d.]+)%\)", result.stdout).group(1))
+    top, control = map(float, re.search(r"([\d.]+)% of its reference samples are tagged \(the other channels, the "
+                                        r"control: median ([\d.]+)%\)", result.stdout).groups())
+    splits = float(re.search(r"children's plus the rest: ([\d.e+-]+)", result.stdout).group(1))
+    # measured with --quick: 4.7% of the images tagged; the top concept's references 100% tagged, control 0%
+    assert top >= 90 and control <= 20 and base < 10
+    assert splits < 1e-5
+    for name in ("concepts_atlas.png", "concepts_graph.png"):
+        assert (tmp_path / name).is_file()

@@ -95,8 +95,10 @@ class ExplainableAffine:
             return plain(input, **call)
         rule = self._explain_rule(rule, state, first)
         op = self._operator(pattern, state, input_nonnegative, geometry(input, **call), parameters)
-        rectified = self.feeds_rectifier if feeds_rectifier is None else feeds_rectifier
-        if active and (rectified or self in state.feeds_rectifier) and rule.folds_rectifier(op):
+        # an explicit feeds_rectifier (the converted graph's, or False from a concept tap) wins over the marks
+        rectified = (self.feeds_rectifier or (active and self in state.feeds_rectifier)) if feeds_rectifier is None \
+            else feeds_rectifier
+        if active and rectified and rule.folds_rectifier(op):
             op = dataclasses.replace(op, rectified=True)
         return AffineRelevance.apply(input, op, rule, recorder().record)
 
