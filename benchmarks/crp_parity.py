@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 import torch
 import torchvision
 

@@ -13,7 +13,7 @@ label and its activation per image into the Zarr store. Then, for a tagged test 
 
 Checks printed (each against a control): the share of tagged images among the top concept's reference samples
 (the data holds 5% tagged images; the other channels' reference samples are the control), whether that concept's
-conditional heatmap sits in the tag's corner, and whether the attribution graph's splits add up to their parent.
+conditional heatmap sits in the tag's corner, and how closely the attribution graph's splits add up to their parent.
 
     python examples/concepts.py            # about half a minute on a laptop CPU
     python examples/concepts.py --quick    # a few seconds (CI)
@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     graph = crp.attribution_graph(explainable, image, [LAYER, BELOW], top, RULE, target=CONFOUNDED, top_k=4)
     print(graph)
     splits = max(abs(sum(child.relevance for child in node.children) + node.rest - node.relevance)
-                 for node in graph.nodes() if node.children)
-    print(f"largest difference between a node's relevance and its children's plus the rest: {splits:.2e}")
+                 / abs(node.relevance) for node in graph.nodes() if node.children)
+    print(f"a node's children plus the rest hold its relevance up to {splits:.2%} (what the biases and epsilon "
+          f"of the rules between the two layers absorb; 0 under LRP-0 without biases)")
     graph_figure = os.path.join(args.out, "concepts_graph.png")
     crp.plot_attribution_graph(graph, graph_figure)
     print(f"wrote {atlas_figure}, {graph_figure} and the store {store}")

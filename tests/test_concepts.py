@@ -415,9 +415,9 @@ def test_concepts_example_finds_the_planted_tag(tmp_path):
     base = float(re.search(r"images are tagged \(([\d.]+)%\)", result.stdout).group(1))
     top, control = map(float, re.search(r"([\d.]+)% of its reference samples are tagged \(the other channels, the "
                                         r"control: median ([\d.]+)%\)", result.stdout).groups())
-    splits = float(re.search(r"children's plus the rest: ([\d.e+-]+)", result.stdout).group(1))
+    splits = float(re.search(r"the rest hold its relevance up to ([\d.]+)%", result.stdout).group(1))
     # measured with --quick: 4.7% of the images tagged; the top concept's references 100% tagged, control 0%
     assert top >= 90 and control <= 20 and base < 10
-    assert splits < 1e-5
+    assert splits < 5  # percent: EpsilonPlusFlat with biases (exact splits: test_attribution_graph_splits_...)
     for name in ("concepts_atlas.png", "concepts_graph.png"):
         assert (tmp_path / name).is_file()

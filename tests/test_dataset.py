@@ -62,7 +62,12 @@ def test_store_equals_explain(tmp_path, device, target):
     converted = lrp.convert(model())
     logits = converted(data.inputs).detach()
     wanted = {None: logits.argmax(1), "label": data.labels, 2: torch.full((37,), 2)}[target]
-    reference = lrp.explain(converted, data.inputs, target=wanted, rule="epsilon")
+    # chunk by chunk, as the store was made: float32 kernels may round differently for another batch size, and the
+    # epsilon rule's R / z magnifies that where z is near zero
+    converted = converted.to(device)
+    reference = torch.cat([lrp.explain(converted, data.inputs[begin:begin + 8].to(device),
+                                       target=wanted[begin:begin + 8].to(device), rule="epsilon").cpu()
+                           for begin in range(0, 37, 8)])
     torch.testing.assert_close(relevances[:], reference, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(relevances.logits, logits, rtol=1e-5, atol=1e-6)
     assert torch.equal(relevances.targets, wanted)
