@@ -49,7 +49,7 @@ model = torchvision.models.vgg16(num_classes=10).eval().to(device)
 model.load_state_dict(torch.load(folder + "/weights.pt", weights_only=True))
 composite = EpsilonPlusFlat()
 attribution = CondAttribution(model, device=device)
-x = torch.load(folder + "/input.pt", weights_only=True).to(device)
+x = torch.load(folder + "/input.pt", weights_only=True).to(device).requires_grad_(True)
 conditions = torch.load(folder + "/conditions.pt", weights_only=True)
 times = []
 for _ in range(repeats + 1):
@@ -82,6 +82,11 @@ def _data(images: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return (torch.rand(images, 3, size, size, generator=generator),
             torch.randint(0, 10, (images,), generator=generator))
+
+
+def _note(figures: dict, name: str, seconds: float) -> None:
+    figures[name] = seconds
+    print(f"  {name}: {seconds:.2f} s", flush=True)
 
 
 def _timed(function, device: torch.device, repeats: int) -> float:
@@ -142,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     top = whole.concept_relevances(LAYER)[0, 0].topk(args.concepts).indices.tolist()
     conditions = [{LAYER: [c], "y": [target]} for c in top]
     figures = {}
-    figures["heatmaps: torchlrp"] = _timed(lambda: crp.attribute(converted, x, conditions, rule, start="logit"),
-                                           device, args.repeats)
+    _note(figures, "heatmaps: torchlrp", _timed(lambda: crp.attribute(converted, x, conditions, rule,
+                                                                      start="logit"), device, args.repeats))
     plain = model.to(device)
     expanded = x.repeat(args.concepts, 1, 1, 1)
 
@@ -151,14 +156,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         carrier = expanded.clone().requires_grad_(True)
         output = plain(carrier)
         torch.autograd.grad(output[:, target].sum(), carrier)
-    figures["heatmaps: gradient"] = _timed(gradient, device, args.repeats)
+    _note(figures, "heatmaps: gradient", _timed(gradient, device, args.repeats))
     data, labels = _data(args.images, args.dataset_size)
     with tempfile.TemporaryDirectory() as folder:
         store = os.path.join(folder, "one.zarr")
         report = explain_dataset(model, torch.utils.data.TensorDataset(data, labels), rule, store, target="label",
                                  start="logit", batch_size=args.batch_size, dtype=torch.float16, quiet=True,
                                  concepts=DATASET_LAYERS, device=device)
-        figures["dataset: torchlrp, 1 process"] = report.seconds
+        _note(figures, "dataset: torchlrp, 1 process", report.seconds)
         shutil.rmtree(store)
         if not args.skip_torchrun and device.type == "cpu":
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                        str(args.dataset_size), str(args.batch_size)]
             finished = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                                       text=True)
-            figures["dataset: torchlrp, torchrun x2"] = _result(finished.stdout + finished.stderr)["seconds"]
+            _note(figures, "dataset: torchlrp, torchrun x2", _result(finished.stdout + finished.stderr)["seconds"])
         if args.crp_python:
             torch.save(model.cpu().state_dict(), os.path.join(folder, "weights.pt"))
             torch.save(x.cpu(), os.path.join(folder, "input.pt"))
