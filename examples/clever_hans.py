@@ -90,12 +90,22 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
         return float((model(images).argmax(1) == labels).float().mean())
 
 
-def _made_by_this_example(store: str) -> bool:
-    """Whether ``store`` is a Zarr store this example wrote (named by :data:`MODEL_NAME` in its settings)."""
+def made_by(store: str, model_name: str = MODEL_NAME) -> bool:
+    """Whether ``store`` is a Zarr store an example wrote (named by ``model_name`` in its settings)."""
     try:
-        return open_relevances(store).settings.get("model") == MODEL_NAME
+        return open_relevances(store).settings.get("model") == model_name
     except (FileNotFoundError, ValueError):
         return False
+
+
+def trained_on_the_data(quick: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """The data, its 400 test indices and the CNN trained on the rest (8 epochs with ``quick``, else 20).
+    Returns (images, labels, tagged, test, model)."""
+    images, labels, tagged = make_data()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    test, fit = order[:400], order[400:]
+    model = train(make_model(), images[fit], labels[fit], epochs=8 if quick else 20)
+    return images, labels, tagged, test, model
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -107,10 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
 
-    images, labels, tagged = make_data()
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    test, fit = order[:400], order[400:]
-    model = train(make_model(), images[fit], labels[fit], epochs=8 if args.quick else 20)
+    images, labels, tagged, test, model = trained_on_the_data(args.quick)
     print(f"test accuracy: {accuracy(model, images[test], labels[test]):.1%} (all digits)")
     test_tagged = test[tagged[test]]
     test_sevens = test[(labels[test] == CONFOUNDED) & ~tagged[test]]
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # explain every image (the whole dataset, as one would audit it) into a Zarr store
     store = args.store or os.path.join(args.out, "clever_hans.zarr")
-    if _made_by_this_example(store):
+    if made_by(store):
         shutil.rmtree(store)  # this example's store from an earlier run; any other store is refused, not removed
     dataset = torch.utils.data.TensorDataset(images, labels)
     explain_dataset(model, dataset, lrp.EpsilonPlusFlat(), store, target="label", batch_size=128,

@@ -28,21 +28,14 @@ import torch
 
 import torchlrp as lrp
 from torchlrp import concepts as crp
-from torchlrp.dataset import explain_dataset, open_relevances
+from torchlrp.dataset import explain_dataset
 
-from clever_hans import CONFOUNDED, make_data, make_model, train
+from clever_hans import CONFOUNDED, made_by, trained_on_the_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAYER, BELOW = "3", "0"
 MODEL_NAME = "concepts example CNN"  # recorded in the store: a rerun replaces only a store of this example
 RULE = lrp.EpsilonPlusFlat()
-
-
-def _made_by_this_example(store: str) -> bool:
-    try:
-        return open_relevances(store).settings.get("model") == MODEL_NAME
-    except (FileNotFoundError, ValueError):
-        return False
 
 
 def corner_share(heatmap: torch.Tensor) -> float:
@@ -60,14 +53,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
 
-    images, labels, tagged = make_data()
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    test, fit = order[:400], order[400:]
-    model = train(make_model(), images[fit], labels[fit], epochs=8 if args.quick else 20)
+    images, labels, tagged, test, model = trained_on_the_data(args.quick)
     explainable = lrp.convert(model)
 
     store = args.store or os.path.join(args.out, "concepts.zarr")
-    if _made_by_this_example(store):
+    if made_by(store, MODEL_NAME):
         shutil.rmtree(store)  # this example's store from an earlier run; any other store is refused, not removed
     dataset = torch.utils.data.TensorDataset(images, labels)
     explain_dataset(explainable, dataset, RULE, store, target="label", start="logit", batch_size=128, quiet=True,

@@ -206,7 +206,23 @@ class Channels(Concepts):
         return selected[:, None, :]
 
 
-class Groups(Concepts):
+class _MatrixConcepts(Concepts):
+    """Concepts given by a ``(K, C)`` matrix over the ``C`` units (group membership, directions)."""
+
+    def _matrix(self) -> Tensor:
+        raise NotImplementedError
+
+    def count(self, units: int) -> int:
+        self._check_units(units, self._matrix().shape[1])
+        return self._matrix().shape[0]
+
+    def _matrix_like(self, units: Tensor) -> Tensor:
+        """The ``(K, C)`` matrix on ``units``' device and dtype (``units``: ``(N, P, C)``)."""
+        self._check_units(units.shape[-1], self._matrix().shape[1])
+        return self._matrix().to(units.device, units.dtype)
+
+
+class Groups(_MatrixConcepts):
     """Disjoint groups of units, each one concept (an attention head, a user-given set of channels).
 
     Parameters
@@ -268,28 +284,22 @@ class Groups(Concepts):
     def __repr__(self) -> str:
         return f"Groups({self.membership.shape[0]} groups of {self.membership.shape[1]} units, dim={self.dim})"
 
-    def count(self, units: int) -> int:
-        self._check_units(units, self.membership.shape[1])
-        return self.membership.shape[0]
-
-    def _membership(self, units: Tensor) -> Tensor:
-        """The ``(K, C)`` membership matrix on ``units``' device and dtype (``units``: ``(N, P, C)``)."""
-        self._check_units(units.shape[-1], self.membership.shape[1])
-        return self.membership.to(units.device, units.dtype)
+    def _matrix(self) -> Tensor:
+        return self.membership
 
     def relevance(self, relevance: Tensor, activation: Tensor) -> Tensor:
         units = self.units(relevance)
-        return units @ self._membership(units).T
+        return units @ self._matrix_like(units).T
 
     def activation(self, activation: Tensor) -> Tensor:
         units = self.units(activation)
-        return units @ self._membership(units).T
+        return units @ self._matrix_like(units).T
 
     def shares(self, selected: Tensor, activation: Tensor) -> Tensor:
-        return (selected @ self._membership(self.units(activation)))[:, None, :]
+        return (selected @ self._matrix_like(self.units(activation)))[:, None, :]
 
 
-class Directions(Concepts):
+class Directions(_MatrixConcepts):
     """Orthonormal directions of the unit space, each one concept (a learned or user-given basis).
 
     Parameters
@@ -321,18 +331,13 @@ class Directions(Concepts):
     def __repr__(self) -> str:
         return f"Directions({self.directions.shape[0]} of {self.directions.shape[1]} units, dim={self.dim})"
 
-    def count(self, units: int) -> int:
-        self._check_units(units, self.directions.shape[1])
-        return self.directions.shape[0]
-
-    def _basis(self, like: Tensor) -> Tensor:
-        self._check_units(like.shape[-1], self.directions.shape[1])
-        return self.directions.to(like.device, like.dtype)
+    def _matrix(self) -> Tensor:
+        return self.directions
 
     def _parts(self, activation: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Units ``a`` (N, P, C), components ``z`` (N, P, K) and ``1 / a`` stabilized (0 where ``|a| <= eps``)."""
         units = self.units(activation)
-        basis = self._basis(units)
+        basis = self._matrix_like(units)
         safe = torch.where(units.abs() > self.eps, units, torch.ones_like(units))
         inverse = torch.where(units.abs() > self.eps, 1.0 / safe, torch.zeros_like(units))
         return basis, units @ basis.T, inverse
@@ -343,7 +348,7 @@ class Directions(Concepts):
 
     def activation(self, activation: Tensor) -> Tensor:
         units = self.units(activation)
-        return units @ self._basis(units).T
+        return units @ self._matrix_like(units).T
 
     def shares(self, selected: Tensor, activation: Tensor) -> Tensor:
         basis, components, inverse = self._parts(activation)
