@@ -657,6 +657,8 @@ def _check_leaves(model: torch.nn.Module, registry: OperationRegistry, allowed: 
             if registry.for_module(module) is not None and name:
                 inside_known.append(name)
             continue
+        if isinstance(module, _CONTAINERS):
+            continue  # an empty ModuleList (a stage without downsampling): holds nothing to explain
         if _is_allowed(name, allowed) or not type(module).__module__.startswith("torch."):
             continue  # a leaf module of its own (GELUActivation): its calls are explained at run time
         if registry.for_module(module) is None:

@@ -660,6 +660,10 @@ def default_registry() -> OperationRegistry:
         add_method(name, extremum)
     for function in EXTREMUM_FUNCTIONS:
         add_function(function, extremum)
+    gate_choice = OperationEntry("a router's choice (mixture of experts): values held constant, a gate", None,
+                                 "none", constant_when=lambda node, view: True)
+    add_function(torch.topk, gate_choice)
+    add_method("topk", gate_choice)
     add_function(F.normalize, _activation(F.normalize))
     add_method("unfold", _keep("index map (copies summed)"))  # x.unfold(dim, size, step): overlapping windows
     add_function(torch.repeat_interleave, _keep("index map"))

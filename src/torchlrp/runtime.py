@@ -19,6 +19,10 @@ traced graph:
 * the statistics of hand-written norms -- ``rsqrt``, ``sqrt`` and the square ``x.pow(2)`` / ``x ** 2`` of an
   activation -- are held constant (AttnLRP), so LLaMA's ``x * torch.rsqrt(x.pow(2).mean(-1) + eps)`` passes
   relevance to ``x`` unchanged and ``(x - mean) / torch.sqrt(var + eps)`` is explained as a layer norm;
+* ``topk`` of an activation (a mixture-of-experts router's choice and its gate values): held constant, so a
+  product of an expert's output with its routing weight is a scale; ``grouped_mm`` / ``bmm`` with expert weights
+  selected from a parameter: the epsilon rule of a product with a constant; ``index_add`` (gathering the experts'
+  outputs): the proportional split of each row's sum;
 * index maps (``view``, ``transpose``, ``cat``, indexing, ...), ``relu``, max pooling, dropout: their gradient.
 
 * ``F.linear``, ``F.conv*``, ``F.conv_transpose*``, ``torch.addmm`` on parameters: the composite's rule for the
@@ -153,7 +157,8 @@ class RunTimeOperations(TorchFunctionMode):
                 self.stack.append(module)
                 if self._written_activation(module, args):
                     self.inside_activation += 1  # its calls run as they are: the module is one activation
-                if isinstance(module, ExplainableAffine) and not self.layer_seen and module in self.state.rules:
+                if isinstance(module, ExplainableAffine) and not self.layer_seen and module in self.state.rules and any(
+                        _is_activation(a) for a in _tensors(args, {})):
                     self.layer_seen = True
                     self.state.rules[module] = self.composite.rule_for(self.names.get(module, ""), module,
                                                                        is_first=True)
@@ -161,6 +166,10 @@ class RunTimeOperations(TorchFunctionMode):
         def leave(module: torch.nn.Module, args: tuple, output: Any) -> Any:
             if current() is self.state and self.stack and self.stack[-1] is module:
                 self.stack.pop()
+                if type(module).__module__.startswith("torchlrp.") and not any(
+                        _is_activation(a) for a in _tensors(args, {})):
+                    _mark_parameter_expressions(output, args, {})  # a twin on constants (CLIP's text tower)
+                    return None
                 if self._written_activation(module, args):
                     self.inside_activation -= 1
                     if self.inside_activation == 0:
@@ -227,6 +236,10 @@ class RunTimeOperations(TorchFunctionMode):
         updated = _updated_in_place(func, args, kwargs)
         if updated is not None:
             self.saved.before_update(updated)
+        if not any(_is_activation(a) for a in _tensors(args, kwargs)):  # constants only (a text tower of CLIP
+            result = func(*args, **kwargs)  # explained on its image): no relevance flows through it
+            _mark_parameter_expressions(result, args, kwargs)
+            return result
         handler = self.handlers.get(func)
         if handler is not None:
             result = handler(self, args, kwargs)
@@ -624,6 +637,33 @@ def _product_sum(product: Callable) -> Handler:
     return handle
 
 
+def _index_add(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+    """``x.index_add(dim, index, source)`` (a mixture of experts gathering its experts' outputs): ``x`` plus the
+    sources summed into their rows, each row's relevance split in proportion to ``x`` and the sources added to it."""
+    bound = dict(zip(("input", "dim", "index", "source"), args), **kwargs)
+    input, source = bound.get("input"), bound.get("source")
+    if set(bound) - {"input", "dim", "index", "source", "alpha"} or not _is_activation(source) or not isinstance(
+            input, Tensor):
+        return NotImplemented
+    dim, index, alpha = bound["dim"], bound["index"], bound.get("alpha", 1)
+    zeros = torch.zeros_like(input, dtype=torch.result_type(input, source))
+    scattered = proportional(source, lambda rows: zeros.index_add(dim, index, rows, alpha=alpha), mode.epsilon)
+    if _is_activation(input):
+        return weighted_sum_rule([input, scattered], (1.0, 1.0), epsilon=mode.epsilon)
+    return weighted_sum_rule([scattered], (1.0,), constant=input, epsilon=mode.epsilon)
+
+
+def _grouped_product(function: Callable) -> Handler:
+    """``grouped_mm(input, weight, offs=...)`` (mixture-of-experts layers: each group of rows times its expert's
+    weight): a product with a constant factor (the epsilon rule), or AttnLRP's uniform rule of two activations."""
+    def handle(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+        if len(args) < 2:
+            return NotImplemented
+        rest = args[2:]
+        return _product(lambda left, right: function(left, right, *rest, **kwargs), False)(mode, args[:2], {})
+    return handle
+
+
 def _first_of(*candidates: Handler) -> Handler:
     """The first of ``candidates`` that handles the call."""
     def handle(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
@@ -688,6 +728,14 @@ def _handlers() -> dict[Any, Handler]:
         handlers[function] = _first_of(_affine(torch.addmm), _product_sum(torch.mm))
     for function in (torch.baddbmm, torch.Tensor.baddbmm):
         handlers[function] = _product_sum(torch.bmm)
+    for function in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)):
+        if function is not None:  # torch >= 2.9
+            handlers[function] = _grouped_product(function)
+    for function in (torch.index_add, torch.Tensor.index_add):
+        handlers[function] = _index_add
+    handlers[torch.Tensor.index_add_] = _in_place(_index_add)
+    for function in (torch.topk, torch.Tensor.topk):  # a router's choice of experts: the gate held constant
+        handlers[function] = _held_constant(function)
     handlers[F.batch_norm] = _batch_norm
     handlers[F.pad] = _pad
     handlers[F.group_norm] = _group_norm
