@@ -326,6 +326,7 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
                              if _attribute(module, "torchlrp_registry") is not None), None)
             run_time = RunTimeOperations(state, composite.proportional_rule().epsilon, composite, model, allowed,
                                          registry)
+            state.run_time = True
             with run_time:
                 yield state
             run_time.report()

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .composites import Composite
+from .conservation import Conservation, check
 from .context import rules_applied
 from .patterns import PatternsLike
 from .rules import Rule
@@ -86,7 +87,7 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
             rule: "str | Rule | Composite" = "epsilon", pattern: PatternsLike | None = None, start: str = "one",
             output_relevance: Tensor | None = None, fused: bool = False,
             return_scores: bool = False, return_absorbed: bool = False,
-            output: "int | str | None" = None) -> "Tensor | tuple[Tensor, ...]":
+            output: "int | str | None" = None, return_conservation: bool = False) -> "Tensor | tuple[Any, ...]":
     """Explain ``model``'s decision on ``input``: return the input relevance.
 
     Relevance starts at the target logit of each sample (1 there, 0 elsewhere; ``start="logit"`` starts it at the
@@ -131,13 +132,18 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
         For a model that returns a tuple, list or dict (Hugging Face's ``ModelOutput``): the index or key of the
         tensor to explain. Default: the output itself where it is a tensor, else the first element of a tuple/list
         or the ``"logits"`` of a dict.
+    return_conservation : bool
+        Also return a :class:`~torchlrp.conservation.Conservation` report (last): the start relevance, the input's,
+        the absorbed shares, what calls without a rule changed (run time) and the residual. A model explained at
+        run time is checked after every explanation: a warning says where relevance went missing (see
+        :mod:`torchlrp.conservation`).
 
     Returns
     -------
     Tensor or tuple
         Relevance of ``input``'s shape, or ``(batch, k, *input.shape[1:])`` for a ``(batch, k)`` target; with
         ``return_scores=True`` also the detached scores, ``(batch, classes)``; with ``return_absorbed=True`` also
-        the dict of absorbed shares (last).
+        the dict of absorbed shares; with ``return_conservation=True`` also the report (last).
 
     Raises
     ------
@@ -179,18 +185,31 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
                              f"{tuple(output.shape)}")
         elif output_relevance.is_inference():
             output_relevance = output_relevance.clone()
+        reported = return_absorbed or return_conservation
         named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad] \
-            if return_absorbed else []
-        named += state.absorbed if return_absorbed else []  # constants added to activations, by the sum's name
+            if reported else []
+        # constants added to activations, by the sum's name (cheap leaves: kept for the run-time check too)
+        named += state.absorbed if reported or state.run_time else []
         relevance, *shares = torch.autograd.grad(output, [carrier, *(p for _, p in named)], output_relevance,
                                                  allow_unused=True)
+    absorbed: dict[str, Tensor] = {}
+    for (name, _), share in zip(named, shares):
+        if share is not None:  # (an additive mask's -inf takes 0 * -inf: nothing)
+            absorbed[name] = absorbed[name] + share.nansum() if name in absorbed else share.nansum()
+    report = None
+    if return_conservation or state.run_time:
+        def row_sums(tensor: Tensor) -> Tensor:
+            rows = (batch, per_sample) if multi else tensor.shape[:1] or (1,)
+            return tensor.detach().reshape(*rows, -1).sum(-1)
+        report = Conservation(start=row_sums(output_relevance), input=row_sums(relevance), absorbed=absorbed,
+                              unruled=dict(state.unruled), losses_allowed=tuple(sorted(state.losses_allowed)))
+        if state.run_time:
+            check(report, [p for name, p in model.named_parameters() if name.rpartition(".")[2] == "bias"])
     if multi:
         relevance = relevance.reshape(batch, per_sample, *input.shape[1:])
     results = (relevance, scores[::per_sample]) if return_scores else (relevance,)
     if return_absorbed:
-        absorbed: dict[str, Tensor] = {}
-        for (name, _), share in zip(named, shares):
-            if share is not None:  # (an additive mask's -inf takes 0 * -inf: nothing)
-                absorbed[name] = absorbed[name] + share.nansum() if name in absorbed else share.nansum()
         results = (*results, absorbed)
+    if return_conservation:
+        results = (*results, report)
     return results[0] if len(results) == 1 else results

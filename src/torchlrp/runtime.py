@@ -53,6 +53,7 @@ from torch.overrides import TorchFunctionMode
 
 from .functional.attention import attention_rule
 from .batchnorm import fold_batchnorm_tensors
+from .conservation import rule_conserves
 from .convert import ConversionError, is_written_activation
 from .functional.operations import (ChannelAffineRelevance, bilinear_rule, group_norm_rule, identity_rule,
                                     layer_norm_rule, scale_rule, softmax_rule, weighted_sum_rule)
@@ -108,7 +109,13 @@ def _is_absorbing(active: Any, other: Any) -> bool:
 
 
 def _name(func: Any) -> str:
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    """A call's name as a user writes it: ``torch.cumsum``, ``Tensor.cumsum``, ``F.gelu``'s qualified name."""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    for internal, public in (("_VariableFunctionsClass.", "torch."), ("TensorBase.", "Tensor."),
+                             ("_TensorBase.", "Tensor.")):
+        if name.startswith(internal):
+            return public + name[len(internal):]
+    return name
 
 
 class RunTimeOperations(TorchFunctionMode):
@@ -245,18 +252,44 @@ class RunTimeOperations(TorchFunctionMode):
             result = handler(self, args, kwargs)
             if result is not NotImplemented:
                 return result
+        if _passes_gradient(func, self.registry):
+            return func(*args, **kwargs)
+        label = _name(func)
+        allowed = self.allows_gradient(label)
+        path = self.owner()[0]
+        key = (f"{path}: " if path else "") + label
+        taps: list[Tensor] = []
+        if allowed and updated is None:  # measured: the relevance it changes is in the conservation report
+            args, kwargs = _tapped(args, taps), {name: _tapped((value,), taps)[0] for name, value in kwargs.items()}
         result = func(*args, **kwargs)
         _mark_parameter_expressions(result, args, kwargs)
-        if _is_activation(result) and not _passes_gradient(func, self.registry) and (
-                handler is None or any(_is_activation(a) for a in _tensors(args, kwargs))):
-            label = _name(func)
-            path = self.owner()[0]
-            key = (f"{path}: " if path else "") + label + ("" if self.allows_gradient(label) else " [no rule]")
-            self.gradient_only[key] = self.gradient_only.get(key, 0) + 1
+        if _is_activation(result):
+            counted = key + ("" if allowed else " [no rule]")
+            self.gradient_only[counted] = self.gradient_only.get(counted, 0) + 1
+            if taps:
+                self._measure(key, result, taps)
         return result
 
+    def _measure(self, key: str, result: Any, taps: list[Tensor]) -> None:
+        """Record, in the backward, the relevance a call without a rule changes: into its inputs minus at its
+        outputs (``state.unruled[key]``)."""
+        unruled = self.state.unruled
+
+        def add(sign: float) -> Callable[[Tensor], None]:
+            def hook(gradient: Tensor) -> None:
+                change = sign * gradient.detach().sum()
+                unruled[key] = unruled[key] + change if key in unruled else change
+            return hook
+
+        for output in (result if isinstance(result, (tuple, list)) else (result,)):
+            if _is_activation(output):
+                output.register_hook(add(-1.0))
+        for tap in taps:
+            tap.register_hook(add(1.0))
+
     def report(self) -> None:
-        """Raise for the calls on activations that had no rule; warn about those ``allow_gradient`` let pass.
+        """Raise for the calls on activations that had no rule; warn about those ``allow_gradient`` let pass;
+        note the rules in play that may lose relevance (``state.losses_allowed``).
 
         Raises
         ------
@@ -268,11 +301,30 @@ class RunTimeOperations(TorchFunctionMode):
                    if key.endswith(" [no rule]")]
         if refused:
             raise ConversionError(refused)
+        for module, rule in self.state.rules.items():
+            if isinstance(module, ExplainableAffine) and not rule_conserves(rule):
+                self.state.losses_allowed.add(f"the layer rule {rule!r}")
+            elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                self.state.losses_allowed.add("a batch norm's shift (a bias)")
         if self.gradient_only:
             listed = ", ".join(f"{name} (x{count})" for name, count in self.gradient_only.items())
             warnings.warn(f"torchlrp explained this model's forward at run time (torch.fx cannot trace it); these "
                           f"calls on activations have no relevance rule and passed relevance by their gradient, "
                           f"as allow_gradient allowed: {listed}", stacklevel=3)
+
+
+def _tapped(args: tuple, taps: list[Tensor]) -> tuple:
+    """``args`` with each activation (also inside lists and tuples) replaced by a view of itself, appended to
+    ``taps``: its gradient is what one call passes to that input."""
+    def tap(value: Any) -> Any:
+        if _is_activation(value):
+            view = value.view_as(value)
+            taps.append(view)
+            return view
+        if isinstance(value, (list, tuple)) and any(_is_activation(item) for item in value):
+            return type(value)(tap(item) for item in value)
+        return value
+    return tuple(tap(value) for value in args)
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
@@ -318,6 +370,8 @@ def _sum(signs: tuple[float, float]) -> Handler:
         if _is_activation(left) and _is_activation(right):
             return weighted_sum_rule([left, right], signs, epsilon=mode.epsilon)
         if _is_activation(left):  # activation +/- constant
+            if isinstance(right, Tensor) or right != 0:
+                mode.state.losses_allowed.add("a constant added to an activation (a mask, a buffer, a number)")
             constant = right * signs[1] if isinstance(right, Tensor) else signs[1] * right
             result = weighted_sum_rule([left], [signs[0]], constant=constant, epsilon=mode.epsilon)
             if signs[0] == 1.0 and isinstance(constant, Tensor):  # maybe scores + mask before a softmax
@@ -325,6 +379,7 @@ def _sum(signs: tuple[float, float]) -> Handler:
                 table[key] = (weakref.ref(result, lambda _: table.pop(key, None)), left, constant)
             return result
         if _is_activation(right):  # constant +/- activation
+            mode.state.losses_allowed.add("a constant added to an activation (a mask, a buffer, a number)")
             return weighted_sum_rule([right], [signs[1]], constant=left, epsilon=mode.epsilon)
         return NotImplemented
     return handle
@@ -444,6 +499,7 @@ def _softmax(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
         constant = constant.to(scores.dtype).clamp(min=torch.finfo(scores.dtype).min)
     if mode.state.attention == "cp":  # CP-LRP: the weights are a constant of the product with the values
         return torch.softmax(input.detach(), dim)
+    mode.state.losses_allowed.add("AttnLRP's softmax rule (absorbs like a bias)")
     return softmax_rule(scores, dim, constant, mode.epsilon)
 
 
@@ -456,6 +512,8 @@ def _attention(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
         groups = bound["query"].shape[-3] // bound["key"].shape[-3]
         bound["key"] = bound["key"].repeat_interleave(groups, dim=-3)
         bound["value"] = bound["value"].repeat_interleave(groups, dim=-3)
+    if mode.state.attention != "cp":
+        mode.state.losses_allowed.add("AttnLRP's softmax rule (absorbs like a bias)")
     output, _ = attention_rule(bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
                                bool(bound.get("is_causal", False)), bound.get("scale"), mode.state.attention,
                                mode.epsilon, need_weights=False)
@@ -534,6 +592,8 @@ def _affine(function: Callable) -> Handler:
         first = not mode.layer_seen
         mode.layer_seen = True
         rule = mode.composite.rule_for(name, call, is_first=first)
+        if not rule_conserves(rule):
+            mode.state.losses_allowed.add(f"the layer rule {rule!r}")
         output = call(*args, explain=True, rule=rule, **kwargs)
         if not call.transposed and function is not torch.addmm:
             def refold(fold: Fold) -> Tensor:
@@ -578,6 +638,7 @@ def _batch_norm(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
     if any(_is_activation(bound.get(name)) for name in BATCH_NORM_ARGUMENTS[1:5]):
         return NotImplemented
     eps = bound.get("eps", 1e-5)
+    mode.state.losses_allowed.add("a batch norm's shift (a bias)")
     kept = mode.layer_outputs.get(id(input))
     if kept is not None and kept[0]() is input:  # folded into the layer before it
         statistics = [None if bound.get(name) is None else bound[name].detach() for name in BATCH_NORM_ARGUMENTS[1:5]]
@@ -605,6 +666,8 @@ def _addc(operation: Callable) -> Handler:
             return NotImplemented
         if not any(active) and not _is_activation(input):
             return NotImplemented
+        if not _is_activation(input):
+            mode.state.losses_allowed.add(f"the constant summand of {operation.__name__}")
         module = ScaledSum(operation, float(value), 0 if active[0] else 1 if active[1] else None)
         rule = Epsilon(mode.epsilon)
         token = _bare_state(module, rule)
@@ -628,6 +691,8 @@ def _product_sum(product: Callable) -> Handler:
         if not any(active):
             return NotImplemented
         shares = (0.5, 0.5) if all(active) else (1.0, 0.0) if active[0] else (0.0, 1.0)
+        if isinstance(input, Tensor) and not _is_activation(input) and bound.get("beta", 1.0) != 0:
+            mode.state.losses_allowed.add(f"the constant summand of {product.__name__} (a bias)")
         module = ProductSum(product, shares, _is_activation(input))
         undo = _bare_state(module, Epsilon(mode.epsilon))
         try:
@@ -651,6 +716,22 @@ def _index_add(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
     if _is_activation(input):
         return weighted_sum_rule([input, scattered], (1.0, 1.0), epsilon=mode.epsilon)
     return weighted_sum_rule([scattered], (1.0,), constant=input, epsilon=mode.epsilon)
+
+
+def _concatenation(function: Callable) -> Handler:
+    """``torch.cat`` of activations and parameters (a class token, registers): an index map, the parameters' share
+    reported (``explain(return_absorbed=True)``, by the site's name)."""
+    def handle(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
+        parts = args[0] if args else kwargs.get("tensors")
+        if not isinstance(parts, (list, tuple)) or not any(_is_activation(p) for p in parts) or not any(
+                _is_absorbing(active, part) and not _is_activation(part) for active in parts for part in parts):
+            return NotImplemented
+        label = mode.site_label("cat")
+        parts = [part if _is_activation(part) or not isinstance(part, Tensor) or not part.requires_grad
+                 else mode.state.absorb(part, label) for part in parts]
+        rest = {name: value for name, value in kwargs.items() if name != "tensors"}
+        return function(parts, *args[1:], **rest)
+    return handle
 
 
 def _grouped_product(function: Callable) -> Handler:
@@ -731,6 +812,8 @@ def _handlers() -> dict[Any, Handler]:
     for function in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)):
         if function is not None:  # torch >= 2.9
             handlers[function] = _grouped_product(function)
+    for function in (torch.cat, torch.concat, torch.concatenate):
+        handlers[function] = _concatenation(function)
     for function in (torch.index_add, torch.Tensor.index_add):
         handlers[function] = _index_add
     handlers[torch.Tensor.index_add_] = _in_place(_index_add)

@@ -53,6 +53,13 @@ class ExplainState:
     absorbed : list of (str, Tensor)
         The constants added to activations in this forward (see :meth:`absorb`): their gradient is the relevance
         they took (``explain(..., return_absorbed=True)`` reports it by the sum's name).
+    run_time : bool
+        The model's forward is explained call by call (:mod:`torchlrp.runtime`): it is checked for conservation.
+    unruled : dict of str to Tensor
+        Run time: the relevance each call without a rule changed as it passed its gradient (filled in the
+        backward; see :class:`torchlrp.conservation.Conservation`).
+    losses_allowed : set of str
+        Run time: why the rules in play may take a share of relevance themselves (empty where all conserve).
     """
 
     rules: dict[torch.nn.Module, Rule] = field(default_factory=dict)
@@ -68,6 +75,9 @@ class ExplainState:
     attention: str = "attnlrp"
     output_scores: Tensor | None = None
     absorbed: list[tuple[str, Tensor]] = field(default_factory=list)
+    run_time: bool = False
+    unruled: dict[str, Tensor] = field(default_factory=dict)
+    losses_allowed: set[str] = field(default_factory=set)
 
     def absorb(self, value: Tensor, label: str) -> Tensor:
         """A constant summand (a position embedding, a buffer, a number as a tensor) as a new leaf whose gradient

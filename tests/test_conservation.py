@@ -1,0 +1,131 @@
+"""The conservation report (``explain(return_conservation=True)``) and the run-time check: a call without a rule
+that changes the relevance is measured and named, a rule that does not fit is noticed, conserving models stay
+silent."""
+import warnings
+
+import pytest
+import torch
+
+import torchlrp as lrp
+from torchlrp.conservation import Conservation, rule_conserves
+from torchlrp.rules import AlphaBeta, Epsilon, Flat, Gamma, Gradient, Zero
+
+
+class _Untraceable(torch.nn.Module):
+    """``head(f(body(x)))`` with data-dependent control flow (explained at run time); ``f`` a cumulative sum over
+    the features (no rule: relevance passes by its gradient) or the identity."""
+
+    def __init__(self, cumulative: bool, bias: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(6, 5, bias=bias)
+        self.head = torch.nn.Linear(5, 3, bias=bias)
+        self.cumulative = cumulative
+
+    def forward(self, x):
+        if float(x.detach().abs().sum()) < 0:  # never true; torch.fx cannot trace it
+            x = -x
+        hidden = self.body(x)
+        if self.cumulative:
+            hidden = torch.cumsum(hidden, dim=-1)
+        return self.head(hidden)
+
+
+def _converted(model, **options):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.fx cannot trace")
+        return lrp.convert(model.double().eval(), **options)
+
+
+def test_a_call_without_a_rule_is_measured_and_warned_about():
+    converted = _converted(_Untraceable(cumulative=True), allow_gradient=["cumsum"])
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"changed the relevance as they passed their gradient \(torch.cumsum: "):
+        relevance, report = lrp.explain(converted, x, rule="zero", start="logit", return_conservation=True)
+    # the change at the cumulative sum, from its formula: LRP-0 through the head gives the hidden units
+    # R_h = h * W^T (R / y); the gradient of cumsum sends each unit's relevance to it and every unit before it
+    model = converted
+    with torch.no_grad():
+        hidden = torch.cumsum(model.body(x), dim=-1)
+        logits = model.head(hidden)
+        target = logits.argmax(1)
+        selected = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0)
+        unit_relevance = hidden * ((selected * logits / logits) @ model.head.weight)
+        into_inputs = unit_relevance.flip(-1).cumsum(-1).flip(-1)
+    expected_change = (into_inputs.sum() - unit_relevance.sum())
+    assert list(report.unruled) == ["torch.cumsum"]
+    torch.testing.assert_close(report.unruled["torch.cumsum"], expected_change)
+    assert abs(float(expected_change)) > 0.1 * float(report.start.abs().sum())  # a loss the test can see
+    # LRP-0 without biases conserves everywhere else: the residual is exactly what the cumulative sum changed
+    torch.testing.assert_close(report.residual, -expected_change)
+    torch.testing.assert_close(report.start, logits.max(1).values)
+    torch.testing.assert_close(report.input, relevance.sum(1))
+    assert not report.conserved()
+    assert "changed by torch.cumsum" in str(report)
+
+
+def test_a_rule_that_does_not_fit_its_call_is_noticed():
+    """A registry entry that declares the gradient to be cumsum's rule: no call goes without a rule, every rule in
+    play conserves, and yet relevance goes missing -- the check says so."""
+    registry = lrp.default_registry()
+    registry.add_function(torch.cumsum, lrp.OperationEntry("identity (wrongly: its gradient)"))
+    converted = _converted(_Untraceable(cumulative=True), registry=registry)
+    with pytest.warns(UserWarning, match="every rule in play conserves, yet"):
+        _, report = lrp.explain(converted, torch.randn(4, 6, dtype=torch.float64), rule="zero",
+                                return_conservation=True)
+    assert report.unruled == {} and report.losses_allowed == ()
+
+
+def test_conserving_models_and_models_with_biases_stay_silent():
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for model, rule in ((_Untraceable(cumulative=False), "zero"), (_Untraceable(cumulative=False, bias=True), "zero"),
+                        (_Untraceable(cumulative=False), "epsilon"), (_Untraceable(cumulative=False), "gamma")):
+        converted = _converted(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # any warning fails the test
+            relevance, report = lrp.explain(converted, x, rule=rule, start="logit", return_conservation=True)
+        if model.body.bias is None:
+            assert report.conserved(), str(report)
+            torch.testing.assert_close(relevance.sum(1), converted(x).max(1).values, rtol=1e-4, atol=0)
+        else:  # the biases took their share: allowed, and the report shows it as the residual
+            assert not report.conserved()
+
+
+def test_the_report_of_a_traced_model_counts_the_class_token():
+    """A traced ViT-like model: the class token concatenated to the patches takes a share (reported)."""
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.token = torch.nn.Parameter(torch.randn(1, 1, 4))
+            self.mix = torch.nn.Linear(4, 4, bias=False)
+            self.head = torch.nn.Linear(4, 2, bias=False)
+
+        def forward(self, x):
+            x = torch.cat([self.token.expand(x.shape[0], -1, -1), x], dim=1)
+            return self.head(self.mix(x).mean(1))
+
+    converted = lrp.convert(Tokens().double().eval())
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    relevance, report = lrp.explain(converted, x, rule="zero", start="logit", return_conservation=True)
+    assert set(report.absorbed) == {"token"}
+    assert report.conserved() and float(report.absorbed["token"].abs()) > 0
+    torch.testing.assert_close(report.input, relevance.flatten(1).sum(1))
+
+
+def test_multiple_targets_report_per_row():
+    converted = _converted(_Untraceable(cumulative=False))
+    x = torch.randn(2, 6, dtype=torch.float64)
+    relevance, report = lrp.explain(converted, x, target=[[0, 1], [2, 0]], rule="zero", start="logit",
+                                    return_conservation=True)
+    assert report.start.shape == (2, 2) and report.input.shape == (2, 2)
+    torch.testing.assert_close(report.input, relevance.sum(-1))
+
+
+def test_which_rules_conserve():
+    assert rule_conserves(Zero()) and rule_conserves(Epsilon(1e-6)) and rule_conserves(Gamma())
+    assert rule_conserves(AlphaBeta(2.0)) and rule_conserves(Flat())
+    assert not rule_conserves(Epsilon(0.25)) and not rule_conserves(Gradient())
+    report = Conservation(start=torch.tensor([2.0]), input=torch.tensor([1.5]), absorbed={"p": torch.tensor(0.5)})
+    assert report.conserved() and float(report.residual) == 0.0
