@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import torchlrp as lrp
-from torchlrp.conservation import Conservation, rule_conserves
+from torchlrp.accounting import Conservation, rule_conserves
 from torchlrp.rules import AlphaBeta, Epsilon, Flat, Gamma, Gradient, Zero
 
 

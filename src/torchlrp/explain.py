@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .composites import Composite
-from .conservation import Conservation, check
+from .accounting import Conservation, check
 from .context import rules_applied
 from .patterns import PatternsLike
 from .rules import Rule
@@ -133,10 +133,10 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
         tensor to explain. Default: the output itself where it is a tensor, else the first element of a tuple/list
         or the ``"logits"`` of a dict.
     return_conservation : bool
-        Also return a :class:`~torchlrp.conservation.Conservation` report (last): the start relevance, the input's,
+        Also return a :class:`~torchlrp.accounting.Conservation` report (last): the start relevance, the input's,
         the absorbed shares, what calls without a rule changed (run time) and the residual. A model explained at
         run time is checked after every explanation: a warning says where relevance went missing (see
-        :mod:`torchlrp.conservation`).
+        :mod:`torchlrp.accounting`).
 
     Returns
     -------

@@ -53,7 +53,7 @@ from torch.overrides import TorchFunctionMode
 
 from .functional.attention import attention_rule
 from .batchnorm import fold_batchnorm_tensors
-from .conservation import rule_conserves
+from .accounting import rule_conserves
 from .convert import ConversionError, is_written_activation
 from .functional.operations import (ChannelAffineRelevance, bilinear_rule, group_norm_rule, identity_rule,
                                     layer_norm_rule, scale_rule, softmax_rule, weighted_sum_rule)

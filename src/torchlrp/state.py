@@ -57,7 +57,7 @@ class ExplainState:
         The model's forward is explained call by call (:mod:`torchlrp.runtime`): it is checked for conservation.
     unruled : dict of str to Tensor
         Run time: the relevance each call without a rule changed as it passed its gradient (filled in the
-        backward; see :class:`torchlrp.conservation.Conservation`).
+        backward; see :class:`torchlrp.accounting.Conservation`).
     losses_allowed : set of str
         Run time: why the rules in play may take a share of relevance themselves (empty where all conserve).
     """

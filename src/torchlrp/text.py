@@ -171,3 +171,51 @@ def save_tokens(path: str, rows: Sequence[Sequence[str]], relevance: Sequence[Se
             box = text.get_window_extent(renderer=renderer).transformed(axis.transAxes.inverted())
             x += box.width + 0.012
     figure.savefig(path, dpi=120)
+
+
+def save_generation(path: str, tokens: Sequence[str], relevance: Tensor, prompt_length: int,
+                    title: str | None = None) -> None:
+    """Save a generated sequence's relevance matrix as a PNG: one row per generated token, one column per token of
+    the sequence (red for, blue against; each row on its own colour scale).
+
+    Parameters
+    ----------
+    path : str
+        Output ``.png``.
+    tokens : sequence of str
+        The sequence's tokens as text (prompt, then generated).
+    relevance : Tensor
+        ``(generated, length)``: one sample of :attr:`torchlrp.generation.GenerationRelevance.relevance`.
+    prompt_length : int
+        How many of ``tokens`` are the prompt (a line marks where generation starts).
+    title : str, optional
+        Drawn above the matrix.
+
+    Raises
+    ------
+    ValueError
+        If the matrix does not have ``len(tokens) - prompt_length`` rows of ``len(tokens)`` columns.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    values = np.asarray(torch.as_tensor(relevance).detach().cpu(), dtype=float)
+    generated = len(tokens) - prompt_length
+    if values.shape != (generated, len(tokens)):
+        raise ValueError(f"relevance must be (generated={generated}, length={len(tokens)}) for {len(tokens)} tokens "
+                         f"with a prompt of {prompt_length}, got {values.shape}")
+    scale = np.abs(values).max(axis=1, keepdims=True)
+    normalized = np.divide(values, scale, out=np.zeros_like(values), where=scale > 0)
+    figure = Figure(figsize=(0.45 * len(tokens) + 1.5, 0.4 * generated + 1.4))
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
+    axis.imshow(normalized, cmap="bwr", vmin=-1, vmax=1, aspect="auto")
+    axis.set_xticks(range(len(tokens)), [_clean(t) for t in tokens], fontsize=9)
+    axis.set_yticks(range(generated), [f"→ {_clean(t)}" for t in tokens[prompt_length:]], fontsize=9)
+    axis.axvline(prompt_length - 0.5, color="0.3", linewidth=1)
+    axis.set_xlabel("token of the sequence (prompt | generated)")
+    axis.set_ylabel("generated token")
+    if title is not None:
+        axis.set_title(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
