@@ -227,7 +227,7 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vit_b_16", "swin_t"])
+    parser.add_argument("--models", nargs="*", default=["vit_b_16", "swin_t"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--minilm-batch", type=int, default=8, help="MiniLM batch (0: skip)")
@@ -259,14 +259,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"{row['CP-LRP memory']:.2f} |")
         print(line, flush=True)
         lines.append(line)
-    if args.lxt_python:
+    if args.lxt_python and "vit_b_16" in args.models:
         lines += ["", "| LXT 2.1 (its efficient mode, CP-LRP) | batch | x gradient |", "|---|---|---|"]
         for batch in args.batch_sizes:
             line = f"| vit_b_16 | {batch} | {lxt_ratio(args.lxt_python, batch, args.repeats):.2f} |"
             print(line, flush=True)
             lines.append(line)
-        if args.decoders:
-            lines += ["", f"| LXT 2.1 (its efficient mode), {args.tokens} tokens | AttnLRP x gradient | "
+    if args.lxt_python and args.decoders:
+        lines += ["", f"| LXT 2.1 (its efficient mode), {args.tokens} tokens | AttnLRP x gradient | "
                           f"CP-LRP x gradient |", "|---|---|---|"]
         for name in args.decoders:
             ratios = [lxt_decoder_ratio(args.lxt_python, name, mode, args.tokens, 1, args.repeats)

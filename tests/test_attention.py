@@ -457,3 +457,46 @@ def test_stabilized_ratio_is_the_quotient_by_the_stabilized_values(dtype, epsilo
         ratio = mul_stabilized_ratio_(target.clone(), source, epsilon, out=out)
         assert torch.equal(ratio, expected), (ratio, expected)
     assert torch.isfinite(expected).all()
+
+
+@pytest.mark.parametrize("epsilon", [1e-6, 0.0])
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+@pytest.mark.parametrize("case", ["plain", "causal", "boolean-mask", "additive-bias"])
+def test_the_kernel_explains_attention_as_the_rules_do(case, mode, epsilon, device):
+    """KernelAttentionRelevance (attention_rule without weights: torch's kernel forward and backward, input x
+    gradient halved at each product) gives the relevance of the rules one by one -- AttnLRP's three rules, or under
+    CP-LRP the epsilon rule of the weights (held constant) times the values -- and the attention as its output."""
+    from torchlrp.functional.attention import attention_mask, attention_rule, attention_weights
+
+    torch.manual_seed(0)
+    shape = (2, 3, 5, 4)
+    query, key, value = (torch.randn(shape, dtype=torch.float64, device=device) for _ in range(3))
+    mask, is_causal = None, case == "causal"
+    if case == "boolean-mask":
+        mask = torch.rand(5, 5, device=device) > 0.3
+        mask.fill_diagonal_(True)
+    elif case == "additive-bias":
+        mask = torch.randn(1, 3, 5, 5, dtype=torch.float64, device=device)
+    start = torch.randn(shape, dtype=torch.float64, device=device)
+    constant = attention_mask(mask, is_causal, query, key)
+    inputs = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
+    output, _ = attention_rule(*inputs, mask, is_causal, None, mode, epsilon, need_weights=False)
+    relevance = torch.autograd.grad(output, inputs, start, allow_unused=True)
+    references = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
+    if mode == "cp":
+        from torchlrp.functional.operations import bilinear_rule
+
+        weights = attention_weights(query, key, constant, 0.5)
+        expected_output = bilinear_rule(torch.matmul, weights, references[2], (0.0, 1.0), epsilon)
+    else:
+        expected_output = _three_rules(*references, constant, 0.5, epsilon)
+    expected = torch.autograd.grad(expected_output, references, start, allow_unused=True)
+    torch.testing.assert_close(output, expected_output.detach())
+    torch.testing.assert_close(output, F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                                      is_causal=is_causal))
+    for ours, theirs in zip(relevance, expected):
+        if theirs is None or mode == "cp" and ours is None:
+            assert ours is None or not ours.abs().sum()
+            continue
+        torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-10)
+        assert ours.abs().sum() > 0

@@ -324,8 +324,13 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
                             if _attribute(module, "torchlrp_allow_gradient") is not None), ())
             registry = next((_attribute(module, "torchlrp_registry") for module in modules
                              if _attribute(module, "torchlrp_registry") is not None), None)
+            written: dict[type, bool] = {}  # module classes convert judged (activations written as formulas)
+            for module in modules:
+                table = _attribute(module, "torchlrp_written_activations")
+                if isinstance(table, dict):
+                    written.update(table)
             run_time = RunTimeOperations(state, composite.proportional_rule().epsilon, composite, model, allowed,
-                                         registry)
+                                         registry, written)
             state.run_time = True
             with run_time:
                 yield state

@@ -668,6 +668,17 @@ def _check_leaves(model: torch.nn.Module, registry: OperationRegistry, allowed: 
     return unsupported
 
 
+def _written_activation_types(model: torch.nn.Module) -> dict[type, bool]:
+    """For each module class of ``model`` that is not torch's or torchlrp's: whether it is an activation written as
+    a formula of its input (:func:`is_written_activation`, judged on its first instance)."""
+    kinds: dict[type, bool] = {}
+    for module in model.modules():
+        kind = type(module)
+        if kind not in kinds and not kind.__module__.startswith(("torch.", "torchlrp.")):
+            kinds[kind] = is_written_activation(module)
+    return kinds
+
+
 def _swap_twins(model: torch.nn.Module) -> None:
     for module in model.modules():
         twin = TWINS.get(type(module))
@@ -746,6 +757,7 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
                       f"means) are explained at run time (torchlrp.runtime)", stacklevel=2)
         model.torchlrp_run_time = True  # read by rules_applied: explain this model's forward call by call
         model.torchlrp_allow_gradient = tuple(sorted(allowed))  # calls that may pass their gradient at run time
+        model.torchlrp_written_activations = _written_activation_types(model)  # traced once, not per explanation
         if registry_given:  # the run-time mode reads the same entries (the default's are built in)
             model.torchlrp_registry = registry
         return model

@@ -128,11 +128,23 @@ class RunTimeOperations(TorchFunctionMode):
     epsilon : float
         Stabilizer of the proportional splits and products (the composite's choice for parameter-free
         operations).
+    composite : Composite, optional
+        The rules of the layers called as functions (``F.linear`` on parameters).
+    model : torch.nn.Module, optional
+        The explained model (for the module paths of calls).
+    allow_gradient : sequence of str
+        Calls without a rule that may pass their gradient (``convert``'s ``allow_gradient``).
+    registry : OperationRegistry, optional
+        A registry given to ``convert``: its gradient entries apply at run time too.
+    written_activations : dict, optional
+        Module class -> whether it is an activation written as a formula, as ``convert`` judged them (classes
+        not in it are judged on their first call).
     """
 
     def __init__(self, state: ExplainState, epsilon: float, composite: "Composite | None" = None,
                  model: torch.nn.Module | None = None, allow_gradient: Sequence[str] = (),
-                 registry: OperationRegistry | None = None) -> None:
+                 registry: OperationRegistry | None = None,
+                 written_activations: dict[type, bool] | None = None) -> None:
         super().__init__()
         self.registry = registry
         self.state = state
@@ -149,7 +161,7 @@ class RunTimeOperations(TorchFunctionMode):
         self.layer_seen = False
         self.inside_activation = 0
         self.site_counts: dict[str, int] = {}
-        self.activation_types: dict[type, bool] = {}
+        self.activation_types: dict[type, bool] = dict(written_activations or {})
         self.saved = _SavedCopies()
         self.handlers = _handlers()
         self._hooks: list[Any] = []
@@ -204,8 +216,9 @@ class RunTimeOperations(TorchFunctionMode):
         if len(args) != 1 or not _is_activation(args[0]) or type(module).__module__.startswith("torch."):
             return False
         kind = type(module)
-        if kind not in self.activation_types:
-            self.activation_types[kind] = is_written_activation(module)
+        if kind not in self.activation_types:  # a class convert did not judge (a wrapper around the model): one
+            # that holds modules is not a formula of its input; the others are traced once per explanation
+            self.activation_types[kind] = next(module.children(), None) is None and is_written_activation(module)
         return self.activation_types[kind]
 
     def _keep_layer(self, output: Tensor, refold: Callable[[Fold], Tensor]) -> None:

@@ -7,7 +7,10 @@ bias, ``-inf`` for masked keys) is a constant of the sum that takes its proporti
 ``mode="cp"`` the attention weights are held constant instead (CP-LRP, Ali et al. 2022): relevance flows only
 through the values, and the queries and keys receive none.
 
-Under AttnLRP the three steps are one autograd node (:class:`AttentionRelevance`): torch's attention kernel runs the
+Where no weights are asked for and the stabilizer is at most 1e-6, the kernel itself explains
+(:class:`KernelAttentionRelevance`: AttnLRP's and CP-LRP's rules are input x gradient of the kernel with the
+gradient halved at each product). Otherwise, and for Swin's
+windowed masks, the three steps are one autograd node (:class:`AttentionRelevance`): torch's attention kernel runs the
 forward and nothing of ``heads x L x S`` size is kept (where the forward is written out -- Swin's mask per window --
 the scores it computed are kept instead of recomputed, as the gradient keeps its weights); the backward computes the
 weights once and applies the three rules in place.
@@ -26,6 +29,9 @@ from .operations import add_logit_constant, bilinear_rule
 from .stabilize import mul_stabilized_ratio_
 
 ATTENTION_MODES = ("attnlrp", "cp")
+#: up to this stabilizer the inner products' stabilizers change nothing beyond rounding, and the kernel explains
+#: (:class:`KernelAttentionRelevance`, which stabilizes the output only); above it the rules run one by one
+KERNEL_EPSILON = 1e-6
 
 
 def additive_mask(masks: Sequence[tuple[Tensor | None, bool]], dtype: torch.dtype) -> Tensor | None:
@@ -151,6 +157,41 @@ class AttentionRelevance(torch.autograd.Function):
         return query_relevance, key_relevance, value_relevance, None, None, None
 
 
+class KernelAttentionRelevance(torch.autograd.Function):
+    """AttnLRP (or CP-LRP) through torch's attention kernel, forward and backward.
+
+    The three rules of :class:`AttentionRelevance` compose to input x gradient at each factor with the gradient
+    halved at each product: with ``s = R_o / stab(o)`` and ``(dq, dk, dv)`` the kernel's vector-Jacobian product at
+    ``s``, ``R_q = q * dq / 4``, ``R_k = k * dk / 4``, ``R_v = v * dv / 2`` (the softmax rule is input x gradient
+    itself; a mask's share is what its gradient times its value would be, dropped). CP-LRP holds the weights
+    constant: ``R_v = v * dv`` and the queries and keys get none. The forward records the kernel's own graph on
+    detached copies (what the kernel keeps for its gradient, nothing of ``heads x L x S`` size on its fused paths);
+    the backward is that graph's one backward.
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, is_causal: bool,
+                scale: float | None, constant_weights: bool, epsilon: float) -> Tensor:  # noqa: D102
+        with torch.enable_grad():
+            leaves = [tensor.detach().requires_grad_(not (constant_weights and index < 2))
+                      for index, tensor in enumerate((query, key, value))]
+            output = F.scaled_dot_product_attention(*leaves, attn_mask=None if mask is None else mask.detach(),
+                                                    is_causal=is_causal, scale=scale)
+        ctx.graph, ctx.leaves, ctx.epsilon, ctx.constant_weights = output, leaves, epsilon, constant_weights
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        query, key, value = ctx.leaves
+        signal = kernels(False).quotient(relevance, ctx.graph.detach(), ctx.epsilon)
+        if ctx.constant_weights:
+            (value_gradient,) = torch.autograd.grad(ctx.graph, value, signal)
+            return None, None, value_gradient.mul_(value), None, None, None, None, None
+        query_gradient, key_gradient, value_gradient = torch.autograd.grad(ctx.graph, ctx.leaves, signal)
+        return (query_gradient.mul_(query).mul_(0.25), key_gradient.mul_(key).mul_(0.25),
+                value_gradient.mul_(value).mul_(0.5), None, None, None, None, None)
+
+
 def scaled_attention_rule(query: Tensor, key: Tensor, value: Tensor, constant: Tensor | None = None,
                           scale: float | Tensor | None = None, epsilon: float = 1e-6) -> Tensor:
     """``softmax(query key^T * scale + constant) value`` explained by AttnLRP's rules, in one autograd node.
@@ -215,6 +256,8 @@ def attention_rule(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | Non
     """
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
+    if not need_weights and epsilon <= KERNEL_EPSILON:  # the kernel's forward and backward: the same relevance
+        return KernelAttentionRelevance.apply(query, key, value, mask, is_causal, scale, mode == "cp", epsilon), None
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     additive = attention_mask(mask, is_causal, query, key)
     if mode == "cp":
