@@ -463,9 +463,11 @@ def test_stabilized_ratio_is_the_quotient_by_the_stabilized_values(dtype, epsilo
 @pytest.mark.parametrize("mode", ["attnlrp", "cp"])
 @pytest.mark.parametrize("case", ["plain", "causal", "boolean-mask", "additive-bias"])
 def test_the_kernel_explains_attention_as_the_rules_do(case, mode, epsilon, device):
-    """KernelAttentionRelevance (attention_rule without weights: torch's kernel forward and backward, input x
-    gradient halved at each product) gives the relevance of the rules one by one -- AttnLRP's three rules, or under
-    CP-LRP the epsilon rule of the weights (held constant) times the values -- and the attention as its output."""
+    """KernelAttentionRelevance (attention_rule without weights: torch's kernel forward and backward) gives input x
+    gradient halved at each product, written here with plain autograd on the attention's math; at epsilon 0 that is
+    the relevance of the rules one by one -- AttnLRP's three rules, or under CP-LRP the epsilon rule of the weights
+    (held constant) times the values -- and at 1e-6 within 1e-4 (relative L2) of it (the inner stabilizers it
+    drops)."""
     from torchlrp.functional.attention import attention_mask, attention_rule, attention_weights
 
     torch.manual_seed(0)
@@ -480,8 +482,10 @@ def test_the_kernel_explains_attention_as_the_rules_do(case, mode, epsilon, devi
     start = torch.randn(shape, dtype=torch.float64, device=device)
     constant = attention_mask(mask, is_causal, query, key)
     inputs = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
-    output, _ = attention_rule(*inputs, mask, is_causal, None, mode, epsilon, need_weights=False)
-    relevance = torch.autograd.grad(output, inputs, start, allow_unused=True)
+    output, _ = attention_rule(*inputs, mask, is_causal, 0.5, mode, epsilon, need_weights=False)
+    relevance = torch.autograd.grad(output, inputs, start, allow_unused=True, retain_graph=True)
+    again = torch.autograd.grad(output, inputs, start, allow_unused=True)  # a second backward of the same forward
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(relevance, again))
     references = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
     if mode == "cp":
         from torchlrp.functional.operations import bilinear_rule
@@ -492,6 +496,21 @@ def test_the_kernel_explains_attention_as_the_rules_do(case, mode, epsilon, devi
         expected_output = _three_rules(*references, constant, 0.5, epsilon)
     expected = torch.autograd.grad(expected_output, references, start, allow_unused=True)
     torch.testing.assert_close(output, expected_output.detach())
+    if epsilon:  # the formula: s = R / stab(o), then q dq / 4, k dk / 4, v dv / 2 (CP: v dv) by plain autograd
+        from torchlrp.functional.stabilize import stabilize
+
+        leaves = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
+        scores = leaves[0] @ leaves[1].transpose(-2, -1) * 0.5
+        math_output = torch.softmax(scores if constant is None else scores + constant, -1) @ leaves[2]
+        gradients = torch.autograd.grad(math_output, leaves, start / stabilize(math_output.detach(), epsilon))
+        factors = (0.0, 0.0, 1.0) if mode == "cp" else (0.25, 0.25, 0.5)
+        formula = [factor * leaf.detach() * gradient for factor, leaf, gradient in zip(factors, leaves, gradients)]
+        for ours, theirs, rules in zip(relevance, formula, expected):
+            if ours is not None:
+                torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+                if rules is not None:  # and the rules one by one, with their inner stabilizers: close
+                    assert float((ours - rules).norm() / rules.norm()) < 1e-4, float((ours - rules).norm() / rules.norm())
+        return
     torch.testing.assert_close(output, F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                                                       is_causal=is_causal))
     for ours, theirs in zip(relevance, expected):

@@ -164,7 +164,7 @@ def _input(model, kind):
     return model.get_input_embeddings()(torch.randint(3, 100, (1, 6))).detach()
 
 
-def _explained(model, kind, input):
+def _explained(model, kind, input, attention="cp"):
     """Convert and explain (CP-LRP + LRP-0): relevance, scores, absorbed shares, and torchlrp's warnings."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.fx cannot trace")  # explained at run time
@@ -173,7 +173,7 @@ def _explained(model, kind, input):
         warnings.simplefilter("always")
         relevance, scores, absorbed = lrp.explain(_Scores(converted, kind), input, start="logit",
                                                   return_scores=True, return_absorbed=True,
-                                                  rule=lrp.Composite(default="zero", attention="cp"))
+                                                  rule=lrp.Composite(default="zero", attention=attention))
     return relevance, scores, absorbed, [str(w.message) for w in caught if "torchlrp" in str(w.message)]
 
 
@@ -196,13 +196,16 @@ _BOTH_ATTENTIONS = ("bert", "roberta", "gpt2", "gptj", "llama", "qwen3", "gemma3
                     "falcon", "bart", "t5", "vit", "dinov2", "clip_vision")
 
 
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
 @pytest.mark.parametrize("name", _BOTH_ATTENTIONS)
-def test_eager_and_sdpa_attention_explain_alike(name):
+def test_eager_and_sdpa_attention_explain_alike(name, attention):
+    """The eager attention (its softmax and products explained call by call) and SDPA (explained through torch's
+    kernel) give the same relevance, under CP-LRP and AttnLRP."""
     relevances = []
     for implementation in ("eager", "sdpa"):
         model, kind = _model(name, attn_implementation=implementation)
         assert model.config._attn_implementation == implementation
-        relevances.append(_explained(model, kind, _input(model, kind))[0])
+        relevances.append(_explained(model, kind, _input(model, kind), attention)[0])
     torch.testing.assert_close(relevances[0], relevances[1], rtol=1e-6, atol=1e-6 * relevances[1].abs().max())
 
 

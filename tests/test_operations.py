@@ -211,3 +211,30 @@ def test_uniform_rule_of_an_elementwise_product():
     ours_a, ours_b = backward(bilinear_rule(torch.mul, a, b, epsilon=0.0), relevance, a, b)
     torch.testing.assert_close(ours_a, relevance / 2)  # a b R / (a b) / 2
     torch.testing.assert_close(ours_b, relevance / 2)
+
+
+@pytest.mark.parametrize("shares", [(0.5, 0.5), (1.0, 0.0), (0.25, 0.75)])
+@pytest.mark.parametrize("epsilon", [0.0, 1e-6, 0.5])
+def test_elementwise_product_rule_matches_its_formula_with_a_stabilizer(shares, epsilon):
+    """``R_a = w_a a * b R / stab(a b)`` (and ``R_b`` alike), also with zeros in the product, and with broadcasting
+    (the general vector-Jacobian path) the same formula summed over the broadcast dimension."""
+    from torchlrp.functional.stabilize import stabilize
+
+    a, b = leaf(3, 5), leaf(3, 5)
+    with torch.no_grad():
+        a[0, 0] = 0.0
+    relevance = torch.randn(3, 5, dtype=torch.float64)
+    ours_a, ours_b = backward(bilinear_rule(torch.mul, a, b, shares, epsilon=epsilon), relevance, a, b)
+    product = (a * b).detach()
+    ratio = relevance * product / stabilize(product, epsilon)
+    for ours, share in ((ours_a, shares[0]), (ours_b, shares[1])):
+        if share:
+            torch.testing.assert_close(ours, share * ratio)
+        else:
+            assert ours is None or not ours.abs().sum()
+    row = leaf(1, 5)
+    ours_a, ours_row = backward(bilinear_rule(torch.mul, a, row, shares, epsilon=epsilon), relevance, a, row)
+    product = (a * row).detach()
+    ratio = relevance * product / stabilize(product, epsilon)
+    if shares[1]:
+        torch.testing.assert_close(ours_row, shares[1] * ratio.sum(0, keepdim=True))

@@ -439,3 +439,56 @@ def test_recurrent_layers_and_normalizers_at_run_time_equal_their_traced_form():
         torch.testing.assert_close(relevance, lrp.explain(traced, x, rule=rule))
     relevance = lrp.explain(run_time, x, rule="zero", start="logit")  # no biases: LRP-0 conserves
     torch.testing.assert_close(relevance.sum((0, 2)), run_time_model(x).max(1).values.detach())
+
+
+class _Experts(torch.nn.Module):
+    """A mixture of two experts routed by ``topk`` and gathered by ``index_add_`` (Mixtral's loop), untraceable."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.router = torch.nn.Linear(4, 3, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4, bias=False) for _ in range(3))
+        self.head = torch.nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        if float(x.detach().abs().sum()) < 0:
+            x = -x
+        weights, chosen = torch.topk(torch.softmax(self.router(x), -1), 2, dim=-1)
+        weights /= weights.sum(-1, keepdim=True)  # in place, as Mixtral's router does
+        gathered = torch.zeros_like(x)
+        for slot in range(2):
+            for index, expert in enumerate(self.experts):
+                rows = torch.where(chosen[:, slot] == index)[0]
+                gathered.index_add_(0, rows, expert(x[rows]) * weights[rows, slot, None])
+        return self.head(gathered)
+
+
+def test_routing_is_a_constant_gate_and_index_add_splits_proportionally():
+    """The router's topk values are held constant (relevance flows through the experts only, the router gets
+    none), and index_add_ into zeros splits each row's relevance among the expert outputs added to it in proportion
+    to them: the relevance equals LRP-0 through each chosen expert scaled by its fixed routing weight, written out."""
+    with pytest.warns(UserWarning, match="cannot trace"):
+        converted = lrp.convert(_Experts().double().eval())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    relevance = lrp.explain(converted, x, rule="zero", start="logit")
+    model = converted
+    with torch.no_grad():  # the formula: y = head(sum_k g_k E_k x), g constant; LRP-0 = x * J^T (R / y) per row
+        weights, chosen = torch.topk(torch.softmax(model.router(x), -1), 2, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        logits = model(x)
+        target = logits.argmax(1)
+        head_rows = model.head.weight[target]  # (5, 4)
+        summands = [torch.stack([weights[n, s] * model.experts[int(chosen[n, s])](x[n]) for s in range(2)])
+                    for n in range(5)]
+        expected = torch.zeros_like(x)
+        for n in range(5):
+            gathered = summands[n].sum(0)
+            unit = gathered * head_rows[n] * logits[n, target[n]] / logits[n, target[n]]  # R at the gathered units
+            for s in range(2):
+                share = unit * summands[n][s] / gathered  # index_add's proportional split
+                matrix = weights[n, s] * model.experts[int(chosen[n, s])].weight
+                output = matrix @ x[n]
+                expected[n] += x[n] * (matrix.T @ (share / output))
+    torch.testing.assert_close(relevance, expected)
+    torch.testing.assert_close(relevance.sum(1), logits.max(1).values)  # conserved: the router took nothing

@@ -184,10 +184,13 @@ class KernelAttentionRelevance(torch.autograd.Function):
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         query, key, value = ctx.leaves
         signal = kernels(False).quotient(relevance, ctx.graph.detach(), ctx.epsilon)
+        # the kernel's graph lives as long as this node does: a second backward of the same forward (a relevance
+        # matrix, explain_generation) uses it again; it is freed with the node
         if ctx.constant_weights:
-            (value_gradient,) = torch.autograd.grad(ctx.graph, value, signal)
+            (value_gradient,) = torch.autograd.grad(ctx.graph, value, signal, retain_graph=True)
             return None, None, value_gradient.mul_(value), None, None, None, None, None
-        query_gradient, key_gradient, value_gradient = torch.autograd.grad(ctx.graph, ctx.leaves, signal)
+        query_gradient, key_gradient, value_gradient = torch.autograd.grad(ctx.graph, ctx.leaves, signal,
+                                                                           retain_graph=True)
         return (query_gradient.mul_(query).mul_(0.25), key_gradient.mul_(key).mul_(0.25),
                 value_gradient.mul_(value).mul_(0.5), None, None, None, None, None)
 

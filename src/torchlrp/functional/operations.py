@@ -123,7 +123,8 @@ class WeightedSumRelevance(torch.autograd.Function):
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         total, *inputs = ctx.saved_tensors
         ratio = kernels(False).quotient(relevance, total, ctx.epsilon)
-        shares = [_sum_to(ratio * summand * sign, summand.shape) for sign, summand in zip(ctx.signs, inputs)]
+        shares = [_sum_to(ratio * summand if sign == 1 else (ratio * summand).mul_(sign), summand.shape)
+                  for sign, summand in zip(ctx.signs, inputs)]
         return (None, None, None, *shares)
 
 
@@ -212,6 +213,8 @@ class BilinearRelevance(torch.autograd.Function):
         # a batched matrix product without broadcasting: its transposes are written out in the backward
         ctx.matmul = (function is torch.matmul and left.dim() >= 2 and right.dim() >= 2
                       and left.shape[:-2] == right.shape[:-2])
+        # an element-wise product of one shape (a gated MLP): x * J^T s is z * s for each factor
+        ctx.elementwise = function is torch.mul and scale is None and left.shape == right.shape
         ctx.save_for_backward(left, right)
         return ctx.recompute_product(left, right)
 
@@ -219,6 +222,11 @@ class BilinearRelevance(torch.autograd.Function):
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         left, right = ctx.saved_tensors
         left_share, right_share = ctx.shares
+        if ctx.elementwise:  # R_a = w_a * z * R / stab(z), R_b = w_b * z * R / stab(z): no vector-Jacobian product
+            product = left * right
+            ratio = kernels(False).quotient(relevance, product, ctx.epsilon).mul_(product)
+            return (None, None, None, None, ratio * left_share if left_share else None,
+                    ratio.mul_(right_share) if right_share else None)
         if ctx.matmul:
             product = ctx.recomputed if ctx.recomputed is not None else ctx.recompute_product(left, right)
             ctx.recomputed = None
