@@ -129,3 +129,31 @@ def test_which_rules_conserve():
     assert not rule_conserves(Epsilon(0.25)) and not rule_conserves(Gradient())
     report = Conservation(start=torch.tensor([2.0]), input=torch.tensor([1.5]), absorbed={"p": torch.tensor(0.5)})
     assert report.conserved() and float(report.residual) == 0.0
+
+
+def _readme_block(containing):
+    """The README's python block that contains ``containing``."""
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(path, encoding="utf-8") as handle:
+        blocks = re.findall(r"```python\n(.*?)```", handle.read(), flags=re.S)
+    (block,) = [block for block in blocks if containing in block]
+    return block
+
+
+def test_the_readme_conservation_example_prints_what_the_readme_shows(capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(_readme_block("return_conservation=True"), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "start 2.57654 = input 10.2266" in printed and "changed by torch.cumsum (no rule, its gradient): 7.65" in printed
+
+
+def test_the_readme_generation_example_runs(capsys):
+    pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(_readme_block("explain_generation("), "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "torch.Size([1, 3]) torch.Size([1, 3, 7])"
