@@ -736,9 +736,9 @@ def _concatenation(function: Callable) -> Handler:
     reported (``explain(return_absorbed=True)``, by the site's name)."""
     def handle(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
         parts = args[0] if args else kwargs.get("tensors")
-        if not isinstance(parts, (list, tuple)) or not any(_is_activation(p) for p in parts) or not any(
-                _is_absorbing(active, part) and not _is_activation(part) for active in parts for part in parts):
-            return NotImplemented
+        if not isinstance(parts, (list, tuple)) or not any(_is_activation(part) for part in parts) or not any(
+                isinstance(part, Tensor) and part.requires_grad and not _is_activation(part) for part in parts):
+            return NotImplemented  # no parameter among activations: an index map (its gradient)
         label = mode.site_label("cat")
         parts = [part if _is_activation(part) or not isinstance(part, Tensor) or not part.requires_grad
                  else mode.state.absorb(part, label) for part in parts]
