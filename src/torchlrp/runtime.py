@@ -213,8 +213,9 @@ class RunTimeOperations(TorchFunctionMode):
     def _written_activation(self, module: torch.nn.Module, args: tuple) -> bool:
         """Whether this call is of a module that is an activation written as a formula of its one activation input
         (recognised once per module class by :func:`torchlrp.convert.is_written_activation`)."""
-        if len(args) != 1 or not _is_activation(args[0]) or type(module).__module__.startswith("torch."):
-            return False
+        if len(args) != 1 or not _is_activation(args[0]) or type(module).__module__.startswith(("torch.",
+                                                                                             "torchlrp.")):
+            return False  # torch's modules and torchlrp's twins have their rules
         kind = type(module)
         if kind not in self.activation_types:  # a class convert did not judge (a wrapper around the model): one
             # that holds modules is not a formula of its input; the others are traced once per explanation
