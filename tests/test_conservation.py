@@ -157,3 +157,18 @@ def test_the_readme_generation_example_runs(capsys):
         warnings.simplefilter("ignore")
         exec(compile(_readme_block("explain_generation("), "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "torch.Size([1, 3]) torch.Size([1, 3, 7])"
+
+
+def test_a_call_without_a_rule_that_returns_a_tuple_is_refused_too():
+    """``torch.sort`` of an activation returns (values, indices): without a rule it is a ConversionError, not a
+    silent gradient."""
+
+    class Sorted(_Untraceable):
+        def forward(self, x):
+            if float(x.detach().abs().sum()) < 0:
+                x = -x
+            return self.head(torch.sort(self.body(x), dim=-1).values)
+
+    converted = _converted(Sorted(cumulative=False))
+    with pytest.raises(lrp.ConversionError, match=r"torch.sort \(x1\): no relevance rule"):
+        lrp.explain(converted, torch.randn(2, 6, dtype=torch.float64))

@@ -277,7 +277,7 @@ class RunTimeOperations(TorchFunctionMode):
             args, kwargs = _tapped(args, taps), {name: _tapped((value,), taps)[0] for name, value in kwargs.items()}
         result = func(*args, **kwargs)
         _mark_parameter_expressions(result, args, kwargs)
-        if _is_activation(result):
+        if any(_is_activation(output) for output in (result if isinstance(result, (tuple, list)) else (result,))):
             counted = key + ("" if allowed else " [no rule]")
             self.gradient_only[counted] = self.gradient_only.get(counted, 0) + 1
             if taps:
