@@ -492,3 +492,37 @@ def test_routing_is_a_constant_gate_and_index_add_splits_proportionally():
                 expected[n] += x[n] * (matrix.T @ (share / output))
     torch.testing.assert_close(relevance, expected)
     torch.testing.assert_close(relevance.sum(1), logits.max(1).values)  # conserved: the router took nothing
+
+
+class _SometimesInPlace(_InPlace):
+    """``_InPlace``'s forward, its in-place updates only where ``self.in_place`` is set (data-dependent code)."""
+
+    def forward(self, x):
+        if float(x.sum()) > 1e9:  # explained at run time
+            return x
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("rule", ["zero", lrp.Composite(attention="cp")])
+def test_copies_of_kept_tensors_run_only_for_models_that_update_in_place(rule):
+    """The first explanation records whether the forward updates a relevance-carrying tensor in place; later ones
+    skip the saved-tensor copies where it does not, with the same relevance, and a model whose in-place branch
+    first runs on a later call is explained correctly all the same (retried with the copies on)."""
+    original = _SometimesInPlace(in_place=False).double().eval()
+    with pytest.warns(UserWarning, match="cannot trace"):
+        converted = lrp.convert(original)
+    record = converted.torchlrp_in_place
+    assert record.updates is None
+    x = torch.randn(3, 4, dtype=torch.float64)
+    first = lrp.explain(converted, x, rule=rule)
+    assert record.updates is False
+    torch.testing.assert_close(lrp.explain(converted, x, rule=rule), first)  # without the copies
+    converted.in_place = True  # the in-place branch runs now: the copies were off
+    original.in_place = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = lrp.convert(original)  # the same weights, its first explanation (copies on)
+    expected = lrp.explain(fresh, x, rule=rule)
+    torch.testing.assert_close(lrp.explain(converted, x, rule=rule), expected)
+    assert record.updates is True
+    torch.testing.assert_close(lrp.explain(converted, x, rule=rule), expected)

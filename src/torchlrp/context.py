@@ -329,8 +329,10 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
                 table = _attribute(module, "torchlrp_written_activations")
                 if isinstance(table, dict):
                     written.update(table)
+            in_place = next((_attribute(module, "torchlrp_in_place") for module in modules
+                             if _attribute(module, "torchlrp_in_place") is not None), None)
             run_time = RunTimeOperations(state, composite.proportional_rule().epsilon, composite, model, allowed,
-                                         registry, written)
+                                         registry, written, in_place)
             state.run_time = True
             with run_time:
                 yield state
@@ -343,5 +345,33 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
             handle.remove()
 
 
+def retrying_after_in_place(model: torch.nn.Module, explanation: Callable[[], Any]) -> Any:
+    """Run ``explanation()``; run it once more where it failed because the forward updated in place a tensor its
+    backward kept, in a model explained at run time that an earlier explanation had found to update nothing in
+    place (its copies were off: :class:`torchlrp.state.InPlaceRecord`; this run has turned them on).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The explained model.
+    explanation : callable
+        One explanation (forward and backward).
+
+    Returns
+    -------
+    Any
+        What ``explanation`` returns.
+    """
+    records = [record for module in model.modules()
+               if (record := _attribute(module, "torchlrp_in_place")) is not None and record.updates is False]
+    try:
+        return explanation()
+    except RuntimeError:
+        if not any(record.updates for record in records):
+            raise
+    return explanation()
+
+
 __all__ = ["OUTPUT_SOFTMAX", "RECTIFIERS", "SIGN_PRESERVING", "build_state", "current", "final_softmax",
+           "retrying_after_in_place",
            "has_torchlrp_layers", "rules_applied"]

@@ -39,6 +39,7 @@ from .modules.residual import Add
 from .modules.sequential import Sequential
 from .batchnorm import fold_batchnorm_tensors
 from .modules.affine_call import AffineCall, bind_affine_call
+from .state import InPlaceRecord
 from .registry import BATCH_NORM_ARGUMENTS, PADDING_MODULES, OperationEntry, OperationRegistry, Unsupported, default_registry
 
 #: torch layer class -> torchlrp twin (exact type match: subclasses of the torch layers are left alone)
@@ -758,6 +759,7 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
         model.torchlrp_run_time = True  # read by rules_applied: explain this model's forward call by call
         model.torchlrp_allow_gradient = tuple(sorted(allowed))  # calls that may pass their gradient at run time
         model.torchlrp_written_activations = _written_activation_types(model)  # traced once, not per explanation
+        model.torchlrp_in_place = InPlaceRecord()  # learnt by its first explanation (see torchlrp.runtime)
         if registry_given:  # the run-time mode reads the same entries (the default's are built in)
             model.torchlrp_registry = registry
         return model

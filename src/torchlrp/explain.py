@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .composites import Composite
 from .accounting import Conservation, check
-from .context import rules_applied
+from .context import retrying_after_in_place, rules_applied
 from .patterns import PatternsLike
 from .rules import Rule
 
@@ -151,6 +151,16 @@ def explain(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] |
         For a bad target, start, rule or output shape, an output that is not a tensor and that ``output`` does not
         select one of, or a model without torchlrp layers.
     """
+    return retrying_after_in_place(model, lambda: _explain_once(
+        model, input, target, rule, pattern, start, output_relevance, fused, return_scores, return_absorbed, output,
+        return_conservation))
+
+
+def _explain_once(model: torch.nn.Module, input: Tensor, target: int | Sequence[int] | Tensor | None,
+                  rule: "str | Rule | Composite", pattern: PatternsLike | None, start: str,
+                  output_relevance: Tensor | None, fused: bool, return_scores: bool, return_absorbed: bool,
+                  output: "int | str | None", return_conservation: bool) -> "Tensor | tuple[Any, ...]":
+    """One explanation (see :func:`explain`)."""
     if not isinstance(input, Tensor):
         raise ValueError(f"input must be a tensor, got {type(input).__name__}")
     if start not in _STARTS:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .composites import Composite
 from .accounting import Conservation, check
-from .context import rules_applied
+from .context import retrying_after_in_place, rules_applied
 from .rules import Rule
 
 _STARTS = ("one", "logit", "probability")
@@ -117,6 +117,14 @@ def explain_generation(model: torch.nn.Module, input_ids: Tensor, max_new_tokens
         For a prompt that is not ``(batch, length)`` integer ids, neither or both of ``max_new_tokens`` and
         ``continuation``, a continuation of another batch size, a bad ``start``, or a model without an embedding.
     """
+    return retrying_after_in_place(model, lambda: _explain_generation_once(
+        model, input_ids, max_new_tokens, continuation, rule, start, embedding, eos_token_id))
+
+
+def _explain_generation_once(model: torch.nn.Module, input_ids: Tensor, max_new_tokens: int | None,
+                             continuation: Tensor | None, rule: "str | Rule | Composite", start: str,
+                             embedding: torch.nn.Module | None, eos_token_id: int | None) -> GenerationRelevance:
+    """One explanation of a generated sequence (see :func:`explain_generation`)."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point or \
             input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a (batch, prompt_length >= 1) tensor of token ids, got "

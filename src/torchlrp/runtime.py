@@ -64,7 +64,7 @@ from .modules.operation import ProductSum, ScaledSum
 from .registry import (BATCH_NORM_ARGUMENTS, INDEX_FUNCTIONS, OperationRegistry, INDEX_METHODS, SHAPE_METHODS, STATISTIC_FUNCTIONS,
                        STATISTIC_METHODS)
 from .rules import Epsilon, Rule
-from .state import ExplainState, current
+from .state import ExplainState, InPlaceRecord, current
 
 if TYPE_CHECKING:
     from .composites import Composite
@@ -83,13 +83,25 @@ GRADIENT_METHODS = ("relu_", "amax", "amin", "max", "min", "unfold", "repeat_int
                     "bfloat16", "double", "to", "cpu", "cuda", "contiguous", "clone", "detach")
 
 
+#: calls that read a tensor's attributes, sizes or memory (``x.shape``, ``x.grad_fn``, ``x.T``, ``x.data_ptr()``):
+#: run as they are, first (a layer reads a dozen per call); a tensor they return follows its gradient (``x.T``)
+_READS = frozenset({"__get__", "data_ptr", "storage_offset", "element_size", "_is_view", "size", "dim", "numel",
+                    "stride", "is_contiguous", "is_floating_point", "is_complex", "get_device", "nelement",
+                    "ndimension", "untyped_storage", "__len__"})
+
 #: marks a tensor computed from parameters and constants only (a weight expression, sigmoid(gating_param)): it
 #: requires grad but carries no relevance
 _PARAMETER_EXPRESSION = "_torchlrp_parameter_expression"
 
 
+def _is_parameter(tensor: Tensor) -> bool:
+    """``isinstance(tensor, nn.Parameter)`` without the metaclass's Python-level instance check (it runs for every
+    torch call of an explained forward)."""
+    return issubclass(type(tensor), torch.nn.Parameter) or getattr(tensor, "_is_param", False)
+
+
 def _is_activation(value: Any) -> bool:
-    return (isinstance(value, Tensor) and value.requires_grad and not isinstance(value, torch.nn.Parameter)
+    return (isinstance(value, Tensor) and value.requires_grad and not _is_parameter(value)
             and not getattr(value, _PARAMETER_EXPRESSION, False))
 
 
@@ -98,7 +110,7 @@ def _mark_parameter_expressions(result: Any, args: tuple, kwargs: dict) -> None:
     if any(_is_activation(a) for a in _tensors(args, kwargs)):
         return
     for tensor in (result if isinstance(result, (tuple, list)) else (result,)):
-        if isinstance(tensor, Tensor) and tensor.requires_grad and not isinstance(tensor, torch.nn.Parameter):
+        if isinstance(tensor, Tensor) and tensor.requires_grad and not _is_parameter(tensor):
             setattr(tensor, _PARAMETER_EXPRESSION, True)
 
 
@@ -139,13 +151,22 @@ class RunTimeOperations(TorchFunctionMode):
     written_activations : dict, optional
         Module class -> whether it is an activation written as a formula, as ``convert`` judged them (classes
         not in it are judged on their first call).
+    in_place : InPlaceRecord, optional
+        ``convert``'s record of the model's in-place updates: the saved-tensor copies (:class:`_SavedCopies`) run
+        unless an earlier explanation found that the forward updates no tensor that carries relevance in place;
+        this explanation adds what it sees.
     """
 
     def __init__(self, state: ExplainState, epsilon: float, composite: "Composite | None" = None,
                  model: torch.nn.Module | None = None, allow_gradient: Sequence[str] = (),
                  registry: OperationRegistry | None = None,
-                 written_activations: dict[type, bool] | None = None) -> None:
+                 written_activations: dict[type, bool] | None = None,
+                 in_place: InPlaceRecord | None = None) -> None:
         super().__init__()
+        self.in_place = in_place
+        # copy on write of what the backward keeps: unless the model is known to update nothing in place
+        self.copies = in_place is None or in_place.updates is not False
+        self.updates_seen = False
         self.registry = registry
         self.state = state
         self.epsilon = epsilon
@@ -200,14 +221,18 @@ class RunTimeOperations(TorchFunctionMode):
 
         self._hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
                        torch.nn.modules.module.register_module_forward_hook(leave)]
-        self.saved.__enter__()
+        if self.copies:
+            self.saved.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self.saved.__exit__(*exc)
+        if self.copies:
+            self.saved.__exit__(*exc)
+        if self.in_place is not None and exc[0] is None:
+            self.in_place.updates = bool(self.in_place.updates) or self.updates_seen
         return super().__exit__(*exc)
 
     def _written_activation(self, module: torch.nn.Module, args: tuple) -> bool:
@@ -250,13 +275,21 @@ class RunTimeOperations(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in _READS:  # x.shape, x.grad_fn, x.T, x.data_ptr(): as they are
+            result = func(*args, **kwargs)
+            if isinstance(result, Tensor) and result.requires_grad:  # (x.T of a weight stays a constant)
+                _mark_parameter_expressions(result, args, kwargs)
+            return result
         if not torch.is_grad_enabled():
             return func(*args, **kwargs)
         if self.inside_activation:  # inside a written-out activation module: explained as one activation
             return func(*args, **kwargs)
         updated = _updated_in_place(func, args, kwargs)
         if updated is not None:
-            self.saved.before_update(updated)
+            if self.copies:
+                self.saved.before_update(updated)
+            if updated.requires_grad or any(_is_activation(a) for a in _tensors(args, kwargs)):
+                self.updates_seen = True  # (without copies, autograd's version check refuses it: explain retries)
         if not any(_is_activation(a) for a in _tensors(args, kwargs)):  # constants only (a text tower of CLIP
             result = func(*args, **kwargs)  # explained on its image): no relevance flows through it
             _mark_parameter_expressions(result, args, kwargs)
@@ -430,6 +463,11 @@ def _in_place(handler: Handler) -> Handler:
     return handle
 
 
+def _storage_key(tensor: Tensor) -> int:
+    """The address of ``tensor``'s storage (shared by all its views), without making a storage object."""
+    return tensor.data_ptr() - tensor.storage_offset() * tensor.element_size()
+
+
 class _SavedCopies:
     """Saved-tensor hooks that let an in-place update leave what the backward kept intact (copy on write).
 
@@ -442,25 +480,32 @@ class _SavedCopies:
         self.slots: dict[int, list[list[Tensor]]] = {}
         self._context: Any = None
 
-    def pack(self, tensor: Tensor) -> list[Tensor]:
-        """Keep ``tensor`` in a slot (autograd's pack hook)."""
+    def pack(self, tensor: Tensor) -> "list[Tensor] | Tensor":
+        """Keep ``tensor`` in a slot (autograd's pack hook); a parameter as it is (a forward that updates its own
+        parameters in place has no explanation: the layers refuse it)."""
+        if _is_parameter(tensor):
+            return tensor
         slot = [tensor]
         try:
-            key = tensor.untyped_storage().data_ptr()
+            key = _storage_key(tensor)
         except (RuntimeError, NotImplementedError):  # no storage (a tensor subclass): kept as it is
             return slot
-        self.slots.setdefault(key, []).append(slot)
+        slots = self.slots.get(key)
+        if slots is None:
+            self.slots[key] = [slot]
+        else:
+            slots.append(slot)
         return slot
 
     @staticmethod
-    def unpack(slot: list[Tensor]) -> Tensor:
+    def unpack(slot: "list[Tensor] | Tensor") -> Tensor:
         """The kept tensor (autograd's unpack hook)."""
-        return slot[0]
+        return slot[0] if type(slot) is list else slot
 
     def before_update(self, tensor: Tensor) -> None:
         """Copy the values the backward kept of ``tensor``'s storage before it is updated in place."""
         try:
-            key = tensor.untyped_storage().data_ptr()
+            key = _storage_key(tensor)
         except (RuntimeError, NotImplementedError):
             return
         for slot in self.slots.pop(key, []):

@@ -101,6 +101,22 @@ class ExplainState:
         return leaf
 
 
+@dataclass(eq=False)
+class InPlaceRecord:
+    """What the explanations of a model explained at run time have seen of its in-place updates (``convert`` puts
+    one on the model it returns; :mod:`torchlrp.runtime` reads and updates it).
+
+    Attributes
+    ----------
+    updates : bool or None
+        Whether its forward updates a tensor that carries relevance in place (``x.add_(y)``, ``score += bias``):
+        None until the first explanation; then the saved-tensor copies that keep what the backward needs run only
+        for models that do.
+    """
+
+    updates: bool | None = None
+
+
 ACTIVE: ContextVar[ExplainState | None] = ContextVar("torchlrp_explain_state", default=None)
 
 

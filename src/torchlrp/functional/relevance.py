@@ -79,7 +79,9 @@ class AffineRelevance(torch.autograd.Function):
                                f"(its input or output) was modified in place after the layer ran (e.g. "
                                f"out.mul_(2) or out.relu_() on a layer output in a hand-written forward); write "
                                f"that operation out of place (out = out * 2); in-place modules such as "
-                               f"nn.ReLU(inplace=True) need no change") from error
+                               f"nn.ReLU(inplace=True) need no change. A model explained at run time whose "
+                               f"earlier explanations made no such update: explain it again (torchlrp.explain "
+                               f"does so by itself; this run taught it that the forward updates in place)") from error
         if _versions(ctx.op) != ctx.parameter_versions:
             raise RuntimeError(f"torchlrp: the weight or bias of a layer explained by {ctx.rule!r} was modified in "
                                f"place between the forward and the backward; its relevance would use the new "
