@@ -519,3 +519,33 @@ def test_the_kernel_explains_attention_as_the_rules_do(case, mode, epsilon, devi
             continue
         torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-10)
         assert ours.abs().sum() > 0
+
+
+@pytest.mark.parametrize("epsilon", [1e-6, 0.5])
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_grouped_query_attention_sums_each_key_value_heads_relevance(mode, epsilon, device):
+    """``enable_gqa``: the relevance of a key/value head is the sum over its group of query heads -- the relevance
+    of the keys and values repeated for each query head (the reference), summed back; through the kernel (1e-6) and
+    through the rules one by one (0.5)."""
+    from torchlrp.functional.attention import attention_rule
+
+    torch.manual_seed(0)
+    query = torch.randn(2, 4, 5, 8, dtype=torch.float64, device=device)
+    key, value = (torch.randn(2, 2, 5, 8, dtype=torch.float64, device=device) for _ in range(2))
+    start = torch.randn(2, 4, 5, 8, dtype=torch.float64, device=device)
+    inputs = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
+    output, _ = attention_rule(*inputs, None, True, None, mode, epsilon, need_weights=False, enable_gqa=True)
+    ours = torch.autograd.grad(output, inputs, start, allow_unused=True)
+    repeated = [query.clone().requires_grad_()] + [t.repeat_interleave(2, dim=1).requires_grad_() for t in (key, value)]
+    expected_output, _ = attention_rule(*repeated, None, True, None, mode, epsilon, need_weights=False)
+    expected = torch.autograd.grad(expected_output, repeated, start, allow_unused=True)
+    torch.testing.assert_close(output, expected_output)
+    torch.testing.assert_close(output, F.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                                      enable_gqa=True))
+    for index, (mine, theirs) in enumerate(zip(ours, expected)):
+        if theirs is None:
+            assert mine is None or not mine.abs().sum()
+            continue
+        if index:  # keys and values: the group's sum
+            theirs = theirs.unflatten(1, (2, 2)).sum(2)
+        torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12)

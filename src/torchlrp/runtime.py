@@ -567,15 +567,11 @@ def _attention(mode: RunTimeOperations, args: tuple, kwargs: dict) -> Any:
     bound = dict(zip(names, args), **kwargs)
     if bound.get("dropout_p", 0.0):
         return NotImplemented
-    if bound.get("enable_gqa", False):  # grouped-query attention: each key/value head serves a group of query heads
-        groups = bound["query"].shape[-3] // bound["key"].shape[-3]
-        bound["key"] = bound["key"].repeat_interleave(groups, dim=-3)
-        bound["value"] = bound["value"].repeat_interleave(groups, dim=-3)
     if mode.state.attention != "cp":
         mode.state.losses_allowed.add("AttnLRP's softmax rule (absorbs like a bias)")
     output, _ = attention_rule(bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
                                bool(bound.get("is_causal", False)), bound.get("scale"), mode.state.attention,
-                               mode.epsilon, need_weights=False)
+                               mode.epsilon, need_weights=False, enable_gqa=bool(bound.get("enable_gqa", False)))
     return output
 
 

@@ -171,12 +171,14 @@ class KernelAttentionRelevance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, is_causal: bool,
-                scale: float | None, constant_weights: bool, epsilon: float) -> Tensor:  # noqa: D102
+                scale: float | None, constant_weights: bool, epsilon: float,
+                enable_gqa: bool = False) -> Tensor:  # noqa: D102
         with torch.enable_grad():
             leaves = [tensor.detach().requires_grad_(not (constant_weights and index < 2))
                       for index, tensor in enumerate((query, key, value))]
+            grouped = {"enable_gqa": True} if enable_gqa else {}  # (torch >= 2.5)
             output = F.scaled_dot_product_attention(*leaves, attn_mask=None if mask is None else mask.detach(),
-                                                    is_causal=is_causal, scale=scale)
+                                                    is_causal=is_causal, scale=scale, **grouped)
         ctx.graph, ctx.leaves, ctx.epsilon, ctx.constant_weights = output, leaves, epsilon, constant_weights
         return output.detach()
 
@@ -188,11 +190,11 @@ class KernelAttentionRelevance(torch.autograd.Function):
         # matrix, explain_generation) uses it again; it is freed with the node
         if ctx.constant_weights:
             (value_gradient,) = torch.autograd.grad(ctx.graph, value, signal, retain_graph=True)
-            return None, None, value_gradient.mul_(value), None, None, None, None, None
+            return None, None, value_gradient.mul_(value), None, None, None, None, None, None
         query_gradient, key_gradient, value_gradient = torch.autograd.grad(ctx.graph, ctx.leaves, signal,
                                                                            retain_graph=True)
         return (query_gradient.mul_(query).mul_(0.25), key_gradient.mul_(key).mul_(0.25),
-                value_gradient.mul_(value).mul_(0.5), None, None, None, None, None)
+                value_gradient.mul_(value).mul_(0.5), None, None, None, None, None, None)
 
 
 def scaled_attention_rule(query: Tensor, key: Tensor, value: Tensor, constant: Tensor | None = None,
@@ -226,7 +228,7 @@ def scaled_attention_rule(query: Tensor, key: Tensor, value: Tensor, constant: T
 
 def attention_rule(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None, is_causal: bool = False,
                    scale: float | None = None, mode: str = "attnlrp", epsilon: float = 1e-6,
-                   need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
+                   need_weights: bool = True, enable_gqa: bool = False) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention whose backward is AttnLRP's (or CP-LRP's) relevance.
 
     Parameters
@@ -246,6 +248,9 @@ def attention_rule(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | Non
         Stabilizer of the products' and the mask sum's denominators.
     need_weights : bool
         Whether to return the attention weights (computed apart, without relevance, under AttnLRP).
+    enable_gqa : bool
+        Grouped-query attention (``scaled_dot_product_attention``'s ``enable_gqa``): each key/value head serves a
+        group of query heads, and its relevance is the sum over the group.
 
     Returns
     -------
@@ -260,7 +265,11 @@ def attention_rule(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | Non
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
     if not need_weights and epsilon <= KERNEL_EPSILON:  # the kernel's forward and backward: the same relevance
-        return KernelAttentionRelevance.apply(query, key, value, mask, is_causal, scale, mode == "cp", epsilon), None
+        return KernelAttentionRelevance.apply(query, key, value, mask, is_causal, scale, mode == "cp", epsilon,
+                                              enable_gqa), None
+    if enable_gqa:  # each key/value head repeated for its group of query heads (the repeat sums their relevance)
+        groups = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     additive = attention_mask(mask, is_causal, query, key)
     if mode == "cp":

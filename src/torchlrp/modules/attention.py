@@ -131,7 +131,7 @@ class ScaledDotProductAttention(Operation, torch.nn.Module):
         Raises
         ------
         ValueError
-            While explaining, for ``dropout_p > 0`` (explanations are of the eval-mode model) or ``enable_gqa``.
+            While explaining, for ``dropout_p > 0`` (explanations are of the eval-mode model).
         """
         rule = self.operation_rule()
         if rule is None:
@@ -140,10 +140,8 @@ class ScaledDotProductAttention(Operation, torch.nn.Module):
         if dropout_p:
             raise ValueError(f"scaled_dot_product_attention with dropout_p={dropout_p} while explaining: "
                              f"explanations are of the eval-mode model; pass dropout_p=0.0 outside training")
-        if kwargs.get("enable_gqa"):
-            raise ValueError("torchlrp does not explain scaled_dot_product_attention with enable_gqa=True")
         output, _ = attention_rule(query, key, value, attn_mask, is_causal, scale, current().attention,
-                                   rule.epsilon, need_weights=False)
+                                   rule.epsilon, need_weights=False, enable_gqa=bool(kwargs.get("enable_gqa")))
         return output
 
 
