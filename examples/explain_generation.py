@@ -7,7 +7,7 @@ i-th copied symbol the model must look at the i-th symbol of the prompt, so the 
 should peak there. We count how often it does (the "source hit rate"), for the trained model and for two controls
 that must fail: the same architecture untrained, and a random attribution.
 
-Run: ``python examples/explain_generation.py`` (``--quick`` trains fewer steps). Writes
+Run: ``python examples/explain_generation.py`` (``--quick`` trains fewer steps, ``--out DIR`` writes elsewhere). Writes
 ``examples/plots/generation_copy.png`` (the relevance matrix) and ``examples/plots/generation_tokens.png`` (the
 prompt coloured by relevance for each generated token).
 """
@@ -114,4 +114,6 @@ def main(quick: bool = False, plots: str = os.path.join(os.path.dirname(__file__
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="train 120 steps instead of 300")
-    main(parser.parse_args().quick)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "plots"), help="output directory")
+    arguments = parser.parse_args()
+    main(arguments.quick, arguments.out)

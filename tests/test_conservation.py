@@ -172,3 +172,27 @@ def test_a_call_without_a_rule_that_returns_a_tuple_is_refused_too():
     converted = _converted(Sorted(cumulative=False))
     with pytest.raises(lrp.ConversionError, match=r"torch.sort \(x1\): no relevance rule"):
         lrp.explain(converted, torch.randn(2, 6, dtype=torch.float64))
+
+
+def test_a_traced_router_choice_is_a_constant_gate_like_at_run_time():
+    """``topk`` in a traced graph is held constant (the registry's entry), as at run time: the product of a layer
+    output with its top value is a scale, and LRP-0 without biases conserves through it."""
+
+    class Gated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body, self.head = torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 3, bias=False)
+
+        def forward(self, x):
+            hidden = self.body(x)
+            return self.head(hidden * torch.softmax(hidden, -1).topk(1, dim=-1).values)
+
+    traced = lrp.convert(Gated().double().eval())
+    assert isinstance(traced, torch.fx.GraphModule)
+    run_time = _converted(type("RunTimeGated", (Gated,), {"forward": lambda self, x: Gated.forward(self, x) if float(
+        x.detach().abs().sum()) >= 0 else x})())
+    x = torch.randn(4, 6, dtype=torch.float64)
+    relevance, report = lrp.explain(traced, x, rule="zero", start="logit", return_conservation=True)
+    assert report.conserved(1e-9)
+    torch.testing.assert_close(lrp.explain(run_time, x, rule="zero", start="logit"), relevance)

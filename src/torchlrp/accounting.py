@@ -129,15 +129,16 @@ class Conservation:
         return "\n".join(lines)
 
 
-def check(report: Conservation, biases: list[Tensor]) -> None:
+def check(report: Conservation, model: torch.nn.Module) -> None:
     """Warn about a run-time explanation whose relevance went missing (see the module docstring).
 
     Parameters
     ----------
     report : Conservation
         The explanation's report.
-    biases : list of Tensor
-        The model's bias parameters: a non-zero one takes a share (checked only where the residual needs it).
+    model : torch.nn.Module
+        The explained model: a non-zero bias of it takes a share (its biases are read only where the residual
+        needs them).
     """
     rtol, scale = tolerance(report.start.dtype), float(report.start.abs().sum())
     changed = {name: float(change) for name, change in report.unruled.items()
@@ -149,7 +150,9 @@ def check(report: Conservation, biases: list[Tensor]) -> None:
                       f"LRP explanation there; register a rule for them (convert(model, registry=...))",
                       stacklevel=3)
         return
-    if report.losses_allowed or report.conserved() or any(bool(bias.detach().any()) for bias in biases):
+    if report.losses_allowed or report.conserved() or any(
+            name.rpartition(".")[2] == "bias" and bool(parameter.detach().any())
+            for name, parameter in model.named_parameters()):
         return
     warnings.warn(f"torchlrp: every rule in play conserves, yet {report.relative_residual:.3g} of the start relevance "
                   f"({float(report.residual):.4g} of {float(report.start.sum()):.4g}) is neither at the input nor "

@@ -13,7 +13,8 @@ from .context import retrying_after_in_place, rules_applied
 from .patterns import PatternsLike
 from .rules import Rule
 
-_STARTS = ("one", "logit", "probability")
+#: where relevance starts at the target: 1, the logit's value, or the class probability
+STARTS = ("one", "logit", "probability")
 
 
 def _as_target(target: Any) -> int | Tensor | None:
@@ -163,8 +164,8 @@ def _explain_once(model: torch.nn.Module, input: Tensor, target: int | Sequence[
     """One explanation (see :func:`explain`)."""
     if not isinstance(input, Tensor):
         raise ValueError(f"input must be a tensor, got {type(input).__name__}")
-    if start not in _STARTS:
-        raise ValueError(f"start must be one of {_STARTS}, got {start!r}")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
     batch = input.shape[0]
     target = _as_target(target)
     target_shape = () if target is None or isinstance(target, int) else target.shape
@@ -214,7 +215,7 @@ def _explain_once(model: torch.nn.Module, input: Tensor, target: int | Sequence[
         report = Conservation(start=row_sums(output_relevance), input=row_sums(relevance), absorbed=absorbed,
                               unruled=dict(state.unruled), losses_allowed=tuple(sorted(state.losses_allowed)))
         if state.run_time:
-            check(report, [p for name, p in model.named_parameters() if name.rpartition(".")[2] == "bias"])
+            check(report, model)
     if multi:
         relevance = relevance.reshape(batch, per_sample, *input.shape[1:])
     results = (relevance, scores[::per_sample]) if return_scores else (relevance,)

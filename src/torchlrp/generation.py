@@ -18,10 +18,8 @@ from torch import Tensor
 from .composites import Composite
 from .accounting import Conservation, check
 from .context import retrying_after_in_place, rules_applied
+from .explain import STARTS
 from .rules import Rule
-
-_STARTS = ("one", "logit", "probability")
-
 
 @dataclass(frozen=True)
 class GenerationRelevance:
@@ -131,8 +129,8 @@ def _explain_generation_once(model: torch.nn.Module, input_ids: Tensor, max_new_
                          f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
     if (max_new_tokens is None) == (continuation is None):
         raise ValueError("give exactly one of max_new_tokens (generate greedily) and continuation (tokens to explain)")
-    if start not in _STARTS:
-        raise ValueError(f"start must be one of {_STARTS}, got {start!r}")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
     if embedding is None:
         getter = getattr(model, "get_input_embeddings", None)
         embedding = getter() if callable(getter) else None
@@ -179,7 +177,7 @@ def _explain_generation_once(model: torch.nn.Module, input_ids: Tensor, max_new_
     report = Conservation(start=starts.detach(), input=matrix.sum(-1), absorbed=absorbed,
                           unruled=dict(state.unruled), losses_allowed=tuple(sorted(state.losses_allowed)))
     if state.run_time:
-        check(report, [p for name, p in model.named_parameters() if name.rpartition(".")[2] == "bias"])
+        check(report, model)
     return GenerationRelevance(tokens=tokens, prompt_length=prompt_length, relevance=matrix, logits=chosen,
                                conservation=report)
 
