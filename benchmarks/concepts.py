@@ -32,7 +32,7 @@ import torchvision
 
 import torchlrp as lrp
 from torchlrp import concepts as crp
-from torchlrp.dataset import explain_dataset
+from torchlrp.data.dataset import explain_dataset
 
 LAYER = "features.28"
 DATASET_LAYERS = ["features.21", "features.28"]

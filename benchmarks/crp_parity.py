@@ -32,7 +32,7 @@ import torchvision
 
 import torchlrp as lrp
 from torchlrp import concepts as crp
-from torchlrp.dataset import explain_dataset
+from torchlrp.data.dataset import explain_dataset
 
 CRP_SIDE = r"""
 import sys, torch, numpy as np, torchvision

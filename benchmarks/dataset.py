@@ -25,7 +25,7 @@ import torch
 import torchvision
 
 import torchlrp as lrp
-from torchlrp.dataset import explain_dataset
+from torchlrp.data.dataset import explain_dataset
 
 
 def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.utils.data.Dataset, lrp.Composite]:

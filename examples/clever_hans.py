@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import torchlrp as lrp
-from torchlrp.analysis import save_spray_figure, spray
-from torchlrp.dataset import explain_dataset, open_relevances
+from torchlrp.analysis.spray import save_spray_figure, spray
+from torchlrp.data.dataset import explain_dataset, open_relevances
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZE = 24

@@ -28,7 +28,7 @@ import torch
 
 import torchlrp as lrp
 from torchlrp import concepts as crp
-from torchlrp.dataset import explain_dataset
+from torchlrp.data.dataset import explain_dataset
 
 from clever_hans import CONFOUNDED, made_by, trained_on_the_data
 

@@ -20,7 +20,7 @@ import warnings
 import torch
 
 import torchlrp as lrp
-from torchlrp.text import save_generation, save_tokens
+from torchlrp.viz.text import save_generation, save_tokens
 
 SYMBOLS = "abcdefghij"
 VOCABULARY = ["<s>", "="] + list(SYMBOLS)

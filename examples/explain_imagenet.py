@@ -34,9 +34,9 @@ import torch
 
 import torchlrp as lrp
 from torchlrp import evaluate, image, imagenet
-from torchlrp.composites import CONVOLUTIONS
-from torchlrp.models import classifier
-from torchlrp.rules import Epsilon, Gamma, ZBox
+from torchlrp.core.composites import CONVOLUTIONS
+from torchlrp.data.models import classifier
+from torchlrp.core.rules import Epsilon, Gamma, ZBox
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")

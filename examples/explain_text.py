@@ -20,7 +20,7 @@ import warnings
 import torch
 
 import torchlrp as lrp
-from torchlrp.text import SentenceSimilarity, save_tokens, token_html
+from torchlrp.viz.text import SentenceSimilarity, save_tokens, token_html
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAIRS = [("A man is playing a guitar.", "Someone plays an instrument."),

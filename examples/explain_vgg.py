@@ -23,7 +23,7 @@ import torch
 
 import torchlrp as lrp
 from torchlrp import image, imagenet
-from torchlrp.models import cached_weights_available, torchvision_model
+from torchlrp.data.models import cached_weights_available, torchvision_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from torchlrp.dataset import explain_dataset
+from torchlrp.data.dataset import explain_dataset
 
 
 class Samples(torch.utils.data.Dataset):

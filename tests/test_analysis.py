@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchlrp.analysis import SprayResult, save_spray_figure, spray
+from torchlrp.analysis.spray import SprayResult, save_spray_figure, spray
 
 pytest.importorskip("sklearn")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,11 +87,11 @@ def test_given_cluster_count_samples_and_purity():
 
 
 def test_spray_reads_a_store(tmp_path):
-    from torchlrp.dataset import open_relevances
+    from torchlrp.data.dataset import open_relevances
     sys.path.insert(0, os.path.dirname(__file__))
     from dataset_run import Samples, model
 
-    from torchlrp.dataset import explain_dataset
+    from torchlrp.data.dataset import explain_dataset
 
     explain_dataset(model(), Samples(), "epsilon", tmp_path / "r.zarr", batch_size=4, quiet=True,
                     dtype=torch.float32)

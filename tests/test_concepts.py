@@ -285,7 +285,7 @@ def test_bad_input_is_refused(cnn, resnet):
 def _store_run(store, **options):
     from tests.dataset_run import Samples, model
 
-    from torchlrp.dataset import explain_dataset
+    from torchlrp.data.dataset import explain_dataset
     settings = dict(batch_size=4, quiet=True, dtype="float32", target="label", concepts=["0", "1"])
     settings.update(options)
     return explain_dataset(model(), Samples(options.pop("crash_at", None)), "epsilon", store,
@@ -304,7 +304,7 @@ def test_store_concept_statistics_equal_the_definition(tmp_path):
     pytest.importorskip("zarr")
     from tests.dataset_run import Samples, model
 
-    from torchlrp.dataset import open_relevances
+    from torchlrp.data.dataset import open_relevances
     _store_run(tmp_path / "c.zarr")
     relevances = open_relevances(tmp_path / "c.zarr")
     assert relevances.concept_layers == ["0", "1"]

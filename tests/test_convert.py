@@ -7,7 +7,7 @@ from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.torchvision import ResNetCanonizer
 
 import torchlrp as lrp
-from torchlrp.models import torchvision_model
+from torchlrp.data.models import torchvision_model
 
 SIZES = {"alexnet": 64}
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import torchlrp as lrp
-from torchlrp.registry import OperationEntry
+from torchlrp.operations.registry import OperationEntry
 
 from .reference import reference_relevance
 
@@ -172,12 +172,12 @@ def test_final_functional_softmax_is_skipped_and_registry_extends():
             self.fc = torch.nn.Linear(4, 3)
 
         def forward(self, x):
-            return F.softmax(self.fc(torch.erf(x)), dim=1)
+            return F.softmax(self.fc(torch.sin(x)), dim=1)
 
-    with pytest.raises(lrp.ConversionError, match="erf"):
+    with pytest.raises(lrp.ConversionError, match="sin"):
         lrp.convert(Model())
     registry = lrp.default_registry()
-    registry.add_function(torch.erf, OperationEntry("identity"))
+    registry.add_function(torch.sin, OperationEntry("identity"))
     converted = lrp.convert(Model(), registry=registry)
     x = torch.randn(2, 4)
     relevance = lrp.explain(converted, x, rule="zero", start="logit")
@@ -186,11 +186,11 @@ def test_final_functional_softmax_is_skipped_and_registry_extends():
     torch.testing.assert_close(probabilities, converted(x))  # explain mode gives the plain forward's output
     logits = state.output_scores
     torch.testing.assert_close(logits.softmax(1), probabilities)
-    # relevance passes the softmax unchanged; LRP-0 with R = z_t gives a_i w_ti at erf's output a = erf(x), and the
-    # entry keeps erf's call, so its gradient carries that to x
+    # relevance passes the softmax unchanged; LRP-0 with R = z_t gives a_i w_ti at sin's output a = sin(x), and the
+    # entry keeps sin's call, so its gradient carries that to x
     top = logits.argmax(1)
-    at_erf = torch.erf(x) * converted.fc.weight.detach()[top]
-    expected = at_erf * 2 / math.sqrt(math.pi) * torch.exp(-x ** 2)
+    at_sin = torch.sin(x) * converted.fc.weight.detach()[top]
+    expected = at_sin * torch.cos(x)
     torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import torchlrp as lrp
-from torchlrp.dataset import explain_dataset, open_relevances
+from torchlrp.data.dataset import explain_dataset, open_relevances
 
 zarr = pytest.importorskip("zarr", minversion="3")
 sys.path.insert(0, os.path.dirname(__file__))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import torchlrp as lrp
+from torchlrp.core.state import current
 from torchlrp import rules
 
 from .test_layers import relu_network
@@ -15,12 +16,12 @@ def test_explain_leaves_no_trace_on_model_or_input():
     relevance = lrp.explain(model, x, rule="alpha2beta1")
     assert torch.equal(x, before) and not x.requires_grad and x.grad is None
     assert all(p.grad is None for p in model.parameters())
-    assert lrp.context.current() is None
+    assert current() is None
     assert relevance.shape == x.shape
     # a failing explanation also restores the model
     with pytest.raises(ValueError):
         lrp.explain(model, x, target=99)
-    assert lrp.context.current() is None
+    assert current() is None
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
 
 

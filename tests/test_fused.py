@@ -5,7 +5,7 @@ import torchvision
 
 import torchlrp as lrp
 from torchlrp.functional import kernels as K
-from torchlrp.rules import _stack_with_positive
+from torchlrp.core.rules.proportional import _stack_with_positive
 
 from .layer_configs import make_case
 

@@ -14,8 +14,8 @@ import torch
 
 import torchlrp as lrp
 from torchlrp import evaluate, imagenet
-from torchlrp.dataset import explain_dataset
-from torchlrp.store import StoreDamagedError, open_relevances, verify_store
+from torchlrp.data.dataset import explain_dataset
+from torchlrp.data.store import StoreDamagedError, open_relevances, verify_store
 
 zarr = pytest.importorskip("zarr", minversion="3")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -63,7 +63,7 @@ def test_spray_on_degenerate_heatmaps_returns_one_cluster_instead_of_crashing(ma
             "scaled copies": "torch.rand(1, 1, 8, 8) * torch.arange(1, 13.).view(12, 1, 1, 1)"}[maps]
     result = run_python(f"""
         import warnings, torch
-        from torchlrp.analysis import spray
+        from torchlrp.analysis.spray import spray
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             found = spray({made}, n_neighbors=3, max_clusters=4, size=(8, 8))
@@ -181,12 +181,13 @@ def test_rules_whose_reprs_agree_and_models_of_equal_parameters_are_told_apart(t
 
 def test_a_store_stopped_while_being_created_is_created_again(tmp_path, monkeypatch):
     from torchlrp import store as store_module
+    from torchlrp.data.store import writing as writing_module
 
     def dies(group, settings):
         group.create_array("relevance", shape=(1,), dtype="float32")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store_module, "_create_arrays", dies)
+    monkeypatch.setattr(writing_module, "create_arrays", dies)
     with pytest.raises(KeyboardInterrupt):
         explain_into(tmp_path / "r.zarr")
     monkeypatch.undo()
@@ -222,6 +223,7 @@ def test_hand_edited_stores_raise_one_clear_error(tmp_path):
 
 def test_two_runs_creating_one_store_at_once_get_a_clear_error(tmp_path, monkeypatch):
     from torchlrp import store as store_module
+    from torchlrp.data.store import writing as writing_module
 
     real = zarr.open_group
 
@@ -242,11 +244,12 @@ def test_a_file_as_the_store_and_a_read_only_filesystem_get_clear_errors(tmp_pat
         explain_into(afile)
     assert afile.read_text() == "mine"
     from torchlrp import store as store_module
+    from torchlrp.data.store import writing as writing_module
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(store_module, "_create_arrays", read_only)
+    monkeypatch.setattr(writing_module, "create_arrays", read_only)
     with pytest.raises(PermissionError, match="cannot write the store .*Read-only file system"):
         explain_into(tmp_path / "new.zarr")
 

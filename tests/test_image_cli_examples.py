@@ -223,7 +223,7 @@ def test_cli_timm_errors(tmp_path, photo, model, weights, message):
 
 @needs_lite0
 def test_timm_classifier_random_and_state_dict_round_trip(tmp_path):
-    from torchlrp.models import classifier, split_model_name
+    from torchlrp.data.models import classifier, split_model_name
 
     torch.manual_seed(0)
     model = classifier("timm/tf_efficientnet_lite0", None, num_classes=7)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import torchlrp as lrp
+from torchlrp.conversion.convert import RunTimeConversion
 
 
 class Block(torch.nn.Module):
@@ -41,7 +42,7 @@ def test_run_time_relevance_equals_the_traced_graphs(rule):
     assert isinstance(traced, torch.fx.GraphModule)
     with pytest.warns(UserWarning, match="explained at run time"):
         run_time = lrp.convert(Block(branch=True).double().eval())
-    assert not isinstance(run_time, torch.fx.GraphModule) and run_time.torchlrp_run_time is True
+    assert not isinstance(run_time, torch.fx.GraphModule) and isinstance(run_time.torchlrp_conversion, RunTimeConversion)
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     torch.testing.assert_close(run_time(x), traced(x))
     torch.testing.assert_close(lrp.explain(run_time, x, rule=rule), lrp.explain(traced, x, rule=rule))
@@ -97,7 +98,7 @@ def test_pretrained_minilm_similarity_tokens_and_conservation():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = lrp.convert(bert)
-    from torchlrp.text import SentenceSimilarity
+    from torchlrp.viz.text import SentenceSimilarity
 
     pair = ["A man is playing a guitar.", "Someone plays an instrument."]
     encoded = tokenizer(pair, padding=True, return_tensors="pt")
@@ -204,7 +205,7 @@ def test_a_power_or_root_that_is_not_a_norm_statistic_is_refused():
         def forward(self, x):
             return torch.sqrt(x.abs()) + x
 
-    for model, message in ((Cube(), "a power 3"), (SquaredFeatures(), "not a norm's statistic"),
+    for model, message in ((Cube(), "a power 3"), (SquaredFeatures(), "a power 2 of an activation that does not scale"),
                            (Root(), "does not scale an activation")):
         with pytest.raises(lrp.ConversionError, match=message):
             lrp.convert(model.eval())
@@ -315,30 +316,6 @@ def test_run_time_in_place_updates_are_explained_like_their_out_of_place_form():
         torch.testing.assert_close(relevance, lrp.explain(traced, x, rule=rule), **tolerance)
 
 
-def test_every_registry_entry_has_a_run_time_counterpart():
-    """The run-time mode reads the registry's gradient entries and has a handler for every entry with a rule, but
-    for the listed ones (explained in traced graphs only)."""
-    from torchlrp import runtime
-
-    registry = lrp.default_registry()
-    handlers = runtime._handlers()
-    traced_only = {"log_softmax", "shifted_window_attention", "stochastic_depth"}
-    missing = []
-    for function, entry in registry.functions.items():
-        if entry.shape or entry.constant or function in handlers or runtime._passes_gradient(function, registry):
-            continue
-        name = getattr(function, "__name__", str(function)).strip("_")
-        if getattr(function, "__module__", "") == "_operator" and getattr(torch.Tensor, f"__{name}__", None) in handlers:
-            continue
-        missing.append(name)
-    for name, entry in registry.methods.items():
-        method = getattr(torch.Tensor, name, None)
-        if entry.shape or entry.constant or method in handlers or runtime._passes_gradient(method, registry):
-            continue
-        missing.append(name)
-    assert set(missing) <= traced_only, sorted(set(missing) - traced_only)
-
-
 def test_a_registered_entry_applies_at_run_time_too():
     class Model(torch.nn.Module):
         def __init__(self):
@@ -388,19 +365,25 @@ def test_run_time_module_written_as_a_formula_is_one_activation():
         relevance, scores = lrp.explain(run_time, x, rule=rule, return_scores=True)
         torch.testing.assert_close(scores, run_time_model(x).detach(), rtol=0, atol=0)
         torch.testing.assert_close(relevance, lrp.explain(traced, x, rule=rule))
-    # and a formula the run time cannot see whole (written in the forward itself) raises, naming the power
+    # and a formula written in the forward itself is one activation at run time too, as in the traced graph
 
     class Inline(_MLP):
         def forward(self, x):
-            if float(x.sum()) > 1e9:
+            if self.untraceable and float(x.sum()) > 1e9:
                 return x
             h = self.up(x)
             return self.down(0.5 * h * (1.0 + torch.tanh(0.79788 * (h + 0.044715 * torch.pow(h, 3.0)))))
 
+    inline = Inline(True).double()
+    inline.load_state_dict(run_time_model.state_dict())
     with pytest.warns(UserWarning, match="cannot trace"):
-        inline = lrp.convert(Inline(True).double())
-    with pytest.raises(lrp.ConversionError, match="pow"):
-        lrp.explain(inline, x)
+        inline = lrp.convert(inline)
+    inline_traced = Inline(False).double()
+    inline_traced.load_state_dict(run_time_model.state_dict())
+    inline_traced = lrp.convert(inline_traced)
+    assert isinstance(inline_traced, torch.fx.GraphModule)
+    for rule in ("epsilon", "zero", lrp.EpsilonPlus()):
+        torch.testing.assert_close(lrp.explain(inline, x, rule=rule), lrp.explain(inline_traced, x, rule=rule))
 
 
 class _Mixed(torch.nn.Module):
@@ -511,7 +494,7 @@ def test_copies_of_kept_tensors_run_only_for_models_that_update_in_place(rule):
     original = _SometimesInPlace(in_place=False).double().eval()
     with pytest.warns(UserWarning, match="cannot trace"):
         converted = lrp.convert(original)
-    record = converted.torchlrp_in_place
+    record = converted.torchlrp_conversion.in_place
     assert record.updates is None
     x = torch.randn(3, 4, dtype=torch.float64)
     first = lrp.explain(converted, x, rule=rule)

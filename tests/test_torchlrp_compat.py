@@ -5,7 +5,7 @@ import torch
 
 import torchlrp as lrp
 from torchlrp import Conv2d, Linear, MaxPool2d, Sequential
-from torchlrp.patterns import fit_patternnet, fit_patternnet_positive
+from torchlrp.explanation.patterns import fit_patternnet, fit_patternnet_positive
 
 RULES = ["gradient", "epsilon", "gamma+epsilon", "alpha1beta0", "alpha2beta1", "patternnet", "patternattribution"]
 

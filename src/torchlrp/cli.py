@@ -16,11 +16,14 @@ import sys
 import numpy as np
 import torch
 
-from . import __version__, composites, image, imagenet
-from .convert import convert
-from .explain import explain
-from .models import ARCHITECTURES, WHEEL_WEIGHTS, cached_weights_available, classifier, split_model_name
-from .rules import rule_names
+from torchlrp.version import __version__
+from torchlrp.core import composites
+from torchlrp.viz import image
+from torchlrp.data import imagenet
+from torchlrp.conversion.convert import convert
+from torchlrp.explanation.explain import explain
+from torchlrp.data.models import ARCHITECTURES, WHEEL_WEIGHTS, cached_weights_available, classifier, split_model_name
+from torchlrp.core.rules import rule_names
 
 
 def _composite_names() -> list[str]:
@@ -157,7 +160,7 @@ def run_verify_store(args: argparse.Namespace) -> int:
     int
         0 for a healthy store (or one repaired), 1 for a damaged one.
     """
-    from .store import verify_store
+    from torchlrp.data.store import verify_store
 
     try:
         health = verify_store(args.store, repair=args.repair)
@@ -209,7 +212,7 @@ def run_explain_dataset(args: argparse.Namespace) -> None:
     args : argparse.Namespace
         Parsed arguments.
     """
-    from .dataset import explain_dataset
+    from torchlrp.data.dataset import explain_dataset
 
     _check_size(args.size)
     target: str | int = args.target

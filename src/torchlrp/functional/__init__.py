@@ -3,10 +3,10 @@
 The autograd Functions in this subpackage compute a rule's relevance in their ``backward``: the gradient that
 reaches their output *is* the output relevance, and what they return is the input relevance.
 """
-from .affine import AffineOp
-from . import kernels
-from .relevance import AffineRelevance, ProportionalRelevance, SumRelevance, proportional, sum_relevance
-from .stabilize import stabilize
+from torchlrp.functional.affine import AffineOp
+from torchlrp.functional import kernels
+from torchlrp.functional.relevance import AffineRelevance, ProportionalRelevance, SumRelevance, proportional, sum_relevance
+from torchlrp.functional.stabilize import stabilize
 
 __all__ = [
     "AffineOp",

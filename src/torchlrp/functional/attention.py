@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import kernels
-from .operations import add_logit_constant, bilinear_rule
-from .stabilize import mul_stabilized_ratio_
+from torchlrp.functional.kernels import kernels
+from torchlrp.functional.operations import add_logit_constant, bilinear_rule
+from torchlrp.functional.stabilize import mul_stabilized_ratio_
 
 ATTENTION_MODES = ("attnlrp", "cp")
 #: up to this stabilizer the inner products' stabilizers change nothing beyond rounding, and the kernel explains

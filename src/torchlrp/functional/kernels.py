@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .stabilize import effective_epsilon, stabilize
+from torchlrp.functional.stabilize import effective_epsilon, stabilize
 
 
 def gamma_inverse(output: Tensor, positive: Tensor, gamma: float, stabilizer: float) -> Tensor:

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .autocast import autocast_enabled
-from .kernels import kernels
-from .stabilize import mul_stabilized_ratio_
+from torchlrp.functional.autocast import autocast_enabled
+from torchlrp.functional.kernels import kernels
+from torchlrp.functional.stabilize import mul_stabilized_ratio_
 
 
 def _sum_to(tensor: Tensor, shape: torch.Size) -> Tensor:

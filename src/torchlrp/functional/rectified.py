@@ -17,8 +17,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .affine import AffineOp
-from .kernels import kernels
+from torchlrp.functional.affine import AffineOp
+from torchlrp.functional.kernels import kernels
 
 
 class Term(NamedTuple):

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from .affine import AffineOp
-from .autocast import autocast_enabled
-from .kernels import kernels
-from .rectified import rectified_relevance
-from .stabilize import stabilize
+from torchlrp.functional.affine import AffineOp
+from torchlrp.functional.autocast import autocast_enabled
+from torchlrp.functional.kernels import kernels
+from torchlrp.functional.rectified import rectified_relevance
+from torchlrp.functional.stabilize import stabilize
 
 if TYPE_CHECKING:
-    from ..rules import Rule
+    from torchlrp.core.rules import Rule
 
 
 class AffineRelevance(torch.autograd.Function):

@@ -1,25 +1,24 @@
 """Layer modules of torchlrp: drop-in twins of the torch layers with an explain mode, and the modules that
 explain a model's parameter-free operations."""
-from .activation import (CELU, ELU, GELU, SELU, Hardsigmoid, Hardswish, Hardtanh, LeakyReLU, Mish, PReLU, ReLU6,
+from torchlrp.modules.activation import (CELU, ELU, GELU, SELU, Hardsigmoid, Hardswish, Hardtanh, LeakyReLU, Mish, PReLU, ReLU6,
                          Sigmoid, SiLU, Softplus, Tanh)
-from .affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, ExplainableAffine,
+from torchlrp.modules.affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, ExplainableAffine,
                      Linear)
-from .attention import MultiheadAttention, ScaledDotProductAttention
-from .norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
-from .operation import (Activation, Bilinear, Einsum, FunctionOperation, LayerNormFunction, Operation, OutputSoftmax,
+from torchlrp.modules.attention import MultiheadAttention, ScaledDotProductAttention
+from torchlrp.modules.norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
+from torchlrp.modules.operation import (Activation, Bilinear, Einsum, FunctionOperation, LayerNormFunction, Operation, OutputSoftmax,
                         Proportional, Scale, Softmax)
-from .pooling import MaxPool, MaxPool1d, MaxPool2d, MaxPool3d
-from .rectifier import ReLU
-from .recurrent import GRU, LSTM
-from .rotation import CyclicPool, Rotate
-from .residual import Add
-from .sequential import Sequential
+from torchlrp.modules.pooling import MaxPool, MaxPool1d, MaxPool2d, MaxPool3d
+from torchlrp.modules.rectifier import ReLU
+from torchlrp.modules.recurrent import GRU, LSTM
+from torchlrp.modules.rotation import CyclicPool, Rotate
+from torchlrp.modules.residual import Add
 
 __all__ = [
     "Activation", "Add", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Bilinear", "CELU", "Conv1d", "Conv2d", "Conv3d",
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "CyclicPool", "ELU", "Einsum", "ExplainableAffine",
     "FunctionOperation", "GELU", "GroupNorm", "GRU", "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction", "LSTM",
     "LeakyReLU", "Linear", "MaxPool", "MaxPool1d", "MaxPool2d", "MaxPool3d", "Mish", "MultiheadAttention", "Operation", "OutputSoftmax",
-    "PReLU", "Proportional", "RMSNorm", "ReLU", "ReLU6", "Rotate", "SELU", "ScaledDotProductAttention", "Scale", "Sequential", "SiLU", "Sigmoid", "Softmax",
+    "PReLU", "Proportional", "RMSNorm", "ReLU", "ReLU6", "Rotate", "SELU", "ScaledDotProductAttention", "Scale", "SiLU", "Sigmoid", "Softmax",
     "Softplus", "Tanh",
 ]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional.operations import identity_rule
-from .operation import Operation
+from torchlrp.functional.operations import identity_rule
+from torchlrp.modules.operation import Operation
 
 
 class IdentityRuleActivation(Operation):

@@ -8,22 +8,22 @@ ReLU after it, already rectified), and the backward computes the input relevance
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..batchnorm import fold_batchnorm
-from ..functional.affine import AffineOp
-from ..functional.relevance import AffineRelevance
-from ..legacy import recorder
-from ..rules import Rule, resolve
-from ..state import ExplainState, current
+from torchlrp.core.composites import Composite
+from torchlrp.core.kinds import AffineLayer
+from torchlrp.functional.folding import fold_batchnorm
+from torchlrp.functional.affine import AffineOp
+from torchlrp.functional.relevance import AffineRelevance
+from torchlrp.core.recorder import recorder
+from torchlrp.core.rules import Rule, resolve
+from torchlrp.core.state import ExplainState, current
 
-if TYPE_CHECKING:
-    from ..composites import Composite
 
-
+@AffineLayer.register
 class ExplainableAffine:
     """Mixin giving an affine torch layer its explain mode.
 
@@ -102,6 +102,26 @@ class ExplainableAffine:
             op = dataclasses.replace(op, rectified=True)
         return AffineRelevance.apply(input, op, rule, recorder().record)
 
+    def explained_with(self, input: Tensor, rule: Rule | None, parameters: tuple[Tensor, Tensor | None]) -> Tensor:
+        """The layer explained on ``input`` with other parameters (a batch norm folded into it at run time).
+
+        Parameters
+        ----------
+        input : Tensor
+            The layer input.
+        rule : Rule or None
+            The rule (None: the active explanation's rule for this layer).
+        parameters : tuple of Tensor
+            ``(weight, bias)`` to use instead of the layer's own.
+
+        Returns
+        -------
+        Tensor
+            The output of the map of ``parameters``, explained by ``rule``.
+        """
+        return self._explained(input, {}, True, rule, None, None, None, None, self._plain_forward,
+                               self._extra_geometry, parameters)
+
     def _plain_forward(self, input: Tensor) -> Tensor:
         return super().forward(input)
 
@@ -111,8 +131,6 @@ class ExplainableAffine:
 
     def _explain_rule(self, rule: "str | Rule | Composite | None", state: ExplainState | None,
                       first: bool | None) -> Rule:
-        from ..composites import Composite
-
         if rule is None:
             if state is None or self not in state.rules:
                 return resolve("epsilon")

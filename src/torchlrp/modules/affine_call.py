@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .affine import ExplainableAffine
+from torchlrp.modules.affine import ExplainableAffine
 
 if TYPE_CHECKING:
-    from ..composites import Composite
-    from ..rules import Rule
+    from torchlrp.core.composites import Composite
+    from torchlrp.core.rules import Rule
 
 #: function -> (torch layer class it applies, spatial dimensions, transposed, names of its arguments in order)
 AFFINE_FUNCTIONS: dict[Callable[..., Tensor], tuple[type[torch.nn.Module], int, bool, tuple[str, ...]]] = {

@@ -15,19 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..functional.affine import AffineOp
-from ..functional.attention import additive_mask, attention_rule, attention_weights, scaled_attention_rule
-from ..functional.operations import bilinear_rule, scale_rule
-from ..functional.relevance import AffineRelevance
-from ..rules import Rule
-from ..state import current
-from .operation import Operation
+from torchlrp.functional.affine import AffineOp
+from torchlrp.functional.attention import additive_mask, attention_rule, attention_weights, scaled_attention_rule
+from torchlrp.functional.operations import bilinear_rule, scale_rule
+from torchlrp.functional.relevance import AffineRelevance
+from torchlrp.core.kinds import Attention
+from torchlrp.core.rules import Rule
+from torchlrp.core.state import current
+from torchlrp.modules.operation import Operation
 
 
 def _projection(input: Tensor, weight: Tensor, bias: Tensor | None, rule: Rule, fused: bool) -> Tensor:
     return AffineRelevance.apply(input, AffineOp(weight, bias, fused=fused), rule)
 
 
+@Attention.register
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` whose explain-mode forward is written out of rule-carrying operations.
 
@@ -140,7 +142,10 @@ class ScaledDotProductAttention(Operation, torch.nn.Module):
         if dropout_p:
             raise ValueError(f"scaled_dot_product_attention with dropout_p={dropout_p} while explaining: "
                              f"explanations are of the eval-mode model; pass dropout_p=0.0 outside training")
-        output, _ = attention_rule(query, key, value, attn_mask, is_causal, scale, current().attention,
+        state = current()
+        if state.attention != "cp":
+            state.losses_allowed.add("AttnLRP's softmax rule (absorbs like a bias)")
+        output, _ = attention_rule(query, key, value, attn_mask, is_causal, scale, state.attention,
                                    rule.epsilon, need_weights=False, enable_gqa=bool(kwargs.get("enable_gqa")))
         return output
 
@@ -148,6 +153,7 @@ class ScaledDotProductAttention(Operation, torch.nn.Module):
 #: modules whose explained forward contains attention projections (they take a linear layer's rule)
 
 
+@Attention.register
 class ShiftedWindowAttention(torch.nn.Module):
     """torchvision's ``shifted_window_attention`` call (Swin, Swin V2) in a model made by :func:`torchlrp.convert`.
 
@@ -255,7 +261,3 @@ class ShiftedWindowAttention(torch.nn.Module):
         regions = regions.permute(0, 2, 1, 3).reshape(windows, window_size[0] * window_size[1])
         difference = regions.unsqueeze(1) - regions.unsqueeze(2)
         return difference.masked_fill(difference != 0, -100.0).masked_fill(difference == 0, 0.0).unsqueeze(1)
-
-
-#: modules whose explained forward contains attention projections (they take a linear layer's rule)
-ATTENTION_TYPES = (MultiheadAttention, ShiftedWindowAttention)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional.operations import ChannelAffineRelevance, group_norm_rule, layer_norm_rule
-from .activation import IdentityRuleActivation
-from .operation import Operation
+from torchlrp.functional.operations import ChannelAffineRelevance, group_norm_rule, layer_norm_rule
+from torchlrp.modules.activation import IdentityRuleActivation
+from torchlrp.modules.operation import Operation
 
 
 class _ExplainableBatchNorm(Operation):

@@ -15,13 +15,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..functional.operations import (bilinear_rule, identity_rule, layer_norm_rule, scale_rule, softmax_rule,
+from torchlrp.functional.operations import (bilinear_rule, identity_rule, layer_norm_rule, scale_rule, softmax_rule,
                                      weighted_sum_rule)
-from ..functional.relevance import proportional
-from ..rules import Rule
-from ..state import ExplainState, current
+from torchlrp.functional.relevance import proportional
+from torchlrp.core.rules import Rule
+from torchlrp.core.kinds import ParameterFree
+from torchlrp.core.state import ExplainState, current
 
 
+@ParameterFree.register
 class Operation:
     """Mixin of torchlrp's operation modules: finds the module's rule in the active explanation."""
 
@@ -314,11 +316,20 @@ class Softmax(Operation, torch.nn.Module):
     ----------
     dim : int
         The dimension the softmax normalizes.
+    dtype : torch.dtype, optional
+        The call's ``dtype`` (LLaMA's eager attention computes it in float32): the input is cast first.
+    constant : tuple of (Tensor, Tensor), optional
+        ``(scores, mask)`` where the call's input is ``scores + mask`` with a constant ``mask`` (found by the
+        run-time engine): the rule is applied to the scores with the mask as its constant, so that a mask of
+        ``-inf`` (or the dtype's minimum) gives masked logits no relevance instead of NaN.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, dtype: torch.dtype | None = None,
+                 constant: tuple[Tensor, Tensor] | None = None) -> None:
         super().__init__()
         self.dim = dim
+        self.dtype = dtype
+        self.constant = constant
 
     def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Apply the softmax.
@@ -335,11 +346,18 @@ class Softmax(Operation, torch.nn.Module):
         Tensor
             ``softmax(input, dim)``.
         """
-        if self.operation_rule() is None:
-            return torch.softmax(input, self.dim)
-        if current().attention == "cp":
-            return torch.softmax(input.detach(), self.dim)
-        return softmax_rule(input, self.dim)
+        rule = self.operation_rule()
+        if rule is None:
+            return torch.softmax(input, self.dim, dtype=self.dtype)
+        if current().attention == "cp":  # CP-LRP: the weights are a constant of the product with the values
+            return torch.softmax(input.detach(), self.dim, dtype=self.dtype)
+        current().losses_allowed.add("AttnLRP's softmax rule (absorbs like a bias)")
+        scores, constant = (input, None) if self.constant is None else self.constant
+        if self.dtype is not None:
+            scores = scores.to(self.dtype)
+        if constant is not None:  # a mask's -inf becomes the dtype's minimum: masked logits get no relevance
+            constant = constant.to(scores.dtype).clamp(min=torch.finfo(scores.dtype).min)
+        return softmax_rule(scores, self.dim, constant, rule.epsilon)
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"dim={self.dim}"
@@ -371,30 +389,38 @@ class Bilinear(Operation, torch.nn.Module):
         self.shares = tuple(float(share) for share in shares)
         self.attention_factor = attention_factor
 
-    def forward(self, left: Tensor, right: Tensor) -> Tensor:
+    def forward(self, left: Tensor, right: Tensor, *rest: Any, **keywords: Any) -> Tensor:
         """Apply the product.
 
         Parameters
         ----------
         left, right : Tensor
             The factors, in the call's order.
+        *rest, **keywords
+            The call's other arguments (``grouped_mm``'s offsets), passed to the product.
 
         Returns
         -------
         Tensor
-            ``operation(left, right)``.
+            ``operation(left, right, *rest, **keywords)``.
         """
         rule = self.operation_rule()
+        operation = self.operation if not (rest or keywords) else functools.partial(_with_rest, self.operation,
+                                                                                      rest, keywords)
         if rule is None:
-            return self.operation(left, right)
+            return operation(left, right)
         shares = self.shares
         if self.attention_factor is not None and current().attention == "cp":
             shares = (0.0, 1.0) if self.attention_factor == 0 else (1.0, 0.0)
-        return bilinear_rule(self.operation, left, right, shares, rule.epsilon)
+        return bilinear_rule(operation, left, right, shares, rule.epsilon)
 
     def extra_repr(self) -> str:  # noqa: D102
         extra = "" if self.attention_factor is None else f", attention_factor={self.attention_factor}"
         return f"{getattr(self.operation, '__name__', self.operation)}, shares={self.shares}{extra}"
+
+
+def _with_rest(operation: Callable, rest: tuple, keywords: dict, left: Tensor, right: Tensor) -> Tensor:
+    return operation(left, right, *rest, **keywords)
 
 
 class Einsum(Bilinear):

@@ -18,14 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..functional.relevance import proportional
-from .operation import FunctionOperation
+from torchlrp.functional.relevance import proportional
+from torchlrp.core.kinds import MaxPooling
+from torchlrp.modules.operation import FunctionOperation
 
-#: torch's max pooling modules
-MAX_POOLING_MODULES = (
-    torch.nn.MaxPool1d, torch.nn.MaxPool2d, torch.nn.MaxPool3d,
-    torch.nn.AdaptiveMaxPool1d, torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d,
-)
 _AVERAGES = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _ADAPTIVE_AVERAGES = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 _SPATIAL = {torch.nn.MaxPool1d: 1, torch.nn.MaxPool2d: 2, torch.nn.MaxPool3d: 3, torch.nn.AdaptiveMaxPool1d: 1,
@@ -113,6 +109,7 @@ _PARAMETERS = {
 }
 
 
+@MaxPooling.register
 class MaxPool(FunctionOperation):
     """A functional max pooling call (``F.max_pool2d(x, 3, 2)``) in a model made by :func:`torchlrp.convert`.
 

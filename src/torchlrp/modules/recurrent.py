@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..functional.affine import AffineOp
-from ..functional.operations import identity_rule, scale_rule, weighted_sum_rule
-from ..functional.relevance import AffineRelevance
-from ..rules import Rule
-from ..state import current
+from torchlrp.functional.affine import AffineOp
+from torchlrp.functional.operations import identity_rule, scale_rule, weighted_sum_rule
+from torchlrp.functional.relevance import AffineRelevance
+from torchlrp.core.kinds import Recurrent
+from torchlrp.core.rules import Rule
+from torchlrp.core.state import current
 
 
 def _split_epsilon(rule: Rule) -> float:
@@ -31,6 +32,7 @@ def _split_epsilon(rule: Rule) -> float:
     return float(getattr(rule, "epsilon", 1e-6))
 
 
+@Recurrent.register
 class _ExplainableRecurrent:
     """Mixin: the explained forward of a recurrent layer, step by step (``_step`` is the cell's rule)."""
 

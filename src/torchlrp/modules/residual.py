@@ -6,11 +6,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..functional.kernels import sum_forward
-from ..functional.operations import weighted_sum_rule
-from ..functional.relevance import sum_relevance
-from ..state import ExplainState, current
-from .operation import Operation
+from torchlrp.functional.kernels import sum_forward
+from torchlrp.functional.operations import weighted_sum_rule
+from torchlrp.functional.relevance import sum_relevance
+from torchlrp.core.state import ExplainState, current
+from torchlrp.modules.operation import Operation
 
 
 def _absorbing(value: Tensor | float, reference: Tensor, state: ExplainState, label: str) -> Tensor | float:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional.operations import root_mean_square_rule
-from ..functional.relevance import proportional
-from .operation import Operation
+from torchlrp.functional.operations import root_mean_square_rule
+from torchlrp.functional.relevance import proportional
+from torchlrp.modules.operation import Operation
 
 ROTATIONS = 4
 CYCLIC_POOLING_MODES = ("mean", "max", "rms")
