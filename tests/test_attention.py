@@ -136,10 +136,12 @@ def test_vit_converts_keeps_outputs_and_conserves_with_cp_lrp():
     logits = converted(x)
     target = logits.argmax(1)
     carrier = x.clone().requires_grad_(True)
-    with lrp.rules_applied(converted, lrp.Composite(default="zero", attention="cp")):
+    with lrp.rules_applied(converted, lrp.Composite(default="zero", attention="cp")) as state:
         output = converted(carrier)
     start = torch.zeros_like(output).scatter_(1, target[:, None], logits.gather(1, target[:, None]))
-    pixels, token = torch.autograd.grad(output, (carrier, converted.class_token), start)
+    (name, leaf), = state.absorbed  # the class token's share, taken where it is concatenated
+    assert name == "class_token"
+    pixels, token = torch.autograd.grad(output, (carrier, leaf), start)
     torch.testing.assert_close(pixels.sum() + token.sum(), start.sum(), rtol=1e-6, atol=1e-8)
     assert pixels.sum().abs() > 0.05 * start.sum().abs()  # the pixels get a real share, not all left on the token
     # with the position embedding back, its share is reported by explain (under the name of the sum adding it)

@@ -3,6 +3,7 @@ facts (gate, attention, non-negative), the rewrites the operation table asks for
 per call. It is the traced engine's :class:`~torchlrp.operations.spec.CallView`."""
 from __future__ import annotations
 
+import builtins
 import operator
 from collections import Counter
 from typing import Any
@@ -23,7 +24,7 @@ from torchlrp.modules.rectifier import ReLU
 from torchlrp.modules.residual import Add
 from torchlrp.operations.builds import BATCH_NORM_ARGUMENTS
 from torchlrp.operations.registry import OperationRegistry
-from torchlrp.operations.spec import Facts, OperationEntry, Unsupported, derive_facts
+from torchlrp.operations.spec import Facts, OperationEntry, RuleKind, Unsupported, derive_facts
 
 #: the calls through which a statistic may scale an activation (a normalizer)
 SCALING_CALLS = (operator.mul, torch.mul, torch.multiply, operator.truediv, torch.div, torch.true_divide, torch.divide,
@@ -85,6 +86,14 @@ class GraphPass:
 
     def is_constant_tensor(self, argument: Any) -> bool:
         return isinstance(argument, Node) and self.kind.get(argument) == CONSTANT
+
+    def constant_name(self, argument: Any) -> str | None:
+        while isinstance(argument, Node) and argument.op != "get_attr":  # through views of the constant
+            entry = self.registry.lookup(argument, self.modules) if argument.op != "placeholder" else None
+            if entry is None or entry.kind is not RuleKind.INDEX_MAP or not argument.args:
+                return None
+            argument = argument.args[0]
+        return argument.target if isinstance(argument, Node) else None
 
     def additive_constant(self, argument: Any) -> None:
         return None  # a mask added to scores: a sum with a constant summand, which takes its share
@@ -191,6 +200,9 @@ class GraphPass:
         arguments = node_arguments((node.args, node.kwargs))
         active = [a for a in arguments if self.kind.get(a) == ACTIVATION]
         entry = self.registry.lookup(node, self.modules)
+        if node.target is builtins.getattr and active and node.args[1] == "values":
+            self.kind[node] = ACTIVATION  # ``x.max(1).values``: fx records a returned tuple's field as getattr
+            return
         if entry is not None and entry.constant_when is not None and active and entry.constant_when(node, self):
             self.kind[node] = CONSTANT
             self._held.append(node)

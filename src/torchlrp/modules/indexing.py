@@ -25,14 +25,19 @@ class Concatenation(Operation, torch.nn.Module):
     constant_parts : sequence of int
         Which of the concatenated tensors are constants.
     label : str
-        The name the absorbed share is reported under (set by the engine: the site's name).
+        The name the absorbed shares are reported under (set by the engine: the site's name).
+    names : sequence of str
+        Per constant part, the name of the parameter or buffer it is (or is a view of), under which its share is
+        reported instead; ``""`` where it has none.
     """
 
-    def __init__(self, function: Callable[..., Tensor], constant_parts: Sequence[int], label: str = "") -> None:
+    def __init__(self, function: Callable[..., Tensor], constant_parts: Sequence[int], label: str = "",
+                 names: Sequence[str] = ()) -> None:
         super().__init__()
         self.function = function
         self.constant_parts = tuple(constant_parts)
         self.label = label
+        self.names = dict(zip(self.constant_parts, names))
 
     def forward(self, tensors: Sequence[Tensor], *args: Any, **kwargs: Any) -> Tensor:
         """Concatenate ``tensors``.
@@ -51,7 +56,7 @@ class Concatenation(Operation, torch.nn.Module):
         """
         state = current()
         if state is not None and self in state.rules:
-            tensors = [state.absorb(part, self.label or "cat")
+            tensors = [state.absorb(part, self.names.get(index) or self.label or "cat")
                        if index in self.constant_parts and part.dtype.is_floating_point else part
                        for index, part in enumerate(tensors)]
         return self.function(tensors, *args, **kwargs)

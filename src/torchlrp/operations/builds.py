@@ -65,7 +65,8 @@ def refused(reason: str) -> Build:
 
 def power(call: Any, view: CallView) -> None:
     """``x ** p`` of an activation that is not held constant (not a norm's statistic): no rule."""
-    exponent = call.args[1] if len(call.args) > 1 else call.kwargs.get("exponent")
+    exponent = 2 if "square" in str(call.target) else call.args[1] if len(call.args) > 1 else call.kwargs.get(
+        "exponent")
     raise Unsupported(f"a power {exponent!r} of an activation that does not scale an activation (only a norm's "
                       f"statistic, x * rsqrt(mean(x ** 2) + eps), or an activation written as a formula has a rule)")
 
@@ -278,7 +279,8 @@ def concatenation(function: Callable) -> OperationEntry:
         if not isinstance(parts, (list, tuple)):
             return None
         constants = [index for index, part in enumerate(parts) if view.is_constant_tensor(part)]
-        return Concatenation(function, constants) if constants else None
+        names = tuple(view.constant_name(parts[index]) or "" for index in constants)
+        return Concatenation(function, constants, names=names) if constants else None
     return OperationEntry("index map (constants among the parts absorb)", build, kind=RuleKind.INDEX_MAP)
 
 

@@ -137,8 +137,9 @@ def default_registry() -> OperationRegistry:
         add(OperationEntry("rms norm (rms held constant: identity)", lambda call, view: Activation(F.rms_norm),
                            kind=RuleKind.IDENTITY), F.rms_norm)
     statistic = builds.held_where_it_scales("held constant (a normalizer)", builds.statistic)
-    add(statistic, *STATISTICS, torch.rsqrt, torch.sqrt, "rsqrt", "sqrt")
-    add(builds.held_where_it_scales("held constant (a norm's square)", builds.power), torch.pow, operator.pow, "pow")
+    add(statistic, *STATISTICS, torch.rsqrt, torch.sqrt, "rsqrt", "sqrt", "rsqrt_", "sqrt_")
+    add(builds.held_where_it_scales("held constant (a norm's square)", builds.power), torch.pow, operator.pow, "pow",
+        torch.square, "square")
     add(builds.held_where_it_scales("winner takes all (a max pooling); held constant where it only normalizes",
                                     None, "preserve"), *EXTREMUMS)
     add(OperationEntry("a router's choice (mixture of experts): values held constant, a gate", None,

@@ -19,6 +19,9 @@ The registry is built fresh by :func:`~torchlrp.operations.default.default_regis
 """
 from __future__ import annotations
 
+import builtins
+import importlib
+import operator
 from typing import Any, Iterator
 
 import torch
@@ -157,28 +160,43 @@ class OperationRegistry:
             rule as the docs show it, in the order the kinds are declared.
         """
         calls: dict[tuple[Any, str], list[str]] = {}
-        for table, name in ((self.functions, _function_name), (self.methods, lambda m: f"Tensor.{m}"),
-                            (self.modules, lambda t: f"{t.__module__}.{t.__qualname__}")):
+        for table in (self.functions, self.methods, self.modules):
             for key, entry in table.items():
-                calls.setdefault((entry.kind, entry.rule), []).append(name(key))
+                calls.setdefault((entry.kind, entry.rule), []).append(call_label(key))
         kinds = list(RuleKind)
         for (kind, rule), names in sorted(calls.items(), key=lambda item: (kinds.index(item[0][0]), item[0][1])):
             yield ", ".join(sorted(set(names))), kind.value, rule
 
 
-def _function_name(function: Any) -> str:
-    """A function's name as a user writes it (``torch.cat``, ``F.gelu``, ``operator.add``)."""
-    module = getattr(function, "__module__", None) or ""
-    name = getattr(function, "__qualname__", None) or getattr(function, "__name__", None) or repr(function)
-    if module.startswith("torch.nn.functional"):
-        return f"F.{name}"
-    if module in ("torch", "torch.functional") or name.startswith("_VariableFunctionsClass."):
-        return f"torch.{name.rpartition('.')[2]}"
-    if module in ("_operator", "operator"):
-        return f"operator.{name}"
-    if module == "builtins":
-        return name
-    return f"{module}.{name}" if module else name
+def call_label(call: Any) -> str:
+    """A registered call's name as a user writes it: ``torch.cat``, ``F.gelu``, ``operator.add``, ``Tensor.view``,
+    ``torch.nn.MaxPool2d`` (the docs' operation table and the tests use it).
+
+    Parameters
+    ----------
+    call : callable, str or type
+        A registered function, tensor method name or module type.
+
+    Returns
+    -------
+    str
+        The name.
+    """
+    if isinstance(call, str):
+        return f"Tensor.{call}"
+    if isinstance(call, type):
+        module = call.__module__
+        for public in ("torch.nn", "torchlrp.modules", "torchlrp"):
+            if module.startswith(public + ".") and getattr(importlib.import_module(public), call.__name__,
+                                                           None) is call:
+                return f"{public}.{call.__name__}"
+        return f"{module}.{call.__qualname__}"
+    for prefix, namespace in (("F", torch.nn.functional), ("torch", torch), ("torch.linalg", torch.linalg),
+                              ("operator", operator), ("", builtins)):
+        for name, value in vars(namespace).items():
+            if value is call and not name.startswith("__"):
+                return f"{prefix}.{name}" if prefix else name
+    return f"{getattr(call, '__module__', '')}.{getattr(call, '__qualname__', repr(call))}"
 
 
-__all__ = ["OperationRegistry"]
+__all__ = ["OperationRegistry", "call_label"]

@@ -75,6 +75,9 @@ class CallView(Protocol):
     def is_constant_tensor(self, argument: Any) -> bool:
         """Whether ``argument`` is a tensor that carries no relevance (a parameter, a buffer, a constant)."""
 
+    def constant_name(self, argument: Any) -> str | None:
+        """The name of the parameter or buffer the constant ``argument`` is (or is a view of), else None."""
+
     def additive_constant(self, argument: Any) -> tuple[Any, Any] | None:
         """``(scores, mask)`` where the activation ``argument`` is ``scores + mask`` with a constant tensor ``mask``
         (the run-time engine tracks it; the traced engine answers None)."""

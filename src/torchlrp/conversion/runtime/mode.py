@@ -19,9 +19,10 @@ gradient, is measured in the backward and named in a warning.
 from __future__ import annotations
 
 import fnmatch
+from contextlib import contextmanager
 import operator
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -99,14 +100,19 @@ class RunTimeOperations(TorchFunctionMode):
         self.regions: TensorTable[Region] = TensorTable()  # a region's members
         self.roots: TensorTable[Region] = TensorTable()  # an activation -> the region of its element-wise calls
         self.substitutes: TensorTable[Tensor] = TensorTable()
+        self.statistics: TensorTable[Callable[[], Any]] = TensorTable()  # powers inside a region, undecided
         self.layer_outputs: TensorTable[Callable[[Fold], Tensor]] = TensorTable()
         self.names = {} if model is None else {module: name for name, module in model.named_modules()}
+        #: parameters and buffers by identity -> their names (a class token's share is reported under its name)
+        self.parameter_names = {} if model is None else {id(tensor): name for name, tensor in (
+            *model.named_parameters(), *model.named_buffers())}
         self.stack: list[torch.nn.Module] = []
         self.affine_calls: dict[tuple[str, Any, Any], AffineCall] = {}
         self.rules: dict[tuple[str, type], Rule] = {}
         self.gradient_only: dict[str, int] = {}
         self.layer_seen = False
         self.inside_activation = 0
+        self.dispatching = 0  # calls being explained now (the mode is off inside them)
         self.site_counts: dict[str, int] = {}
         self._hooks: list[Any] = []
         if state.first_layer is not None:  # the first layer is the first to run in this forward, decided as it runs
@@ -143,7 +149,8 @@ class RunTimeOperations(TorchFunctionMode):
             self.state.rules[module] = self.composite.rule_for(self.names.get(module, ""), module, is_first=True)
         if type(module).__module__.startswith("torchlrp.") or self.registry.for_module(module) is not None:
             # a twin or a leaf of a traced graph: what enters it is used (a statistic, a written activation)
-            used = tuple(self._used(value) for value in args)
+            with self._suspended():
+                used = tuple(self._used(value) for value in args)
             return used if any(new is not old for new, old in zip(used, args)) else None
         return None
 
@@ -160,13 +167,31 @@ class RunTimeOperations(TorchFunctionMode):
             if self.inside_activation == 0:
                 value = output.detach()
                 return identity_rule(args[0], lambda _: value)
-        if isinstance(module, ExplainableAffine) and not isinstance(module, AffineCall) and isinstance(
-                output, Tensor) and args and isinstance(args[0], Tensor):
+        if isinstance(module, ExplainableAffine) and not isinstance(module, AffineCall) and not getattr(
+                module, "transposed", False) and isinstance(output, Tensor) and args and isinstance(args[0], Tensor):
             self.layer_outputs.put(output, _refold_twin(module, args[0]))
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and len(args) == 1:
+            folded = self._fold_statistics(args[0], module.running_mean, module.running_var, module.weight,
+                                           module.bias, module.eps, module.training)
+            if folded is not None:  # a batch norm right after a layer: folded into it, as in a traced graph
+                return folded
         if module is self.model and isinstance(output, Tensor):  # the model's output is used
-            used = self._used(output)
+            with self._suspended():
+                used = self._used(output)
             return used if used is not output else None
         return None
+
+    @contextmanager
+    def _suspended(self) -> Iterator[None]:
+        """Outside a call (in a module hook): the calls made here are the engine's own, not the forward's."""
+        if self.dispatching:  # inside a call: the mode is off already
+            yield
+            return
+        TorchFunctionMode.__exit__(self, None, None, None)
+        try:
+            yield
+        finally:
+            TorchFunctionMode.__enter__(self)
 
     def _written_activation(self, module: torch.nn.Module, args: tuple) -> bool:
         """Whether this call is of a module that is an activation written as a formula of its one activation input
@@ -218,7 +243,11 @@ class RunTimeOperations(TorchFunctionMode):
                 self.saved.before_update(updated)
             if updated.requires_grad or any(is_activation(a) for a in tensors_of(args, kwargs)):
                 self.updates_seen = True  # (without copies, autograd's version check refuses it: explain retries)
-        return self.explain(func, args, kwargs)
+        self.dispatching += 1
+        try:
+            return self.explain(func, args, kwargs)
+        finally:
+            self.dispatching -= 1
 
     def explain(self, func: Any, args: tuple, kwargs: dict, hold: bool = True) -> Any:
         """Explain one call: by its entry in the operation table (see the module docstring).
@@ -238,23 +267,35 @@ class RunTimeOperations(TorchFunctionMode):
             The call's result.
         """
         call = LiveCall(func, args, kwargs)
-        held = [value for value in tensors_of(call.args, call.kwargs) if self.held.get(value) is not None]
-        if held:
-            active = any(is_activation(a) for a in tensors_of(call.args, call.kwargs))
-            if not active:  # arithmetic on a statistic held constant (``v + eps``, ``rsqrt(v)``): held too
-                return self._hold(call, lambda: self.explain(func, *self._used_arguments(args, kwargs)))
-            if call.target not in SCALING_CALLS:  # not a scaling of an activation: the statistic is used
-                args, kwargs = self._used_arguments(args, kwargs)
-                call = LiveCall(func, args, kwargs)
         region = self._region_joined(call)
         self._close_regions(call, region)
+        func, args, kwargs = call.function, call.original_args, call.original_kwargs
+        values = tensors_of(call.args, call.kwargs)
+        if any(self.held.get(value) is not None for value in values):
+            # a use of a statistic held where it scales an activation: it stays held where this call scales an
+            # activation that does not come from it; elsewhere the use is pending as well (held for now, explained
+            # with the statistic as computed where a later use turns out not to scale)
+            if not (call.target in SCALING_CALLS and any(is_activation(a) and self.held.get(a) is None
+                                                         for a in values)):
+                if not any(is_activation(a) for a in values):  # arithmetic on the statistic (``v + eps``)
+                    return self._hold(call, lambda: self.explain(func, *self._used_arguments(args, kwargs),
+                                                                 hold=False))
+                result = self._explain_call(call, hold, None)
+                self._pend(result, lambda: self.explain(func, *self._used_arguments(args, kwargs), hold=False))
+                return result
+        return self._explain_call(call, hold, region)
+
+    def _explain_call(self, call: LiveCall, hold: bool, region: Region | None) -> Any:
+        """A call explained by its entry (``region``: the written-activation region it joins), its result
+        recorded."""
         if not any(is_activation(a) for a in tensors_of(call.args, call.kwargs)):  # constants only (a text tower
             result = call.run()  # of CLIP explained on its image): no relevance flows through it
             mark_parameter_expressions(result, call.original_args, call.original_kwargs)
             return result
         entry = self.registry.lookup(call)
         if entry is None:
-            return self._without_rule(call, updated_in_place(func, args, kwargs) is not None)
+            return self._without_rule(call, updated_in_place(call.function, call.original_args,
+                                                             call.original_kwargs) is not None)
         result = self._apply(call, entry, hold, region)
         self._record(call, entry, result, region)
         return result
@@ -263,6 +304,13 @@ class RunTimeOperations(TorchFunctionMode):
         """The call explained by its entry (the result, not yet recorded)."""
         if entry.shape or entry.constant:
             return call.run()
+        if entry.constant_when is not None and hold and region is not None:
+            # a power inside element-wise calls of one activation: part of a written activation if they make one,
+            # else a statistic (held where it scales, refused elsewhere) -- decided where the region ends
+            result = call.run()
+            self.statistics.put(result, lambda: self.explain(call.function, call.original_args, call.original_kwargs,
+                                                             hold=False))
+            return result
         if entry.constant_when is not None and hold:
             self.view.asked_only_scales = False
             if entry.constant_when(call, self.view):
@@ -291,7 +339,7 @@ class RunTimeOperations(TorchFunctionMode):
         """Run the operation module an entry made for the call, with the composite's rule for it."""
         kwargs = {key: value for key, value in call.kwargs.items() if key != "inplace"}
         if isinstance(module, AffineCall):
-            result = self._run_affine(module, call.target, call.args, kwargs)
+            result = self._run_affine(module, module.function, call.args, kwargs)
         else:
             if getattr(module, "label", None) == "":
                 module.label = self.site_label(call.name.rpartition(".")[2])
@@ -339,16 +387,24 @@ class RunTimeOperations(TorchFunctionMode):
         return output
 
     def _fold(self, call: LiveCall) -> Tensor | None:
-        """An eval-mode batch norm right after a layer: folded into that layer (its output recomputed)."""
+        """``F.batch_norm`` right after a layer, on parameters and buffers: folded into that layer."""
         bound = dict(zip(BATCH_NORM_ARGUMENTS, call.args), **call.kwargs)
-        refold = self.layer_outputs.get(bound.get("input"))
-        if refold is None or bound.get("training", False) or bound.get("running_mean") is None or any(
-                is_activation(bound.get(name)) for name in BATCH_NORM_ARGUMENTS[1:5]):
+        return self._fold_statistics(bound.get("input"), *(bound.get(name) for name in BATCH_NORM_ARGUMENTS[1:5]),
+                                     bound.get("eps", 1e-5), bound.get("training", False))
+
+    def _fold_statistics(self, input: Any, mean: Any, variance: Any, weight: Any, bias: Any, eps: float,
+                         training: bool) -> Tensor | None:
+        """An eval-mode batch norm of a layer's output, its statistics, weight and bias parameters or buffers:
+        the layer's output recomputed with the batch norm folded into it (None where it cannot be)."""
+        refold = self.layer_outputs.get(input)
+        statistics = (mean, variance, weight, bias)
+        if refold is None or training or mean is None or not all(
+                tensor is None or (isinstance(tensor, Tensor) and tensor.is_leaf) for tensor in statistics):
             return None
         self.state.losses_allowed.add("a batch norm's shift (a bias)")
-        statistics = [None if bound.get(name) is None else bound[name].detach() for name in BATCH_NORM_ARGUMENTS[1:5]]
-        eps = bound.get("eps", 1e-5)
-        return refold(lambda weight, bias: fold_batchnorm_tensors(weight, bias, *statistics, eps))
+        constants = [None if tensor is None else tensor.detach() for tensor in statistics]
+        return refold(lambda layer_weight, layer_bias: fold_batchnorm_tensors(layer_weight, layer_bias, *constants,
+                                                                            eps))
 
     def _note_losses(self, module: torch.nn.Module, call: LiveCall) -> None:
         """Note the relevance a module's rule lets go where it runs (a constant it adds that is not reported)."""
@@ -394,13 +450,21 @@ class RunTimeOperations(TorchFunctionMode):
     def _hold(self, call: LiveCall, compute: Callable[[], Any]) -> Any:
         """The call's value held constant, and how to explain it where it is used otherwise."""
         with torch.no_grad():
-            result = call.run()
+            if updated_in_place(call.function, call.original_args, call.original_kwargs) is not None:
+                result = call.function(call.original_args[0].detach(), *call.original_args[1:],
+                                       **call.original_kwargs)  # (in place on an activation: its values, held)
+            else:
+                result = call.run()
+        self._pend(result, compute)
+        return result
+
+    def _pend(self, result: Any, compute: Callable[[], Any]) -> None:
+        """Mark ``result`` as held for now: where a use is not a scaling of an activation, ``compute()`` is used."""
         pending = Held(compute)
         outputs = result if isinstance(result, (tuple, list)) else (result,)
         for index, output in enumerate(outputs):
             if isinstance(output, Tensor):
                 self.held.put(output, (pending, None if output is result else index))
-        return result
 
     def _used(self, value: Any) -> Any:
         """``value`` as a use that is not a scaling sees it: a held statistic's explained value, a written
@@ -424,8 +488,8 @@ class RunTimeOperations(TorchFunctionMode):
 
     def _region_joined(self, call: LiveCall) -> Region | None:
         """The written-activation region an element-wise call of one activation joins (or starts)."""
-        if not is_elementwise(call):
-            return None
+        if not is_elementwise(call) or any(self.held.get(a) is not None for a in tensors_of(call.args, call.kwargs)):
+            return None  # (a statistic held constant enters here: the region ends, as in a traced graph)
         active = [a for a in tensors_of(call.args, call.kwargs) if is_activation(a)]
         if not active:
             return None
@@ -434,6 +498,8 @@ class RunTimeOperations(TorchFunctionMode):
         if len(regions) > 1:
             return None
         region = next(iter(regions.values()), None)
+        if region is not None and region.closed and all(self.regions.get(a) is None for a in active):
+            region = None  # the root's earlier region has ended: a new one
         if region is None:  # a new region of one root
             if any(a is not active[0] for a in active):
                 return None
@@ -456,10 +522,16 @@ class RunTimeOperations(TorchFunctionMode):
     def _close(self, region: Region, value: Tensor) -> Tensor:
         """``value`` of a region, used outside it: one activation of the root if the region is a written
         activation, else as computed (its calls' refusals stand)."""
+        region.closed = True
         if not region.is_activation:
             for refusal in region.refusals:
                 self.gradient_only[refusal + " [no rule]"] = self.gradient_only.get(refusal + " [no rule]", 0) + 1
             region.refusals.clear()
+            compute = self.statistics.pop(value)
+            if compute is not None:  # a power that is no written activation: a statistic, held where it scales
+                held = value.detach()
+                self._pend(held, compute)
+                return held
             return value
         substitute = self.substitutes.get(value)
         if substitute is None:

@@ -67,12 +67,15 @@ class Region:
         Whether a power of the root or a product of two of its values is among them.
     refusals : list of str
         Calls inside it that have no rule of their own (a power): refused unless the region is one activation.
+    closed : bool
+        Whether a use outside the region has ended it (a call on its root starts a new one then).
     """
 
     root: Tensor
     members: int = 0
     nonlinear: bool = False
     refusals: list[str] = field(default_factory=list)
+    closed: bool = False
 
     @property
     def is_activation(self) -> bool:

@@ -58,6 +58,10 @@ class LiveView:
     def is_constant_tensor(argument: Any) -> bool:  # noqa: D102
         return isinstance(argument, Tensor) and argument.dtype.is_floating_point and not is_activation(argument)
 
+    def constant_name(self, argument: Any) -> str | None:  # noqa: D102
+        base = argument._base if isinstance(argument, Tensor) and argument._base is not None else argument
+        return self.mode.parameter_names.get(id(base)) if isinstance(base, Tensor) else None
+
     def additive_constant(self, argument: Any) -> tuple[Tensor, Tensor] | None:  # noqa: D102
         return self.masks.get(argument)
 

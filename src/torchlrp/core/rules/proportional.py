@@ -93,7 +93,7 @@ class Gamma(Rule):
         if op.input_nonnegative:
             channels = op.channel_dim(relevance.dim())
             signal = kernels(op.fused).gamma_signal(relevance, inverse, self.gamma, channels)
-            stacked = _stack_withpositive_part(op.weight, input, op)
+            stacked = _stack_with_positive(op.weight, input, op)
             if stacked is not None:  # [W; W+]: one transposed map of the stacked signal
                 return input * op.transpose(signal.flatten(channels, channels + 1), input_shape, stacked)
             transposed = op.transpose(signal.select(channels, 0), input_shape, op.weight)
@@ -233,7 +233,7 @@ class AlphaBeta(Rule):
                               Term("magnitude", op.weight.abs(), bias, 0.5)), self.stabilizer)
 
 
-def _stack_withpositive_part(weight: Tensor, input: Tensor, op: AffineOp) -> Tensor | None:
+def _stack_with_positive(weight: Tensor, input: Tensor, op: AffineOp) -> Tensor | None:
     """Return ``[W; W+]`` stacked on the output channels, or None where two transposed maps are cheaper.
 
     Stacking lets a backward apply ``W^T s + W+^T s+`` as one transposed map (no sum pass over the input) but costs
