@@ -123,12 +123,11 @@ def test_torchvision_transformer(name):
     model = build(name, bias_free=True)
     converted = lrp.convert(model)
     carrier = x.clone().requires_grad_(True)
-    with lrp.rules_applied(converted, lrp.Composite(default="zero", attention="cp")):
+    with lrp.rules_applied(converted, lrp.Composite(default="zero", attention="cp")) as state:
         output = converted(carrier)
     start = torch.zeros_like(output)
     start[0, output.argmax()] = output.max().detach()
-    absorbing = [parameter for parameter_name, parameter in converted.named_parameters()
-                 if parameter_name == "class_token"]
+    absorbing = [leaf for leaf_name, leaf in state.absorbed if leaf_name == "class_token"]  # taken at the concatenation
     pixels, *token = torch.autograd.grad(output, [carrier, *absorbing], start)
     total = pixels.sum() + sum(t.sum() for t in token)
     torch.testing.assert_close(total, start.sum(), rtol=1e-6, atol=0)

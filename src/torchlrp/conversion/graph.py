@@ -101,21 +101,30 @@ class GraphPass:
     def only_scales(self, node: Node) -> bool:
         """Whether every path from ``node`` through its users ends in a product or quotient with an activation that
         does not come from ``node`` (a normalizer), before the output or a module call."""
-        downstream, frontier = {node}, list(node.users)
-        ends: list[Node] = []
+        downstream = {node} | self._downstream(node)
+        frontier, seen = list(node.users), set()
         while frontier:
             user = frontier.pop()
-            if user in downstream:
+            if user in seen:
                 continue
+            seen.add(user)
             if user.op in ("output", "call_module", "placeholder"):
                 return False
-            downstream.add(user)
-            if user.target in SCALING_CALLS:
-                ends.append(user)
-            else:
+            scaled = [argument for argument in node_arguments((user.args, user.kwargs))
+                      if argument in self.derived and argument not in downstream]
+            if user.target not in SCALING_CALLS or not scaled:  # arithmetic on the statistic: follow it
                 frontier.extend(user.users)
-        return all(any(argument in self.derived and argument not in downstream
-                       for argument in node_arguments((end.args, end.kwargs))) for end in ends)
+        return True
+
+    def _downstream(self, node: Node) -> set[Node]:
+        """Every value computed from ``node``."""
+        found, frontier = set(), list(node.users)
+        while frontier:
+            user = frontier.pop()
+            if user not in found:
+                found.add(user)
+                frontier.extend(user.users)
+        return found
 
     def owner_type(self, node: Node) -> type | None:
         stack = node.meta.get("nn_module_stack") or {}

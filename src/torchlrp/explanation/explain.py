@@ -57,9 +57,22 @@ def _targets(target: int | Tensor | None, output: Tensor, batch: int) -> Tensor:
     return target.long()
 
 
-def _selected_output(raw: Any, output: "int | str | None") -> Tensor:
+def selected_output(raw: Any, output: "int | str | None") -> Tensor:
     """The tensor to explain of a model's output: the output itself, ``raw[output]`` of a tuple/list/dict, else the
-    first tensor of a tuple/list or the ``"logits"`` of a dict (Hugging Face's ``ModelOutput``)."""
+    first tensor of a tuple/list or the ``"logits"`` of a dict (Hugging Face's ``ModelOutput``).
+
+    Parameters
+    ----------
+    raw : Any
+        What the model returned.
+    output : int, str or None
+        Which part to explain (None: the tensor itself, the first tensor, or ``"logits"``).
+
+    Returns
+    -------
+    Tensor
+        The tensor to explain.
+    """
     if isinstance(raw, Tensor) and output is None:
         return raw
     if output is not None:
@@ -179,7 +192,7 @@ def _explain_once(model: torch.nn.Module, input: Tensor, target: int | Sequence[
             carrier = carrier.repeat_interleave(per_sample, dim=0)
         carrier.requires_grad_(True)
         with rules_applied(model, rule, pattern, fused) as state:
-            output = _selected_output(model(carrier), output)
+            output = selected_output(model(carrier), output)
         scores = output.detach() if state.output_scores is None else state.output_scores
         if output_relevance is None:
             if output.dim() != 2:

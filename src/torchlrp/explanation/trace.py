@@ -46,20 +46,20 @@ class Trace(OrderedDict):
         """
         return list(reversed(self.values()))
 
-    def conservation(self) -> "Conservation":
+    def conservation(self) -> "LayerSums":
         """Return the per-layer, per-sample relevance sums and their ratios to the start relevance.
 
         Returns
         -------
-        Conservation
+        LayerSums
             The report; ``print`` it for a table.
         """
         return conservation(self)
 
 
 @dataclass
-class Conservation:
-    """Per-layer relevance sums (``sums[name]``: one per sample) and their ratios to the start relevance."""
+class LayerSums:
+    """Per-layer relevance sums of a trace (``sums[name]``: one per sample) and their ratios to the start relevance."""
 
     start: Tensor
     sums: "OrderedDict[str, Tensor]"
@@ -78,7 +78,7 @@ class Conservation:
         return "\n".join(rows)
 
 
-def conservation(trace: Trace) -> Conservation:
+def conservation(trace: Trace) -> LayerSums:
     """Per layer and per sample: the relevance sum and its ratio to the start relevance.
 
     Parameters
@@ -88,7 +88,7 @@ def conservation(trace: Trace) -> Conservation:
 
     Returns
     -------
-    Conservation
+    LayerSums
         The report.
 
     Raises
@@ -100,7 +100,7 @@ def conservation(trace: Trace) -> Conservation:
         raise ValueError("the trace holds no relevance: run the backward inside `with trace.collect(model)`")
     start = trace.start.flatten(1).sum(1).double()
     sums = OrderedDict((name, r.flatten(1).sum(1).double().to(start.device)) for name, r in trace.items())
-    return Conservation(start, sums)
+    return LayerSums(start, sums)
 
 
 def inline_blocks(model: torch.nn.Module) -> dict[str, str]:

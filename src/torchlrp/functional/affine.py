@@ -111,11 +111,6 @@ class AffineOp:
         """The weight's dimension of input channels: 1 (``Linear``, convolutions), 0 (transposed convolutions)."""
         return 0 if self.transposed else 1
 
-    @property
-    def weight_output_dim(self) -> int:
-        """The weight's dimension of output channels: 0 (``Linear``, convolutions), 1 (transposed convolutions)."""
-        return 1 if self.transposed else 0
-
     def __call__(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """Apply the layer's map to ``input`` with the given parameters.
 

@@ -11,7 +11,7 @@ input relevance. Nothing in a backward synchronizes with the host.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -22,8 +22,20 @@ from torchlrp.functional.kernels import kernels
 from torchlrp.functional.rectified import rectified_relevance
 from torchlrp.functional.stabilize import stabilize
 
-if TYPE_CHECKING:
-    from torchlrp.core.rules import Rule
+class LayerRule(Protocol):
+    """What :class:`AffineRelevance` asks of a layer rule (:class:`torchlrp.rules.Rule` implements it)."""
+
+    def forward(self, op: AffineOp, input: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The layer's output and what the backward keeps."""
+
+    def forward_rectified(self, op: AffineOp, input: Tensor) -> Tensor:
+        """The output of the layer and the ReLU after it."""
+
+    def rectified_form(self, op: AffineOp, input: Tensor) -> Any:
+        """The modified weights of the layer and its ReLU, explained together."""
+
+    def backward(self, op: AffineOp, relevance: Tensor, saved: tuple[Tensor, ...], input_shape: torch.Size) -> Tensor:
+        """The input relevance from the output relevance."""
 
 
 class AffineRelevance(torch.autograd.Function):
@@ -40,7 +52,7 @@ class AffineRelevance(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input: Tensor, op: AffineOp, rule: "Rule",
+    def forward(ctx, input: Tensor, op: AffineOp, rule: LayerRule,
                 record: Callable[[Tensor], None] | None = None) -> Tensor:  # noqa: D102
         ctx.op, ctx.rule, ctx.input_shape, ctx.record = op, rule, input.shape, record
         ctx.autocast = autocast_enabled(input)

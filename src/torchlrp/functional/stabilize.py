@@ -47,24 +47,6 @@ def stabilize(denominator: Tensor, epsilon: float) -> Tensor:
     return torch.copysign(denominator.new_full((), epsilon), denominator).add_(denominator)
 
 
-def masked_reciprocal(denominator: Tensor, mask: Tensor) -> Tensor:
-    """Return ``1 / denominator`` where ``mask`` holds and zero elsewhere.
-
-    Parameters
-    ----------
-    denominator : Tensor
-        A stabilized denominator (see :func:`stabilize`).
-    mask : Tensor
-        Boolean tensor broadcastable to ``denominator``.
-
-    Returns
-    -------
-    Tensor
-        The masked reciprocal.
-    """
-    return torch.where(mask, denominator.reciprocal(), 0.0)
-
-
 def mul_stabilized_ratio_(target: Tensor, values: Tensor, epsilon: float, out: Tensor) -> Tensor:
     """Multiply ``target`` in place by ``values / stabilize(values, epsilon)``, the share of a sum's relevance that
     its term ``values`` keeps when the stabilizer takes the rest.

@@ -86,12 +86,13 @@ def default_registry() -> OperationRegistry:
                      F.adaptive_max_pool3d):
         add(builds.max_pooling(function), function)
     for function in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                     F.adaptive_avg_pool3d, torch.mean, torch.sum, F.fold, torch.cumsum):
+                     F.adaptive_avg_pool3d, torch.mean, torch.sum, F.fold):
         add(builds.proportional(function), function)
     add(OperationEntry("proportional", lambda call, view: Proportional(F.interpolate), kind=RuleKind.PROPORTIONAL),
         F.interpolate)  # (bicubic interpolation does not preserve signs)
-    for name in ("mean", "sum", "cumsum"):
+    for name in ("mean", "sum"):
         add(builds.proportional(getattr(torch.Tensor, name)), name)
+    add(builds.proportional(torch.cumsum), torch.cumsum, "cumsum")  # a running sum: each partial sum proportionally
 
     # identity in eval mode
     add(keep("identity", RuleKind.IDENTITY), F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,

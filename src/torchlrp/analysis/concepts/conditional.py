@@ -10,7 +10,7 @@ from torch import Tensor
 
 from torchlrp.core.composites import Composite
 from torchlrp.explanation.context import rules_applied
-from torchlrp.explanation.explain import _selected_output
+from torchlrp.explanation.explain import selected_output
 from torchlrp.core.rules import Rule
 from torchlrp.analysis.concepts.definitions import Concepts, as_concepts
 from torchlrp.analysis.concepts.taps import tapped
@@ -253,7 +253,7 @@ def _attribute_rows(model: torch.nn.Module, input: Tensor, conditions: list[dict
     with torch.inference_mode(False), torch.enable_grad():
         carrier = samples.detach().clone().requires_grad_(True)
         with rules_applied(model, rule) as state, tapped(model, definitions) as taps:
-            output = _selected_output(model(carrier), None)
+            output = selected_output(model(carrier), None)
         missing = [name for name in definitions if name not in taps]
         if missing:
             raise ValueError(f"layers {missing} were not reached by the forward, or their tensor does not require a "

@@ -29,11 +29,12 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from torchlrp.conversion.errors import ConversionError
-from torchlrp.conversion.fusion import NONLINEAR, PRODUCT_CALLS, is_elementwise, is_written_activation
+from torchlrp.conversion.fusion import is_written_activation
 from torchlrp.conversion.graph import SCALING_CALLS
 from torchlrp.conversion.runtime.calls import LiveCall, is_activation, mark_parameter_expressions, tensors_of
 from torchlrp.conversion.runtime.copies import SavedCopies, updated_in_place
-from torchlrp.conversion.runtime.tables import Held, Region, TensorTable
+from torchlrp.conversion.runtime.pending import Pending
+from torchlrp.conversion.runtime.tables import Region, TensorTable
 from torchlrp.conversion.runtime.view import LiveView
 from torchlrp.conversion.tracing import held_constant
 from torchlrp.core.rules import Rule
@@ -43,7 +44,7 @@ from torchlrp.functional.operations import identity_rule
 from torchlrp.modules.affine import ExplainableAffine
 from torchlrp.modules.affine_call import AFFINE_FUNCTIONS, AffineCall, bind_affine_call
 from torchlrp.modules.indexing import IndexAdd
-from torchlrp.modules.norm import BatchNormCall
+from torchlrp.modules.norm import NORM_TWINS, BatchNormCall
 from torchlrp.modules.operation import ProductSum, ScaledSum
 from torchlrp.operations.builds import BATCH_NORM_ARGUMENTS
 from torchlrp.operations.default import default_registry
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     from torchlrp.conversion.convert import RunTimeConversion
     from torchlrp.core.composites import Composite
 
+#: the batch norm twins: their forward is the batch norm alone
+BATCH_NORM_TWINS = tuple(twin for twin in NORM_TWINS.values() if issubclass(twin, torch.nn.modules.batchnorm._BatchNorm))
 #: ``fold(weight, bias) -> (weight, bias)``: a batch norm folded into a layer's parameters
 Fold = Callable[[Tensor, "Tensor | None"], tuple[Tensor, Tensor]]
 
@@ -95,17 +98,13 @@ class RunTimeOperations(TorchFunctionMode):
         self.copies = self.in_place is None or self.in_place.updates is not False
         self.updates_seen = False
         self.saved = SavedCopies()
-        self.view = LiveView(self)
-        self.held: TensorTable[tuple[Held, int | None]] = TensorTable()
-        self.regions: TensorTable[Region] = TensorTable()  # a region's members
-        self.roots: TensorTable[Region] = TensorTable()  # an activation -> the region of its element-wise calls
-        self.substitutes: TensorTable[Tensor] = TensorTable()
-        self.statistics: TensorTable[Callable[[], Any]] = TensorTable()  # powers inside a region, undecided
-        self.layer_outputs: TensorTable[Callable[[Fold], Tensor]] = TensorTable()
         self.names = {} if model is None else {module: name for name, module in model.named_modules()}
         #: parameters and buffers by identity -> their names (a class token's share is reported under its name)
         self.parameter_names = {} if model is None else {id(tensor): name for name, tensor in (
             *model.named_parameters(), *model.named_buffers())}
+        self.view = LiveView(self.owner, self.parameter_names)
+        self.pending = Pending(self._refuse)
+        self.layer_outputs: TensorTable[Callable[[Fold], Tensor]] = TensorTable()
         self.stack: list[torch.nn.Module] = []
         self.affine_calls: dict[tuple[str, Any, Any], AffineCall] = {}
         self.rules: dict[tuple[str, type], Rule] = {}
@@ -150,7 +149,7 @@ class RunTimeOperations(TorchFunctionMode):
         if type(module).__module__.startswith("torchlrp.") or self.registry.for_module(module) is not None:
             # a twin or a leaf of a traced graph: what enters it is used (a statistic, a written activation)
             with self._suspended():
-                used = tuple(self._used(value) for value in args)
+                used = tuple(self.pending.used(value) for value in args)
             return used if any(new is not old for new, old in zip(used, args)) else None
         return None
 
@@ -170,14 +169,15 @@ class RunTimeOperations(TorchFunctionMode):
         if isinstance(module, ExplainableAffine) and not isinstance(module, AffineCall) and not getattr(
                 module, "transposed", False) and isinstance(output, Tensor) and args and isinstance(args[0], Tensor):
             self.layer_outputs.put(output, _refold_twin(module, args[0]))
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and len(args) == 1:
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and type(module) in BATCH_NORM_TWINS and len(
+                args) == 1:  # (a subclass with a forward of its own, BatchNormAct2d, calls F.batch_norm: folded there)
             folded = self._fold_statistics(args[0], module.running_mean, module.running_var, module.weight,
                                            module.bias, module.eps, module.training)
             if folded is not None:  # a batch norm right after a layer: folded into it, as in a traced graph
                 return folded
         if module is self.model and isinstance(output, Tensor):  # the model's output is used
             with self._suspended():
-                used = self._used(output)
+                used = self.pending.used(output)
             return used if used is not output else None
         return None
 
@@ -267,21 +267,21 @@ class RunTimeOperations(TorchFunctionMode):
             The call's result.
         """
         call = LiveCall(func, args, kwargs)
-        region = self._region_joined(call)
-        self._close_regions(call, region)
+        region = self.pending.region_joined(call)
+        self.pending.close_regions(call, region)
         func, args, kwargs = call.function, call.original_args, call.original_kwargs
         values = tensors_of(call.args, call.kwargs)
-        if any(self.held.get(value) is not None for value in values):
+        if any(self.pending.held.get(value) is not None for value in values):
             # a use of a statistic held where it scales an activation: it stays held where this call scales an
             # activation that does not come from it; elsewhere the use is pending as well (held for now, explained
             # with the statistic as computed where a later use turns out not to scale)
-            if not (call.target in SCALING_CALLS and any(is_activation(a) and self.held.get(a) is None
+            if not (call.target in SCALING_CALLS and any(is_activation(a) and self.pending.held.get(a) is None
                                                          for a in values)):
                 if not any(is_activation(a) for a in values):  # arithmetic on the statistic (``v + eps``)
-                    return self._hold(call, lambda: self.explain(func, *self._used_arguments(args, kwargs),
+                    return self.pending.hold(call, lambda: self.explain(func, *self.pending.used_arguments(args, kwargs),
                                                                  hold=False))
                 result = self._explain_call(call, hold, None)
-                self._pend(result, lambda: self.explain(func, *self._used_arguments(args, kwargs), hold=False))
+                self.pending.pend(result, lambda: self.explain(func, *self.pending.used_arguments(args, kwargs), hold=False))
                 return result
         return self._explain_call(call, hold, region)
 
@@ -308,7 +308,7 @@ class RunTimeOperations(TorchFunctionMode):
             # a power inside element-wise calls of one activation: part of a written activation if they make one,
             # else a statistic (held where it scales, refused elsewhere) -- decided where the region ends
             result = call.run()
-            self.statistics.put(result, lambda: self.explain(call.function, call.original_args, call.original_kwargs,
+            self.pending.statistics.put(result, lambda: self.explain(call.function, call.original_args, call.original_kwargs,
                                                              hold=False))
             return result
         if entry.constant_when is not None and hold:
@@ -316,7 +316,7 @@ class RunTimeOperations(TorchFunctionMode):
             if entry.constant_when(call, self.view):
                 if not self.view.asked_only_scales:
                     return held_constant(call.run())
-                return self._hold(call, lambda: self.explain(call.function, call.original_args,
+                return self.pending.hold(call, lambda: self.explain(call.function, call.original_args,
                                                              call.original_kwargs, hold=False))
         if entry.folds:
             folded = self._fold(call)
@@ -425,12 +425,8 @@ class RunTimeOperations(TorchFunctionMode):
                     self.view.facts.put(output, facts)
         if not isinstance(result, Tensor):
             return
-        if region is not None and is_activation(result):
-            region.members += 1
-            operands = sum(1 for a in call.args if a is region.root or self.regions.get(a) is region)
-            region.nonlinear = region.nonlinear or call.target in NONLINEAR or (
-                call.target in PRODUCT_CALLS and operands == 2)
-            self.regions.put(result, region)
+        if region is not None:
+            self.pending.join(call, region, result)
         if call.target is torch.nn.functional.pad:
             self._record_padding(call, result)
         elif entry.kind is not None and entry.kind.value == "sum" and len(call.args) == 2 and not call.kwargs:
@@ -446,101 +442,12 @@ class RunTimeOperations(TorchFunctionMode):
                 mode != "constant" or bound.get("value") in (None, 0, 0.0)) and all(isinstance(p, int) for p in pad):
             self.view.pads.put(result, (bound["input"], tuple(pad), mode))
 
-    # -- statistics held where they scale, and written activations
-    def _hold(self, call: LiveCall, compute: Callable[[], Any]) -> Any:
-        """The call's value held constant, and how to explain it where it is used otherwise."""
-        with torch.no_grad():
-            if updated_in_place(call.function, call.original_args, call.original_kwargs) is not None:
-                result = call.function(call.original_args[0].detach(), *call.original_args[1:],
-                                       **call.original_kwargs)  # (in place on an activation: its values, held)
-            else:
-                result = call.run()
-        self._pend(result, compute)
-        return result
-
-    def _pend(self, result: Any, compute: Callable[[], Any]) -> None:
-        """Mark ``result`` as held for now: where a use is not a scaling of an activation, ``compute()`` is used."""
-        pending = Held(compute)
-        outputs = result if isinstance(result, (tuple, list)) else (result,)
-        for index, output in enumerate(outputs):
-            if isinstance(output, Tensor):
-                self.held.put(output, (pending, None if output is result else index))
-
-    def _used(self, value: Any) -> Any:
-        """``value`` as a use that is not a scaling sees it: a held statistic's explained value, a written
-        activation's output as one activation."""
-        found = self.held.get(value)
-        if found is not None:
-            pending, index = found
-            live = pending.live()
-            return live if index is None else live[index]
-        region = self.regions.get(value)
-        if region is not None:
-            return self._close(region, value)
-        return value
-
-    def _used_arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        def used(value: Any) -> Any:
-            if isinstance(value, (list, tuple)):
-                return type(value)(used(item) for item in value) if type(value) in (list, tuple) else value
-            return self._used(value) if isinstance(value, Tensor) else value
-        return tuple(used(a) for a in args), {key: used(value) for key, value in kwargs.items()}
-
-    def _region_joined(self, call: LiveCall) -> Region | None:
-        """The written-activation region an element-wise call of one activation joins (or starts)."""
-        if not is_elementwise(call) or any(self.held.get(a) is not None for a in tensors_of(call.args, call.kwargs)):
-            return None  # (a statistic held constant enters here: the region ends, as in a traced graph)
-        active = [a for a in tensors_of(call.args, call.kwargs) if is_activation(a)]
-        if not active:
-            return None
-        regions = {id(region): region for region in (self.regions.get(a) or self.roots.get(a) for a in active)
-                   if region is not None}
-        if len(regions) > 1:
-            return None
-        region = next(iter(regions.values()), None)
-        if region is not None and region.closed and all(self.regions.get(a) is None for a in active):
-            region = None  # the root's earlier region has ended: a new one
-        if region is None:  # a new region of one root
-            if any(a is not active[0] for a in active):
-                return None
-            region = Region(active[0])
-            self.roots.put(active[0], region)
-        if all(a is region.root or self.regions.get(a) is region for a in active):
-            return region
-        return None
-
-    def _close_regions(self, call: LiveCall, joined: Region | None) -> None:
-        """The region members a call uses without joining their region: their region ends there."""
-        for value in tensors_of(call.args, call.kwargs):
-            region = self.regions.get(value)
-            if region is not None and region is not joined:
-                substitute = self._close(region, value)
-                if substitute is not value:
-                    call.args = tuple(substitute if a is value else a for a in call.args)
-                    call.original_args = tuple(substitute if a is value else a for a in call.original_args)
-
-    def _close(self, region: Region, value: Tensor) -> Tensor:
-        """``value`` of a region, used outside it: one activation of the root if the region is a written
-        activation, else as computed (its calls' refusals stand)."""
-        region.closed = True
-        if not region.is_activation:
-            for refusal in region.refusals:
-                self.gradient_only[refusal + " [no rule]"] = self.gradient_only.get(refusal + " [no rule]", 0) + 1
-            region.refusals.clear()
-            compute = self.statistics.pop(value)
-            if compute is not None:  # a power that is no written activation: a statistic, held where it scales
-                held = value.detach()
-                self._pend(held, compute)
-                return held
-            return value
-        substitute = self.substitutes.get(value)
-        if substitute is None:
-            detached = value.detach()
-            substitute = identity_rule(region.root, lambda _: detached)
-            self.substitutes.put(value, substitute)
-        return substitute
-
     # -- calls without a rule
+    def _refuse(self, label: str) -> None:
+        """Record a call without a rule (refused after the forward)."""
+        key = label + " [no rule]"
+        self.gradient_only[key] = self.gradient_only.get(key, 0) + 1
+
     def _without_rule(self, call: LiveCall, updates: bool, reason: str = "") -> Any:
         """A call on activations with no rule: refused after the forward unless ``allow_gradient`` names it
         (then it passes its gradient and what it changes is measured)."""

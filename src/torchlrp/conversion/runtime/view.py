@@ -2,7 +2,7 @@
 arguments of a live call, answered from the side tables the engine keeps while the forward runs."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -11,17 +11,16 @@ from torchlrp.conversion.runtime.calls import LiveCall, is_activation
 from torchlrp.conversion.runtime.tables import TensorTable
 from torchlrp.operations.spec import Facts
 
-if TYPE_CHECKING:
-    from torchlrp.conversion.runtime.mode import RunTimeOperations
-
 
 class LiveView:
     """Answers an entry's questions about a live call (see :class:`~torchlrp.operations.spec.CallView`).
 
     Parameters
     ----------
-    mode : RunTimeOperations
-        The engine (for the module whose forward makes the call).
+    owner : callable
+        ``owner()``: the dotted name and module whose forward makes the call now.
+    parameter_names : dict
+        The model's parameters and buffers by identity -> their names.
 
     Attributes
     ----------
@@ -35,8 +34,9 @@ class LiveView:
         Set when a ``constant_when`` asked :meth:`only_scales` (the value is then held only where it scales).
     """
 
-    def __init__(self, mode: "RunTimeOperations") -> None:
-        self.mode = mode
+    def __init__(self, owner: Callable[[], tuple[str, torch.nn.Module | None]],
+                 parameter_names: dict[int, str]) -> None:
+        self.owner, self.parameter_names = owner, parameter_names
         self.facts: TensorTable[Facts] = TensorTable()
         self.pads: TensorTable[tuple[Tensor, tuple[int, ...], str]] = TensorTable()
         self.masks: TensorTable[tuple[Tensor, Tensor]] = TensorTable()
@@ -60,7 +60,7 @@ class LiveView:
 
     def constant_name(self, argument: Any) -> str | None:  # noqa: D102
         base = argument._base if isinstance(argument, Tensor) and argument._base is not None else argument
-        return self.mode.parameter_names.get(id(base)) if isinstance(base, Tensor) else None
+        return self.parameter_names.get(id(base)) if isinstance(base, Tensor) else None
 
     def additive_constant(self, argument: Any) -> tuple[Tensor, Tensor] | None:  # noqa: D102
         return self.masks.get(argument)
@@ -74,7 +74,7 @@ class LiveView:
         return True
 
     def owner_type(self, call: LiveCall) -> type | None:  # noqa: D102
-        module = self.mode.owner()[1]
+        module = self.owner()[1]
         return None if module is None else type(module)
 
     @staticmethod
