@@ -99,10 +99,8 @@ class RunTimeOperations(TorchFunctionMode):
         self.updates_seen = False
         self.saved = SavedCopies()
         self.names = {} if model is None else {module: name for name, module in model.named_modules()}
-        #: parameters and buffers by identity -> their names (a class token's share is reported under its name)
-        self.parameter_names = {} if model is None else {id(tensor): name for name, tensor in (
-            *model.named_parameters(), *model.named_buffers())}
-        self.view = LiveView(self.owner, self.parameter_names)
+        self.parameter_names: dict[int, str] | None = None
+        self.view = LiveView(self.owner, self._parameter_names)
         self.pending = Pending(self._refuse)
         self.layer_outputs: TensorTable[Callable[[Fold], Tensor]] = TensorTable()
         self.stack: list[torch.nn.Module] = []
@@ -206,6 +204,14 @@ class RunTimeOperations(TorchFunctionMode):
         return self.activation_types[kind]
 
     # -- names
+    def _parameter_names(self) -> dict[int, str]:
+        """The model's parameters and buffers by identity -> their names (made when first asked: a class token's
+        share is reported under its name)."""
+        if self.parameter_names is None:
+            self.parameter_names = {} if self.model is None else {id(tensor): name for name, tensor in (
+                *self.model.named_parameters(), *self.model.named_buffers())}
+        return self.parameter_names
+
     def owner(self) -> tuple[str, torch.nn.Module | None]:
         """The dotted name and module whose forward is running (the innermost), or ``("", None)``."""
         if not self.stack:
@@ -267,28 +273,30 @@ class RunTimeOperations(TorchFunctionMode):
             The call's result.
         """
         call = LiveCall(func, args, kwargs)
-        region = self.pending.region_joined(call)
-        self.pending.close_regions(call, region)
-        func, args, kwargs = call.function, call.original_args, call.original_kwargs
         values = tensors_of(call.args, call.kwargs)
-        if any(self.pending.held.get(value) is not None for value in values):
+        region = self.pending.region_joined(call, values)
+        if self.pending.close_regions(call, region, values):
+            values = tensors_of(call.args, call.kwargs)
+        func, args, kwargs = call.function, call.original_args, call.original_kwargs
+        if self.pending.held.items and any(self.pending.held.get(value) is not None for value in values):
             # a use of a statistic held where it scales an activation: it stays held where this call scales an
             # activation that does not come from it; elsewhere the use is pending as well (held for now, explained
             # with the statistic as computed where a later use turns out not to scale)
             if not (call.target in SCALING_CALLS and any(is_activation(a) and self.pending.held.get(a) is None
                                                          for a in values)):
                 if not any(is_activation(a) for a in values):  # arithmetic on the statistic (``v + eps``)
-                    return self.pending.hold(call, lambda: self.explain(func, *self.pending.used_arguments(args, kwargs),
-                                                                 hold=False))
-                result = self._explain_call(call, hold, None)
-                self.pending.pend(result, lambda: self.explain(func, *self.pending.used_arguments(args, kwargs), hold=False))
+                    return self.pending.hold(call, lambda: self.explain(
+                        func, *self.pending.used_arguments(args, kwargs), hold=False))
+                result = self._explain_call(call, hold, None, values)
+                self.pending.pend(result, lambda: self.explain(func, *self.pending.used_arguments(args, kwargs),
+                                                               hold=False))
                 return result
-        return self._explain_call(call, hold, region)
+        return self._explain_call(call, hold, region, values)
 
-    def _explain_call(self, call: LiveCall, hold: bool, region: Region | None) -> Any:
-        """A call explained by its entry (``region``: the written-activation region it joins), its result
-        recorded."""
-        if not any(is_activation(a) for a in tensors_of(call.args, call.kwargs)):  # constants only (a text tower
+    def _explain_call(self, call: LiveCall, hold: bool, region: Region | None, values: list[Tensor]) -> Any:
+        """A call explained by its entry (``region``: the written-activation region it joins; ``values``: its
+        tensors), its result recorded."""
+        if not any(is_activation(a) for a in values):  # constants only (a text tower
             result = call.run()  # of CLIP explained on its image): no relevance flows through it
             mark_parameter_expressions(result, call.original_args, call.original_kwargs)
             return result

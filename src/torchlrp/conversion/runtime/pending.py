@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from torchlrp.conversion.fusion import NONLINEAR, PRODUCT_CALLS, is_elementwise
-from torchlrp.conversion.runtime.calls import LiveCall, is_activation, tensors_of
+from torchlrp.conversion.runtime.calls import LiveCall, is_activation
 from torchlrp.conversion.runtime.copies import updated_in_place
 from torchlrp.conversion.runtime.tables import Held, Region, TensorTable
 from torchlrp.functional.operations import identity_rule
@@ -104,11 +104,12 @@ class Pending:
             return self.used(value) if isinstance(value, Tensor) else value
         return tuple(used(a) for a in args), {key: used(value) for key, value in kwargs.items()}
 
-    def region_joined(self, call: LiveCall) -> Region | None:
-        """The written-activation region an element-wise call of one activation joins (or starts)."""
-        if not is_elementwise(call) or any(self.held.get(a) is not None for a in tensors_of(call.args, call.kwargs)):
+    def region_joined(self, call: LiveCall, values: list[Tensor]) -> Region | None:
+        """The written-activation region an element-wise call of one activation joins (or starts); ``values``:
+        the call's tensors."""
+        if not is_elementwise(call) or any(self.held.get(a) is not None for a in values):
             return None  # (a statistic held constant enters here: the region ends, as in a traced graph)
-        active = [a for a in tensors_of(call.args, call.kwargs) if is_activation(a)]
+        active = [a for a in values if is_activation(a)]
         if not active:
             return None
         regions = {id(region): region for region in (self.regions.get(a) or self.roots.get(a) for a in active)
@@ -127,15 +128,21 @@ class Pending:
             return region
         return None
 
-    def close_regions(self, call: LiveCall, joined: Region | None) -> None:
-        """The region members a call uses without joining their region: their region ends there."""
-        for value in tensors_of(call.args, call.kwargs):
+    def close_regions(self, call: LiveCall, joined: Region | None, values: list[Tensor]) -> bool:
+        """The region members a call uses without joining their region: their region ends there. Returns whether
+        an argument of the call was replaced."""
+        replaced = False
+        if not self.regions.items:
+            return replaced
+        for value in values:
             region = self.regions.get(value)
             if region is not None and region is not joined:
                 substitute = self.close(region, value)
                 if substitute is not value:
                     call.args = tuple(substitute if a is value else a for a in call.args)
                     call.original_args = tuple(substitute if a is value else a for a in call.original_args)
+                    replaced = True
+        return replaced
 
     def close(self, region: Region, value: Tensor) -> Tensor:
         """``value`` of a region, used outside it: one activation of the root if the region is a written

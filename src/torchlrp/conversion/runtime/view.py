@@ -19,8 +19,8 @@ class LiveView:
     ----------
     owner : callable
         ``owner()``: the dotted name and module whose forward makes the call now.
-    parameter_names : dict
-        The model's parameters and buffers by identity -> their names.
+    parameter_names : callable
+        ``parameter_names()``: the model's parameters and buffers by identity -> their names.
 
     Attributes
     ----------
@@ -35,7 +35,7 @@ class LiveView:
     """
 
     def __init__(self, owner: Callable[[], tuple[str, torch.nn.Module | None]],
-                 parameter_names: dict[int, str]) -> None:
+                 parameter_names: Callable[[], dict[int, str]]) -> None:
         self.owner, self.parameter_names = owner, parameter_names
         self.facts: TensorTable[Facts] = TensorTable()
         self.pads: TensorTable[tuple[Tensor, tuple[int, ...], str]] = TensorTable()
@@ -60,7 +60,7 @@ class LiveView:
 
     def constant_name(self, argument: Any) -> str | None:  # noqa: D102
         base = argument._base if isinstance(argument, Tensor) and argument._base is not None else argument
-        return self.parameter_names.get(id(base)) if isinstance(base, Tensor) else None
+        return self.parameter_names().get(id(base)) if isinstance(base, Tensor) else None
 
     def additive_constant(self, argument: Any) -> tuple[Tensor, Tensor] | None:  # noqa: D102
         return self.masks.get(argument)
