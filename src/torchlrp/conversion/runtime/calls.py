@@ -46,14 +46,11 @@ class LiveCall:
         The arguments in ``target``'s order (a build may replace them: a padding taken into a convolution).
     function, original_args, original_kwargs
         The call as it was made (what running it plainly runs).
-    name : str
-        The call's name as a user writes it (``torch.cumsum``, ``Tensor.cumsum``).
     """
 
     def __init__(self, function: Any, args: tuple, kwargs: dict) -> None:
         self.function, self.original_args, self.original_kwargs = function, args, kwargs
         self.args, self.kwargs = args, kwargs
-        self.name = call_name(function)
         short = getattr(function, "__name__", "")
         if short in DUNDERS and getattr(torch.Tensor, short, None) is function:
             self.op, (self.target, swapped) = "call_function", DUNDERS[short]
@@ -63,6 +60,11 @@ class LiveCall:
             self.op, self.target = "call_method", short
         else:
             self.op, self.target = "call_function", function
+
+    @property
+    def name(self) -> str:
+        """The call's name as a user writes it."""
+        return call_name(self.function)
 
     def run(self) -> Any:
         """Make the call as it was made (its gradient is then its rule)."""
