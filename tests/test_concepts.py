@@ -280,6 +280,23 @@ def test_bad_input_is_refused(cnn, resnet):
         crp.Groups([[0, 1], [1, 2]], units=3)
 
 
+@pytest.mark.parametrize("condition", ["12", [2.7], torch.tensor([1.6]), 2.0, [], torch.tensor([], dtype=torch.long),
+                                       np.array([1.0]), [np.float32(1)], torch.tensor([True]), ["1"]])
+def test_a_condition_is_integer_ids_and_not_empty(cnn, condition):
+    """No truncation, no splitting of strings, no empty condition: one clear error each."""
+    with pytest.raises(ValueError, match="integer ids|empty condition|integer or a sequence"):
+        crp.attribute(cnn.cpu(), torch.rand(1, 3, 12, 12, dtype=torch.float64), [{"2": condition}])
+
+
+def test_numpy_and_tensor_integers_are_ids(cnn):
+    x = torch.rand(1, 3, 12, 12, dtype=torch.float64)
+    expected = crp.attribute(cnn.cpu(), x, [{"2": [1, 3]}]).heatmaps
+    for condition in (np.array([1, 3]), [np.int64(1), np.int32(3)], torch.tensor([1, 3]), (1, torch.tensor(3))):
+        torch.testing.assert_close(crp.attribute(cnn.cpu(), x, [{"2": condition}]).heatmaps, expected)
+    single = crp.attribute(cnn.cpu(), x, [{"2": np.int64(1)}]).heatmaps
+    torch.testing.assert_close(single, crp.attribute(cnn.cpu(), x, [{"2": 1}]).heatmaps)
+
+
 # -- relevance and activation maximization over a dataset (explain_dataset's store) -------------------------------
 
 def _store_run(store, **options):
@@ -421,3 +438,25 @@ def test_concepts_example_finds_the_planted_tag(tmp_path):
     assert splits < 5  # percent: EpsilonPlusFlat with biases (exact splits: test_attribution_graph_splits_...)
     for name in ("concepts_atlas.png", "concepts_graph.png"):
         assert (tmp_path / name).is_file()
+
+
+@pytest.mark.parametrize("first, second", [
+    (crp.Groups([[0, 1], [2, 3]], units=4), crp.Groups([[0, 2], [1, 3]], units=4)),
+    (crp.Directions(torch.eye(4)[:2]), crp.Directions(torch.eye(4)[[0, 2]])),
+    (crp.Channels(), crp.Channels(dim=1, at="input")),
+])
+def test_a_concept_store_resumes_only_with_the_same_definition(tmp_path, first, second):
+    """A store stopped after one chunk is not continued under another grouping or basis of the same size (the
+    repr is the same; the definition is hashed exactly), and is continued under an equal one."""
+    pytest.importorskip("zarr")
+    from tests.dataset_run import Samples, model
+
+    from torchlrp.data.dataset import explain_dataset
+    settings = dict(batch_size=4, quiet=True, dtype="float32", target="label")
+    store = tmp_path / "stopped.zarr"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        explain_dataset(model(), Samples(5), "epsilon", store, concepts={"0": first}, **settings)
+    with pytest.raises(ValueError, match="concepts"):
+        explain_dataset(model(), Samples(None), "epsilon", store, concepts={"0": second}, **settings)
+    report = explain_dataset(model(), Samples(None), "epsilon", store, concepts={"0": first}, **settings)
+    assert report.skipped == 4

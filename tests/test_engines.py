@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import torchlrp as lrp
 
@@ -73,3 +74,116 @@ def test_both_engines_explain_a_call_alike(label):
         tolerance = 1e-4 if label in PYTHON_FUNCTIONS and name == "epsilon_plus" else 1e-8
         torch.testing.assert_close(ours, expected, rtol=tolerance, atol=tolerance * scale,
                                    msg=lambda m: f"{name}: {m}")
+
+
+class _Gated(torch.nn.Module):
+    """A signal times a gate computed from it, the gate broadcast in one of several ways."""
+
+    def __init__(self, gate, untraceable):
+        super().__init__()
+        self.gate, self.untraceable = gate, untraceable
+        self.conv = torch.nn.Conv2d(3, 4, 1, bias=False)
+        self.head = torch.nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        if self.untraceable and float(x.detach().abs().sum()) < 0:
+            x = -x
+        h = self.conv(x)
+        return self.head((h * self.gate(h)).mean((2, 3)))
+
+
+GATES = {
+    "sigmoid of the mean": lambda h: torch.sigmoid(h.mean((2, 3), keepdim=True)),
+    "hardsigmoid, viewed": lambda h: F.hardsigmoid(h.mean((2, 3))).view(2, 4, 1, 1),
+    "sigmoid, expanded": lambda h: torch.sigmoid(h.amax((2, 3), keepdim=True) - 1.0).expand_as(h),
+    "softmax over channels": lambda h: torch.softmax(h.mean((2, 3)), 1)[:, :, None, None],
+}
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_a_gate_is_a_gate_in_both_engines(gate):
+    """A gate's product passes all relevance to the signal (the gate held constant), in both engines."""
+    traceable = _Gated(GATES[gate], untraceable=False).double().eval()
+    untraceable = _Gated(GATES[gate], untraceable=True).double().eval()
+    untraceable.load_state_dict(traceable.state_dict())
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    traced, run_time = lrp.convert(traceable), _convert(untraceable)
+    for rule in RULES.values():
+        expected = lrp.explain(traced, x, target=0, rule=rule)
+        torch.testing.assert_close(lrp.explain(run_time, x, target=0, rule=rule), expected, rtol=1e-8, atol=1e-12)
+    # the reference: the same model with the gate a constant of the input (detached) -- the signal takes it all
+    constant = _Gated(lambda h: GATES[gate](h.detach()), untraceable=False).double().eval()
+    constant.load_state_dict(traceable.state_dict())
+    torch.testing.assert_close(lrp.explain(traced, x, target=0, rule="zero"),
+                               lrp.explain(lrp.convert(constant), x, target=0, rule="zero"), rtol=1e-10, atol=1e-12)
+
+
+def test_timm_evonorms_explain_alike_and_conserve():
+    layers = pytest.importorskip("timm.layers")
+    names = [name for name in dir(layers) if name.startswith("EvoNorm2d")]
+    assert len(names) >= 6
+    for name in names:
+        kind = getattr(layers, name)
+
+        class Net(torch.nn.Module):
+            def __init__(self, untraceable):
+                super().__init__()
+                self.untraceable = untraceable
+                self.conv = torch.nn.Conv2d(3, 16, 3, bias=False)
+                self.norm = kind(16, groups=4) if "S" in name else kind(16)
+                self.head = torch.nn.Linear(16, 3, bias=False)
+                with torch.no_grad():
+                    for parameter_name, parameter in self.norm.named_parameters():
+                        parameter.zero_() if parameter_name == "bias" else parameter.uniform_(0.5, 1.5)
+
+            def forward(self, x):
+                if self.untraceable and float(x.detach().sum()) > 1e9:
+                    return x
+                return self.head(self.norm(self.conv(x)).mean((2, 3)))
+
+        torch.manual_seed(0)
+        traceable, untraceable = Net(False).double().eval(), Net(True).double().eval()
+        untraceable.load_state_dict(traceable.state_dict())
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        traced = lrp.convert(traceable)
+        assert isinstance(traced, torch.fx.GraphModule), name
+        expected, report = lrp.explain(traced, x, rule="zero", start="logit", return_conservation=True)
+        ours = lrp.explain(_convert(untraceable), x, rule="zero", start="logit")
+        torch.testing.assert_close(ours, expected, rtol=1e-8, atol=1e-12, msg=name)
+        assert report.conserved() and float(expected.abs().sum()) > 0, name
+
+
+class _Sine(torch.nn.Module):
+    def __init__(self, untraceable):
+        super().__init__()
+        self.untraceable = untraceable
+        self.body, self.head = torch.nn.Linear(5, 4, bias=False), torch.nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        if self.untraceable and float(x.detach().abs().sum()) < 0:
+            x = -x
+        return self.head(torch.sin(self.body(x)) + self.body(x).sin())
+
+
+def test_a_users_entry_with_a_build_is_honoured_by_both_engines():
+    """One entry through the public API (a function and a method at once, with an operation module): both engines
+    use it, and give the identity rule's relevance (the sine's output relevance passed on unchanged)."""
+    registry = lrp.default_registry()
+    registry.add(lrp.OperationEntry("identity (a user's entry)", lambda call, view: lrp.modules.Activation(torch.sin)),
+                 torch.sin, "sin")
+    traceable, untraceable = _Sine(False).double(), _Sine(True).double()
+    untraceable.load_state_dict(traceable.state_dict())
+    x = torch.randn(3, 5, dtype=torch.float64)
+    with pytest.raises(lrp.ConversionError, match="sin"):  # the control: without the entry, refused
+        lrp.convert(traceable)
+    traced = lrp.convert(traceable, registry=registry)
+    assert sum(isinstance(m, lrp.modules.Activation) for m in traced.modules()) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_time = lrp.convert(untraceable, registry=registry)
+    for rule in RULES.values():
+        torch.testing.assert_close(lrp.explain(run_time, x, rule=rule), lrp.explain(traced, x, rule=rule),
+                                   rtol=1e-10, atol=1e-12)
+    # LRP-0 with zero biases and the identity rule conserves: the logit reaches the input
+    relevance, report = lrp.explain(run_time, x, rule="zero", start="logit", return_conservation=True)
+    assert report.conserved() and report.unruled == {}

@@ -95,3 +95,43 @@ def test_the_copy_example_finds_the_copied_token(tmp_path):
     assert results["hit_rate"] > 0.9
     assert results["untrained_hit_rate"] < 0.5 and results["random_hit_rate"] < 0.5
     assert (tmp_path / "generation_copy.png").stat().st_size > 0 and (tmp_path / "generation_tokens.png").exists()
+
+
+def test_generation_refuses_what_it_cannot_explain():
+    """Item by item: a non-integer max_new_tokens, continuations that are not integer ids, ids outside the
+    vocabulary, sequences past the model's position limit, and a model that is not causal -- one clear error each."""
+    import transformers
+
+    _, converted = _llama()
+    prompt = torch.randint(3, 100, (1, 4))
+    for bad in (2.5, True, "3"):
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+            lrp.explain_generation(converted, prompt, max_new_tokens=bad)
+    for continuation in (torch.tensor([[7.9, 8.2]]), torch.tensor([[True, False]]), [[7, 8]]):
+        with pytest.raises(ValueError, match="continuation must be a tensor of integer token ids"):
+            lrp.explain_generation(converted, prompt, continuation=continuation)
+    with pytest.raises(ValueError, match=r"outside \[0, 100\)"):
+        lrp.explain_generation(converted, prompt, continuation=torch.tensor([[7, 100]]))
+    with pytest.raises(ValueError, match=r"input_ids holds token ids outside \[0, 100\)"):
+        lrp.explain_generation(converted, torch.tensor([[-1, 5]]), max_new_tokens=1)
+    with pytest.raises(ValueError, match="token ids"):
+        lrp.explain_generation(converted, torch.tensor([[True, False]]), max_new_tokens=1)
+    # the position limit: a GPT-2 with 8 positions
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50,
+                                                                n_positions=8)).double().eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.fx cannot trace")
+        gpt2 = lrp.convert(gpt2)
+    with pytest.raises(ValueError, match="takes at most 8"):
+        lrp.explain_generation(gpt2, torch.randint(0, 50, (1, 6)), max_new_tokens=4)
+    assert lrp.explain_generation(gpt2, torch.randint(0, 50, (1, 6)), max_new_tokens=3).relevance.shape == (1, 3, 9)
+    # a bidirectional model (BERT as a masked language model): its logits see the future
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(num_hidden_layers=1, hidden_size=16,
+                                                                num_attention_heads=2, intermediate_size=32,
+                                                                vocab_size=50)).double().eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.fx cannot trace")
+        bert = lrp.convert(bert)
+    with pytest.raises(ValueError, match="needs a causal language model"):
+        lrp.explain_generation(bert, torch.randint(0, 50, (1, 5)), continuation=torch.tensor([[3, 4]]))

@@ -72,6 +72,8 @@ def _cases():
         "mobilebert": ("MobileBert", dict(SMALL, embedding_size=32, intra_bottleneck_size=32, true_hidden_size=32,
                                           num_feedforward_networks=1)),
         "deberta_v2": ("DebertaV2", SMALL),
+        "deberta_v2_relative": ("DebertaV2", dict(SMALL, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                                  max_relative_positions=16, position_buckets=8)),
         "modernbert": ("ModernBert", dict(SMALL, global_attn_every_n_layers=1, pad_token_id=0, bos_token_id=1,
                                           eos_token_id=2, cls_token_id=1, sep_token_id=2)),
     }
@@ -221,3 +223,20 @@ def test_mixture_of_experts_implementations_explain_alike(implementation):
         grouped, _ = _model("mixtral", experts_implementation="grouped_mm")
         relevance = _explained(grouped.float(), kind, input.float())[0]
         torch.testing.assert_close(relevance.double(), reference, rtol=1e-3, atol=1e-4 * reference.abs().max())
+
+
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
+@pytest.mark.parametrize("name", ["gpt_neo", "gptj", "gpt2", "llama"])
+def test_the_explained_forward_computes_what_the_model_computes(name, attention):
+    """GPT-Neo and GPT-J upcast their attention scores to float32 and add a float64 mask: explain mode keeps those
+    types, so the output is the model's to the last bit (float64)."""
+    model, kind = _model(name)
+    input = _input(model, kind)
+    with torch.no_grad():
+        expected = _Scores(model, kind)(input)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.fx cannot trace")
+        converted = lrp.convert(model)
+    with lrp.rules_applied(converted, lrp.Composite(default="zero", attention=attention)):
+        explained = _Scores(converted, kind)(input.clone().requires_grad_(True))
+    torch.testing.assert_close(explained.detach(), expected, rtol=1e-13, atol=1e-15)

@@ -62,6 +62,13 @@ class RunTimeConversion:
 RUN_TIME_ATTRIBUTE = "torchlrp_conversion"
 
 
+def _run_time(model: torch.nn.Module, registry: OperationRegistry, allowed: set[str]) -> torch.nn.Module:
+    """``model`` (its layers converted) marked to be explained at run time, call by call, from the same table."""
+    setattr(model, RUN_TIME_ATTRIBUTE, RunTimeConversion(tuple(sorted(allowed)), written_activation_types(model),
+                                                         registry))
+    return model
+
+
 def graph_module(model: torch.nn.Module, graph: Graph) -> GraphModule:
     """A GraphModule running ``graph`` that keeps the model's submodules (containers included) and attributes."""
     graph.lint()
@@ -166,12 +173,15 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
         warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: {error}); its layers "
                       f"were converted and the operations of its forward (sums, products, softmax, attention, "
                       f"means) are explained at run time (torchlrp.runtime)", stacklevel=2)
-        # read by rules_applied: explain this model's forward call by call, from the same operation table
-        setattr(model, RUN_TIME_ATTRIBUTE, RunTimeConversion(tuple(sorted(allowed)), written_activation_types(model),
-                                                             registry))
-        return model
+        return _run_time(model, registry, allowed)
     analysis = GraphPass(model, graph, registry, allowed)
     analysis.run()
+    if analysis.updates_in_place:  # (found before the pass changed anything)
+        warnings.warn(f"{type(model).__name__} updates tensors in place that it reads again "
+                      f"({', '.join(analysis.updates_in_place[:3])}{', ...' if len(analysis.updates_in_place) > 3 else ''}"
+                      f"); its layers were converted and its forward is explained at run time, as it runs",
+                      stacklevel=2)
+        return _run_time(model, registry, allowed)
     if analysis.unsupported:
         raise ConversionError(analysis.unsupported)
     if analysis.folded:

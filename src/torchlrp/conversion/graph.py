@@ -30,6 +30,8 @@ from torchlrp.operations.spec import Facts, OperationEntry, RuleKind, Unsupporte
 SCALING_CALLS = (operator.mul, torch.mul, torch.multiply, operator.truediv, torch.div, torch.true_divide, torch.divide,
                  "mul", "div", torch.addcmul, torch.addcdiv, "addcmul", "addcdiv", operator.imul, operator.itruediv,
                  "mul_", "div_")
+#: what ``v += g``, ``v *= g`` ... on a tensor become in a traced graph (the in-place update of ``v`` is lost)
+_REBOUND = (operator.add, operator.sub, operator.mul, operator.truediv)
 #: what a value of the graph is
 ACTIVATION, CONSTANT, SHAPE = "activation", "constant", "shape"
 #: the keywords the pass adds to layer calls
@@ -66,6 +68,8 @@ class GraphPass:
         self.parameter_uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         self.output_values: set[Node] = set()
         self.derived: set[Node] = set()
+        #: in-place updates of tensors read again (the model is explained at run time instead)
+        self.updates_in_place: list[str] = []
         self._held: list[Node] = []  # calls held constant by their entry's constant_when: detached below
         for node in graph.nodes:
             if node.op == "output":
@@ -147,6 +151,10 @@ class GraphPass:
 
     # -- the pass
     def run(self) -> None:
+        self.derived = self._derived()
+        self.updates_in_place = self._in_place_updates()
+        if self.updates_in_place:  # explained at run time instead: nothing of the model is changed
+            return
         self._fuse_written_activations()
         self.derived = self._derived()
         for node in list(self.graph.nodes):
@@ -192,11 +200,13 @@ class GraphPass:
         """The values computed from the model's input (sizes and values that carry no relevance aside)."""
         derived = {node for node in self.graph.nodes if node.op == "placeholder" and not node.args}
         for node in self.graph.nodes:
-            if node.op in ("call_function", "call_method", "call_module") and any(
-                    a in derived for a in node_arguments((node.args, node.kwargs))):
-                entry = self.registry.lookup(node, self.modules)
-                if entry is None or not (entry.shape or entry.constant):
-                    derived.add(node)
+            if node.op not in ("call_function", "call_method", "call_module"):
+                continue
+            entry = self.registry.lookup(node, self.modules)
+            arguments = [a for i, a in enumerate(node.args) if entry is None or i not in entry.references]
+            if any(a in derived for a in node_arguments((arguments, node.kwargs))) and (
+                    entry is None or not (entry.shape or entry.constant)):
+                derived.add(node)
         return derived
 
     def _label(self, node: Node) -> tuple[str, str]:
@@ -206,9 +216,10 @@ class GraphPass:
         return node.name, f"operation {name}"
 
     def _visit(self, node: Node) -> None:
-        arguments = node_arguments((node.args, node.kwargs))
-        active = [a for a in arguments if self.kind.get(a) == ACTIVATION]
         entry = self.registry.lookup(node, self.modules)
+        arguments = node_arguments(([a for i, a in enumerate(node.args) if entry is None or i not in entry.references],
+                                    node.kwargs))
+        active = [a for a in arguments if self.kind.get(a) == ACTIVATION]
         if node.target is builtins.getattr and active and node.args[1] == "values":
             self.kind[node] = ACTIVATION  # ``x.max(1).values``: fx records a returned tuple's field as getattr
             return
@@ -235,7 +246,7 @@ class GraphPass:
         if entry is None:
             self.unsupported.append((path, label))
             return
-        if self._inplace(node, entry) and self._used_later(node):
+        if self._inplace(node, entry) and self._used_later(node):  # (found by _in_place_updates before: never)
             self.unsupported.append((path, f"{label} in place on a tensor used again"))
             return
         if node.op == "call_module" and isinstance(self.modules[node.target], _BatchNorm) and self._fold(node):
@@ -258,10 +269,46 @@ class GraphPass:
         return entry.inplace or bool(node.kwargs.get("inplace", False))
 
     def _used_later(self, node: Node) -> bool:
+        """Whether the tensor ``node`` updates in place, or a tensor sharing its memory (a view of it, or one it is a
+        view of: ``h[:, :2].mul_(3)``), is read after ``node``."""
         mutated = node.args[0] if node.args else None
         if not isinstance(mutated, Node):
             return False
-        return any(self.order[user] > self.order[node] for user in mutated.users if user is not node)
+        aliases, frontier = set(), [mutated]
+        while frontier:
+            value = frontier.pop()
+            if value in aliases:
+                continue
+            aliases.add(value)
+            if self._is_view(value) and isinstance(value.args[0], Node):
+                frontier.append(value.args[0])  # what it is a view of
+            frontier.extend(user for user in value.users if self._is_view(user) and user.args[0] is value)
+        return any(self.order.get(user, -1) > self.order[node] for alias in aliases for user in alias.users
+                   if user is not node)
+
+    def _in_place_updates(self) -> list[str]:
+        """The in-place updates of values computed from the input whose memory is read again afterwards: a rewrite
+        out of place would change what the model computes."""
+        found = []
+        for node in self.graph.nodes:
+            if node.op not in ("call_function", "call_method", "call_module") or not node.args:
+                continue
+            entry = self.registry.lookup(node, self.modules)
+            if entry is None or node.args[0] not in self.derived:
+                continue
+            if (self._inplace(node, entry) and self._used_later(node)) or (
+                    not node.users and node.target in _REBOUND and isinstance(node.args[0], Node)
+                    and self._is_view(node.args[0])):  # ``v = h[:, :2]; v += g``: fx records it out of place
+                path, label = self._label(node)
+                found.append(f"{path}: {label}")
+        return found
+
+    def _is_view(self, node: Node) -> bool:
+        """Whether ``node`` may share its input's memory (an index map: views, slices, reshapes)."""
+        if node.op not in ("call_function", "call_method") or not node.args:
+            return False
+        entry = self.registry.lookup(node, self.modules)
+        return entry is not None and entry.kind is RuleKind.INDEX_MAP and not entry.inplace
 
     def _signs(self, node: Node, entry: OperationEntry, active: list[Node]) -> None:
         facts = derive_facts(entry, [Facts(a in self.gates, a in self.attention, a in self.nonnegative)

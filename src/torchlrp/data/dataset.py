@@ -29,7 +29,7 @@ from torchlrp.explanation.explain import explain
 from torchlrp.explanation.context import has_torchlrp_layers
 from torchlrp.core.rules import Rule
 from torchlrp.data.store import (STORE_DTYPES, STORE_FORMAT, Relevances, StoreDamagedError, concept_array, create_or_check,
-                    data_fingerprint, open_relevances, read_done, require_zarr, run_settings, scaled_for_storage, store_dtype, store_name,
+                    data_fingerprint, definition_sha256, open_relevances, read_done, require_zarr, run_settings, scaled_for_storage, store_dtype, store_name,
                     write_chunk)
 
 
@@ -371,7 +371,7 @@ def explain_dataset(model: torch.nn.Module, dataset: Any, rule: "str | Rule | Co
         if definitions:
             probe = attribute(explainable, first.to(ranks.device), [{}], rule, concepts=definitions,
                               record=list(definitions))
-            recorded = {layer: {"definition": repr(definition),
+            recorded = {layer: {"definition": repr(definition), "sha256": definition_sha256(definition),
                                 "count": int(probe.concept_relevances(layer).shape[-1])}
                         for layer, definition in definitions.items()}
         failure = None

@@ -9,6 +9,8 @@ model gives the tokens at and after that position exactly zero.
 """
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -119,11 +121,51 @@ def explain_generation(model: torch.nn.Module, input_ids: Tensor, max_new_tokens
         model, input_ids, max_new_tokens, continuation, rule, start, embedding, eos_token_id))
 
 
+def _integral(tensor: Tensor) -> bool:
+    """Whether ``tensor`` holds integers (not floats, not booleans)."""
+    return not tensor.dtype.is_floating_point and not tensor.dtype.is_complex and tensor.dtype != torch.bool
+
+
+def _check_ids(name: str, ids: Tensor, vocabulary: int | None) -> None:
+    """Raise ``ValueError`` for token ids outside ``[0, vocabulary)``."""
+    if ids.numel() and (int(ids.min()) < 0 or (vocabulary is not None and int(ids.max()) >= vocabulary)):
+        raise ValueError(f"{name} holds token ids outside [0, {vocabulary}) (the embedding's vocabulary): "
+                         f"min {int(ids.min())}, max {int(ids.max())}")
+
+
+def _position_limit(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's positions allow (its config's ``max_position_embeddings`` or
+    ``n_positions``), where it says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    return None
+
+
+def _check_length(inputs: int, limit: int | None) -> None:
+    """Raise ``ValueError`` where the explained forward's ``inputs`` positions exceed the model's limit."""
+    if limit is not None and inputs > limit:
+        raise ValueError(f"the prompt and the tokens to explain need {inputs} positions; the model takes at most "
+                         f"{limit} (its config's position limit): shorten the prompt or max_new_tokens")
+
+
+def _check_causal(relevance: Tensor, position: int) -> None:
+    """Raise ``ValueError`` where relevance for the token at ``position`` reached inputs at or after it: the model is
+    not causal (its logits there see the future), so the row is no explanation of generating that token."""
+    future = relevance[:, position:]
+    if future.numel() and bool((future.abs().amax() > 1e-6 * relevance.abs().amax().clamp(min=1e-30)).item()):
+        raise ValueError("explain_generation needs a causal language model: the relevance of a generated token "
+                         f"reached the tokens after it (position {position} on); a bidirectional model's logits see "
+                         "the future, so they are not what the token was generated from")
+
+
 def _explain_generation_once(model: torch.nn.Module, input_ids: Tensor, max_new_tokens: int | None,
                              continuation: Tensor | None, rule: "str | Rule | Composite", start: str,
                              embedding: torch.nn.Module | None, eos_token_id: int | None) -> GenerationRelevance:
     """One explanation of a generated sequence (see :func:`explain_generation`)."""
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point or \
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or not _integral(input_ids) or \
             input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a (batch, prompt_length >= 1) tensor of token ids, got "
                          f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
@@ -141,14 +183,25 @@ def _explain_generation_once(model: torch.nn.Module, input_ids: Tensor, max_new_
         with torch.no_grad():
             return embedding(ids).detach()
 
+    vocabulary = getattr(embedding, "num_embeddings", None)
+    _check_ids("input_ids", input_ids, vocabulary)
+    limit = _position_limit(model)
     if continuation is None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
+        _check_length(input_ids.shape[1] + max_new_tokens - 1, limit)
         tokens = _greedy(model, embed, input_ids, max_new_tokens, eos_token_id)
     else:
+        if not isinstance(continuation, Tensor) or not _integral(continuation):
+            raise ValueError(f"continuation must be a tensor of integer token ids, got "
+                             f"{continuation.dtype if isinstance(continuation, Tensor) else type(continuation).__name__}"
+                             f" (token ids are not cast)")
         if continuation.dim() != 2 or continuation.shape[0] != input_ids.shape[0] or continuation.shape[1] == 0:
             raise ValueError(f"continuation must be (batch={input_ids.shape[0]}, generated >= 1) token ids, got "
                              f"{tuple(continuation.shape)}")
+        _check_ids("continuation", continuation, vocabulary)
+        _check_length(input_ids.shape[1] + continuation.shape[1] - 1, limit)
         tokens = torch.cat([input_ids, continuation.to(input_ids.device, input_ids.dtype)], dim=1)
     prompt_length, length = input_ids.shape[1], tokens.shape[1]
     generated = length - prompt_length
@@ -169,6 +222,7 @@ def _explain_generation_once(model: torch.nn.Module, input_ids: Tensor, max_new_
             output_relevance[:, prompt_length - 1 + step].scatter_(-1, targets[:, step, None], starts[:, step, None])
             relevance, *shares = torch.autograd.grad(logits, [carrier, *leaves], output_relevance,
                                                      retain_graph=step < generated - 1, allow_unused=True)
+            _check_causal(relevance, prompt_length + step)
             rows.append(torch.cat([relevance.sum(-1), relevance.new_zeros(relevance.shape[0], 1)], dim=1))
             for (name, _), share in zip(state.absorbed, shares):
                 if share is not None:

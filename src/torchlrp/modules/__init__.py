@@ -2,6 +2,7 @@
 explain a model's parameter-free operations."""
 from torchlrp.modules.activation import (CELU, ELU, GELU, SELU, Hardsigmoid, Hardswish, Hardtanh, LeakyReLU, Mish, PReLU, ReLU6,
                          Sigmoid, SiLU, Softplus, Tanh)
+from torchlrp.modules.affine_call import AffineCall
 from torchlrp.modules.affine import (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, ExplainableAffine,
                      Linear)
 from torchlrp.modules.attention import MultiheadAttention, ScaledDotProductAttention
@@ -15,7 +16,7 @@ from torchlrp.modules.rotation import CyclicPool, Rotate
 from torchlrp.modules.residual import Add
 
 __all__ = [
-    "Activation", "Add", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Bilinear", "CELU", "Conv1d", "Conv2d", "Conv3d",
+    "Activation", "Add", "AffineCall", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Bilinear", "CELU", "Conv1d", "Conv2d", "Conv3d",
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "CyclicPool", "ELU", "Einsum", "ExplainableAffine",
     "FunctionOperation", "GELU", "GroupNorm", "GRU", "Hardsigmoid", "Hardswish", "Hardtanh", "LayerNorm", "LayerNormFunction", "LSTM",
     "LeakyReLU", "Linear", "MaxPool", "MaxPool1d", "MaxPool2d", "MaxPool3d", "Mish", "MultiheadAttention", "Operation", "OutputSoftmax",

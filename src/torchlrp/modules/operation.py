@@ -353,6 +353,8 @@ class Softmax(Operation, torch.nn.Module):
             return torch.softmax(input.detach(), self.dim, dtype=self.dtype)
         current().losses_allowed.add("AttnLRP's softmax rule (absorbs like a bias)")
         scores, constant = (input, None) if self.constant is None else self.constant
+        if constant is not None:  # the sum's type, as the model computes it (float32 scores + a float64 mask)
+            scores = scores.to(input.dtype)
         if self.dtype is not None:
             scores = scores.to(self.dtype)
         if constant is not None:  # a mask's -inf becomes the dtype's minimum: masked logits get no relevance

@@ -122,7 +122,7 @@ def softmax(function: Callable, log: bool = False) -> OperationEntry:
             raise Unsupported("a softmax inside the model without an integer dim, or with other arguments")
         return Softmax(dim, dtype, view.additive_constant(call.args[0]))
     return OperationEntry("AttnLRP softmax rule (identity at the output)", build, "nonnegative", attention=True,
-                          kind=RuleKind.SOFTMAX)
+                          gate=not log, kind=RuleKind.SOFTMAX)
 
 
 def softmax_module(call: Any, view: CallView) -> torch.nn.Module | None:

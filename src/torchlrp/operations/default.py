@@ -30,11 +30,12 @@ from torchlrp.operations.spec import OperationEntry, RuleKind
 
 #: tensor methods that only move, copy or select entries: relevance follows the index map (their gradient)
 INDEX_METHODS = (
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "swapaxes",
-    "swapdims", "movedim", "moveaxis", "t", "contiguous", "squeeze", "unsqueeze", "expand", "expand_as", "repeat",
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "swapaxes",
+    "swapdims", "movedim", "moveaxis", "t", "contiguous", "squeeze", "unsqueeze", "expand", "repeat",
     "chunk", "split", "tensor_split", "unbind", "narrow", "select", "flip", "roll", "clone", "to", "float",
-    "double", "half", "bfloat16", "type", "type_as", "__getitem__", "cpu", "cuda", "requires_grad_",
-    "repeat_interleave", "gather", "index_select", "take_along_dim", "scatter", "masked_fill", "where",
+    "double", "half", "bfloat16", "type", "__getitem__", "cpu", "cuda", "requires_grad_",
+    "repeat_interleave", "gather", "index_select", "take_along_dim", "scatter", "masked_fill", "where", "index_put",
+    "index_fill",
 )
 #: functions that only move, copy or select entries (the indices and masks are constants: they carry no relevance)
 INDEX_FUNCTIONS = (
@@ -45,6 +46,15 @@ INDEX_FUNCTIONS = (
     torch.repeat_interleave, torch.gather, torch.index_select, torch.take_along_dim, torch.scatter, torch.where,
     torch.masked_fill, F.embedding, torchvision.models.swin_transformer._patch_merging_pad,
 )
+#: index maps to the shape or type of another tensor (``x.expand_as(other)``): no relevance flows into ``other``
+REFERENCE_METHODS = ("view_as", "reshape_as", "expand_as", "type_as")
+#: index maps that write into their first argument in place
+INDEX_UPDATES = ("masked_fill_", "index_put_", "scatter_", "index_fill_")
+#: comparisons: boolean masks computed from an activation carry no relevance
+COMPARISONS = (operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne, torch.gt, torch.lt,
+               torch.ge, torch.le, torch.eq, torch.ne, torch.isnan, torch.isinf, torch.isfinite, torch.logical_not,
+               "gt", "lt", "ge", "le", "eq", "ne", "isnan", "isinf", "isfinite", "logical_not", "bool", "sign",
+               torch.sign, "argmax", "argmin", torch.argmax, torch.argmin)
 SHAPE_METHODS = ("size", "dim", "numel", "ndimension", "nelement", "stride", "element_size", "is_contiguous")
 CONSTANT_METHODS = ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "detach")
 CONSTANT_FUNCTIONS = (torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.rand_like,
@@ -75,6 +85,11 @@ def default_registry() -> OperationRegistry:
     add = registry.add
 
     add(keep("index map", RuleKind.INDEX_MAP), *INDEX_METHODS, *INDEX_FUNCTIONS)
+    add(keep("index map (written in place: x[i] = v)", RuleKind.INDEX_MAP, inplace=True), operator.setitem,
+        *INDEX_UPDATES)
+    add(keep("no relevance (a comparison: a mask)", RuleKind.NO_RELEVANCE, "none", constant=True), *COMPARISONS)
+    add(keep("index map (the other tensor gives the shape or type)", RuleKind.INDEX_MAP, references=(1,)),
+        *REFERENCE_METHODS)
     for function in (torch.cat, torch.concat, torch.concatenate):
         add(builds.concatenation(function), function)
     add(keep("sizes", RuleKind.SHAPE, "none", shape=True), *SHAPE_METHODS, builtins.getattr, builtins.len)
@@ -205,10 +220,12 @@ def default_registry() -> OperationRegistry:
     add(keep("index map (rotations)", RuleKind.INDEX_MAP), Rotate)
     add(keep("proportional (mean, rms), winner takes all (max)", RuleKind.PROPORTIONAL), CyclicPool)
     add(OperationEntry("identity at the output; AttnLRP softmax rule inside the model", builds.softmax_module,
-                       "nonnegative", attention=True, kind=RuleKind.SOFTMAX), torch.nn.Softmax, torch.nn.LogSoftmax)
+                       "nonnegative", attention=True, gate=True, kind=RuleKind.SOFTMAX), torch.nn.Softmax)
+    add(OperationEntry("identity at the output; refused inside the model", builds.softmax_module,
+                       "nonnegative", kind=RuleKind.SOFTMAX), torch.nn.LogSoftmax)
     add(keep("index map (padded values absorb; copies summed)", RuleKind.INDEX_MAP, "none"), *PADDING_MODULES)
     return registry
 
 
 __all__ = ["CONSTANT_FUNCTIONS", "CONSTANT_METHODS", "EXTREMUMS", "IDENTITY_ACTIVATIONS", "INDEX_FUNCTIONS",
-           "INDEX_METHODS", "PADDING_MODULES", "SHAPE_METHODS", "STATISTICS", "default_registry"]
+           "INDEX_METHODS", "INDEX_UPDATES", "COMPARISONS", "PADDING_MODULES", "REFERENCE_METHODS", "SHAPE_METHODS", "STATISTICS", "default_registry"]

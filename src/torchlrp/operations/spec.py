@@ -141,6 +141,9 @@ class OperationEntry:
     kind : RuleKind, optional
         The kind of rule. Default: the kind ``rule`` names (``"index map"``, ``"identity"``, ...), else
         :attr:`RuleKind.GRADIENT` for an entry without ``build`` and :attr:`RuleKind.OPERATION` for one with.
+    references : tuple of int
+        Positions of arguments that give only a size or a type (``x.expand_as(other)``'s ``other``): no relevance
+        flows into them.
     """
 
     rule: str
@@ -154,6 +157,7 @@ class OperationEntry:
     folds: bool = False
     constant_when: Callable[[Any, CallView], bool] | None = None
     kind: RuleKind | None = field(default=None)
+    references: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.sign not in ("none", "preserve", "nonnegative"):

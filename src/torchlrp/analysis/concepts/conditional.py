@@ -2,8 +2,10 @@
 chosen concepts, many conditions in one batched backward, with the concept relevances of any layers recorded."""
 from __future__ import annotations
 
+import operator
+
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -25,14 +27,27 @@ Condition = Mapping[str, "int | Sequence[int]"]
 
 
 def _ids(value: Any, where: str, count: int | None = None) -> list[int]:
-    """A condition's value as a list of ints (in ``0..count-1`` where ``count`` is known)."""
-    values = [value] if isinstance(value, int) or (isinstance(value, Tensor) and value.dim() == 0) else value
-    try:
-        ids = [int(v) for v in values]
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: give an int or a sequence of ints, got {value!r}") from None
-    if any(isinstance(v, bool) for v in (values if isinstance(values, (list, tuple)) else [])):
-        raise ValueError(f"{where}: give ints, not booleans")
+    """A condition's value as a non-empty list of ints (in ``0..count-1`` where ``count`` is known): Python and
+    numpy integers and integer tensors; floats, strings and booleans are refused, never truncated or split."""
+    if isinstance(value, Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"{where}: give integer ids (not booleans, floats or strings), got a {value.dtype} tensor "
+                             f"{value.tolist()!r}")
+        values = value.reshape(-1).tolist()
+    elif isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        values = [value]
+    else:
+        values = list(value)
+    ids = []
+    for item in values:
+        if isinstance(item, (bool, str, bytes)) or isinstance(item, Tensor) and item.dtype == torch.bool:
+            raise ValueError(f"{where}: give integer ids (not booleans, floats or strings), got {item!r} in {value!r}")
+        try:
+            ids.append(operator.index(item))
+        except TypeError:
+            raise ValueError(f"{where}: give an integer or a sequence of integers, got {item!r} in {value!r}") from None
+    if not ids:
+        raise ValueError(f"{where}: an empty condition selects nothing; give at least one index")
     if count is not None and any(not 0 <= i < count for i in ids):
         raise ValueError(f"{where}: {ids} holds indices out of range 0..{count - 1}")
     return ids

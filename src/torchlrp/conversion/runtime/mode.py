@@ -425,7 +425,8 @@ class RunTimeOperations(TorchFunctionMode):
     # -- what the analysis learns of a result
     def _record(self, call: LiveCall, entry: OperationEntry, result: Any, region: Region | None) -> None:
         if entry.gate or entry.attention or self.view.facts.items:  # (no gate or attention weights: no facts)
-            active = [a for a in tensors_of(call.args, call.kwargs) if is_activation(a)]
+            arguments = tuple(a for i, a in enumerate(call.args) if i not in entry.references)
+            active = [a for a in tensors_of(arguments, call.kwargs) if is_activation(a)]
             facts = derive_facts(entry, [self.view.facts.get(a) or NO_FACTS for a in active])
             if facts.gate or facts.attention:
                 for output in (result if isinstance(result, (tuple, list)) else (result,)):

@@ -149,8 +149,9 @@ def run_settings(model: torch.nn.Module, model_name: str | None, rule: Any, targ
     target, start, samples, batch_size, dtype, input_shape, classes
         The run's other settings.
     concepts : dict, optional
-        Layer name -> ``{"definition": repr of its concept definition, "count": number of concepts}`` for the
-        layers whose concept statistics the run records (``explain_dataset(concepts=...)``).
+        Layer name -> ``{"definition": repr of its concept definition, "sha256": the SHA-256 of its exact definition
+        (membership, basis, where it applies), "count": number of concepts}`` for the layers whose concept
+        statistics the run records (``explain_dataset(concepts=...)``): a store is continued only with the same.
 
     Returns
     -------
