@@ -139,6 +139,34 @@ USES = {
     "Tensor.sub": lambda h, m: h.sub(m.scale), "operator.iadd": lambda h, m: _iadd(h),
     "Tensor.add_": lambda h, m: h.clone().add_(h.flip(2)), "operator.isub": lambda h, m: _isub(h),
     "Tensor.sub_": lambda h, m: (2 * h).sub_(h.flip(3)),
+    "Tensor.__iadd__": lambda h, m: (h + 0).__iadd__(h.flip(2)), "Tensor.__isub__": lambda h, m: (2 * h).__isub__(h),
+    "Tensor.__imul__": lambda h, m: (h + 0).__imul__(m.scale), "Tensor.__itruediv__": lambda h, m: (h + 0).__itruediv__(2.0),
+    "operator.setitem": lambda h, m: _setitem(h), "Tensor.__setitem__": lambda h, m: _setitem(h, method=True),
+    "Tensor.masked_fill_": lambda h, m: (h + 0).masked_fill_(MASK, 0.0),
+    "Tensor.index_put_": lambda h, m: (h + 0).index_put_((torch.tensor([1]),), h[:1].flip(1)),
+    "Tensor.scatter_": lambda h, m: torch.zeros(2, 4, 40, dtype=h.dtype).scatter_(2, torch.arange(36).expand(2, 4, 36),
+                                                                                   h.flatten(2)),
+    "Tensor.index_fill_": lambda h, m: (h + 0).index_fill_(1, torch.tensor([2]), 0.0),
+    "Tensor.index_put": lambda h, m: h.index_put((torch.tensor([1]),), h[:1].flip(1)),
+    "Tensor.index_fill": lambda h, m: h.index_fill(1, torch.tensor([0, 3]), 0.0),
+    # comparisons: masks, no relevance
+    **{f"torch.{name}": (lambda name: lambda h, m: h * getattr(torch, name)(h, 0.1).to(h.dtype))(name)
+       for name in ("gt", "lt", "ge", "le", "eq", "ne")},
+    **{f"Tensor.{name}": (lambda name: lambda h, m: h * getattr(h, name)(0.1).to(h.dtype))(name)
+       for name in ("gt", "lt", "ge", "le", "eq", "ne")},
+    **{f"operator.{name}": (lambda compare: lambda h, m: h * compare(h, 0.1).to(h.dtype))(getattr(operator, name))
+       for name in ("gt", "lt", "ge", "le", "eq", "ne")},
+    **{f"torch.{name}": (lambda name: lambda h, m: h * getattr(torch, name)(h).to(h.dtype))(name)
+       for name in ("isnan", "isinf", "isfinite", "sign")},
+    **{f"Tensor.{name}": (lambda name: lambda h, m: h * getattr(h, name)().to(h.dtype))(name)
+       for name in ("isnan", "isinf", "isfinite", "sign")},
+    "torch.logical_not": lambda h, m: h * torch.logical_not(h > 0).to(h.dtype),
+    "Tensor.logical_not": lambda h, m: h * (h > 0).logical_not().to(h.dtype),
+    "Tensor.bool": lambda h, m: h * h.bool().to(h.dtype),
+    "torch.argmax": lambda h, m: h.flatten(2).gather(2, torch.argmax(h.flatten(2), 2, keepdim=True)),
+    "Tensor.argmax": lambda h, m: h.flatten(2).gather(2, h.flatten(2).argmax(2, keepdim=True)),
+    "torch.argmin": lambda h, m: h.flatten(2).gather(2, torch.argmin(h.flatten(2), 2, keepdim=True)),
+    "Tensor.argmin": lambda h, m: h.flatten(2).gather(2, h.flatten(2).argmin(2, keepdim=True)),
     "operator.mul": lambda h, m: h * m.scale, "torch.mul": lambda h, m: gate(h), "torch.multiply": lambda h, m: torch.multiply(h, h.flip(1)),
     "Tensor.mul": lambda h, m: h.mul(torch.sigmoid(h)), "operator.truediv": lambda h, m: h / 3.0,
     "torch.div": lambda h, m: torch.div(h, h.abs().sum(1, keepdim=True) + 1.0),
@@ -227,6 +255,15 @@ for _name in ("F.grouped_mm", "torch._grouped_mm"):
 
 def _grouped(name):
     return F.grouped_mm if name == "F.grouped_mm" else torch._grouped_mm
+
+
+def _setitem(h, method=False):
+    h = h + 0
+    if method:
+        h.__setitem__((slice(None), 1), h[:, 2] * 2)
+    else:
+        h[:, 1] = h[:, 2] * 2
+    return h
 
 
 def _iadd(h):

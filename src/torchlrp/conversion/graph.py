@@ -253,6 +253,10 @@ class GraphPass:
             return
         if entry.folds and self._fold_call(node):
             return
+        if entry.build is None and self._inplace(node, entry) and node.op == "call_method" and hasattr(
+                torch.Tensor, node.target[:-1]) and node.target.endswith("_") and node.target[:-1] in \
+                self.registry.methods:  # ``x.masked_fill_(...)`` of a value read by nothing else: out of place
+            node.target = node.target[:-1]
         if entry.build is not None:
             try:
                 replacement = entry.build(node, self)

@@ -85,7 +85,7 @@ def default_registry() -> OperationRegistry:
     add = registry.add
 
     add(keep("index map", RuleKind.INDEX_MAP), *INDEX_METHODS, *INDEX_FUNCTIONS)
-    add(keep("index map (written in place: x[i] = v)", RuleKind.INDEX_MAP, inplace=True), operator.setitem,
+    add(keep("index map (written in place: x[i] = v)", RuleKind.INDEX_MAP, inplace=True), operator.setitem, "__setitem__",
         *INDEX_UPDATES)
     add(keep("no relevance (a comparison: a mask)", RuleKind.NO_RELEVANCE, "none", constant=True), *COMPARISONS)
     add(keep("index map (the other tensor gives the shape or type)", RuleKind.INDEX_MAP, references=(1,)),
@@ -116,12 +116,12 @@ def default_registry() -> OperationRegistry:
     # sums and products
     add(builds.summation((1.0, 1.0)), operator.add, torch.add, "add")
     add(builds.summation((1.0, -1.0)), operator.sub, torch.sub, torch.subtract, "sub")
-    add(builds.summation((1.0, 1.0), inplace=True), operator.iadd, "add_")
-    add(builds.summation((1.0, -1.0), inplace=True), operator.isub, "sub_")
+    add(builds.summation((1.0, 1.0), inplace=True), operator.iadd, "add_", "__iadd__")
+    add(builds.summation((1.0, -1.0), inplace=True), operator.isub, "sub_", "__isub__")
     add(builds.scaling(torch.mul), operator.mul, torch.mul, torch.multiply, "mul")
     add(builds.scaling(torch.div), operator.truediv, torch.div, torch.true_divide, torch.divide, "div")
-    add(builds.scaling(torch.mul, inplace=True), operator.imul, "mul_")
-    add(builds.scaling(torch.div, inplace=True), operator.itruediv, "div_")
+    add(builds.scaling(torch.mul, inplace=True), operator.imul, "mul_", "__imul__")
+    add(builds.scaling(torch.div, inplace=True), operator.itruediv, "div_", "__itruediv__")
     add(builds.index_sum(), torch.index_add, "index_add")
     add(builds.index_sum(inplace=True), "index_add_")
     for operation in (torch.addcmul, torch.addcdiv):

@@ -310,8 +310,10 @@ class RunTimeOperations(TorchFunctionMode):
 
     def _apply(self, call: LiveCall, entry: OperationEntry, hold: bool, region: Region | None) -> Any:
         """The call explained by its entry (the result, not yet recorded)."""
-        if entry.shape or entry.constant:
+        if entry.shape:
             return call.run()
+        if entry.constant:  # (a comparison's mask, zeros_like: no relevance flows into it)
+            return held_constant(call.run())
         if entry.constant_when is not None and hold and region is not None:
             # a power inside element-wise calls of one activation: part of a written activation if they make one,
             # else a statistic (held where it scales, refused elsewhere) -- decided where the region ends
