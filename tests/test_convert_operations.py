@@ -150,7 +150,9 @@ def test_standalone_batch_norm_and_layer_norm_conserve():
     torch.testing.assert_close(relevance.flatten(1).sum(1), model(x).max(1).values.detach(), rtol=1e-9, atol=0)
 
 
-def test_inplace_operation_on_a_reused_tensor_is_refused():
+def test_inplace_operation_on_a_reused_tensor_is_explained_as_it_runs():
+    """A traced rewrite out of place would change what the model computes (``h`` is read after ``h.relu_()``):
+    ``convert`` says so and explains the model at run time, where its forward runs as written."""
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -161,8 +163,13 @@ def test_inplace_operation_on_a_reused_tensor_is_refused():
             y = h.relu_()
             return (y + h).flatten(1)
 
-    with pytest.raises(lrp.ConversionError, match="in place on a tensor used again"):
-        lrp.convert(Model())
+    model = Model().double()
+    with pytest.warns(UserWarning, match="updates tensors in place that it reads again"):
+        converted = lrp.convert(model)
+    assert not isinstance(converted, torch.fx.GraphModule)
+    x = torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), model(x), rtol=0, atol=0)
+    assert torch.isfinite(lrp.explain(converted, x, rule="zero")).all()
 
 
 def test_final_functional_softmax_is_skipped_and_registry_extends():
