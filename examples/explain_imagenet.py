@@ -15,7 +15,7 @@ untrained network as controls, and the cascading randomization check (Spearman c
 trained model's after re-drawing the top 1 / 5 / 20 / all linear-conv layers; average ranks).
 
     python examples/explain_imagenet.py                  # about 4 minutes on a 2-core CPU
-    python examples/explain_imagenet.py --quick          # 2 photos, 8 crops, a subset of the methods (CI)
+    python examples/explain_imagenet.py --quick          # 2 photos, 8 crops, 3 of the methods (CI)
     python examples/explain_imagenet.py --tune           # also rank composites by ABPC and randomization
     python examples/explain_imagenet.py my.jpg --model timm/resnet50      # timm's pretrained weights (internet)
     python examples/explain_imagenet.py --model torchvision/vgg16 --weights vgg16.pth   # a state_dict file
@@ -42,6 +42,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
 #: crop offsets (top, left) inside each photo's central 320x320 square
 CROPS = ((0, 0), (0, 96), (96, 0), (96, 96), (48, 48), (24, 72))
+#: what --quick runs: photos, crops per photo and methods
+QUICK_PHOTOS, QUICK_CROPS = 2, 4
+QUICK_METHODS = ("EpsilonPlusFlat", "EpsilonGammaBox", "gradient x input")
 #: the randomization check's points: re-drawn top layers
 RANDOMIZED = (1, 5, 20, 10 ** 6)
 Attribution = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -181,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the library's, downloaded)")
     parser.add_argument("--out", default=os.path.join(HERE, "plots"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="2 photos, 8 crops, 4 methods (a smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"at most {QUICK_PHOTOS} photos, {QUICK_CROPS} crops per photo, {len(QUICK_METHODS)} "
+                             f"methods (a smoke test)")
     parser.add_argument("--tune", action="store_true", help="also rank candidate composites")
     args = parser.parse_args(argv)
     began = time.time()
@@ -192,9 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message="torch.fx cannot trace")
         model = lrp.convert(plain)
     names = class_names()
-    pictures, titles = photographs(args.images, 224)
-    if args.quick and not args.images:
-        pictures, titles = pictures[:2], titles[:2]
+    if args.quick:
+        args.images = args.images[:QUICK_PHOTOS]
+    try:
+        pictures, titles = photographs(args.images, 224)
+    except ValueError as error:  # an unreadable or corrupt image file: one line naming it
+        print(f"explain_imagenet.py: error: {error}", file=sys.stderr)
+        return 2
+    if args.quick:
+        pictures, titles = pictures[:QUICK_PHOTOS], titles[:QUICK_PHOTOS]
     inputs = imagenet.normalize(pictures).to(device)
     with torch.no_grad():
         probabilities = plain(inputs).softmax(1).cpu()
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     chosen = methods()
     if args.quick:
-        chosen = {name: chosen[name] for name in ("EpsilonPlusFlat", "EpsilonGammaBox", "gradient x input")}
+        chosen = {name: chosen[name] for name in QUICK_METHODS}
     target = top.indices[:, 0].to(device)
     columns = [image.as_image(pictures)]
     for method in chosen.values():
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         untrained = lrp.convert(untrained)
     larger, _ = photographs(args.images, 320)
     larger = larger[:len(pictures)]
-    per_photo, steps = (4, 7) if args.quick else (6, 14)
+    per_photo, steps = (QUICK_CROPS, 7) if args.quick else (6, 14)
     crop_inputs = crops(larger, per_photo).to(device)
     randomized = 4 if args.quick else 8
     faithfulness(model, untrained, chosen, crop_inputs, randomized, steps)

@@ -472,3 +472,22 @@ def test_flipping_and_tuning_refuse_nan_relevance_and_noise_on_one_pixel():
     one = torch.rand(2, 3, 1, 1)
     with pytest.raises(ValueError, match="fill='noise'"):
         evaluate.pixel_flipping(tiny, one, torch.rand_like(one), [0, 1], fill="noise")
+
+
+def test_a_model_or_input_on_the_meta_device_gets_one_clear_error():
+    model = lrp.convert(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    with pytest.raises(ValueError, match="'meta' device"):
+        lrp.explain(model, torch.randn(1, 3, device="meta"))
+    with pytest.raises(ValueError, match=r"'meta' device \('0.weight'"):
+        lrp.explain(model.to("meta"), torch.randn(1, 3))
+
+
+def test_pixel_flipping_breaks_ties_of_an_all_zero_map_at_random():
+    from torchlrp import evaluate
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    x, zeros = torch.rand(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)
+    curves = [evaluate.pixel_flipping(net, x, zeros, target=0, seed=seed, order="morf").morf for seed in range(3)]
+    assert not torch.equal(curves[0], curves[1]) or not torch.equal(curves[0], curves[2])
+    torch.testing.assert_close(evaluate.pixel_flipping(net, x, zeros, target=0, seed=1, order="morf").morf, curves[1])

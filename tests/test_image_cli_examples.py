@@ -255,3 +255,29 @@ def test_imagenet_example_quick_real_photos_faithfulness_against_controls(tmp_pa
     flat, gxi, chance = rows["EpsilonPlusFlat"], rows["gradient x input"], rows["random"]
     assert flat[0] - 2 * flat[1] > max(gxi[0] + 2 * gxi[1], chance[0] + 2 * chance[1])
     assert flat[0] > flat[2] + 0.1  # the trained network's heatmaps are more faithful than the untrained one's
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="needs timm: pip install -e '.[test]'")
+@pytest.mark.parametrize("arguments, message", [
+    (["--model", "timm/vit_tiny_patch16_384", "--random-weights", "--size", "224"],
+     "cannot run on 224x224 inputs: it expects 384x384 (--size 384)"),
+    (["--model", "timm/resnet18"], "no pretrained weights for timm/resnet18 in the local cache"),
+])
+def test_cli_names_the_size_a_model_expects_and_missing_weights_at_once(tmp_path, photo, arguments, message):
+    """One line each, no traceback, no retries of a download (the weights are looked up in the cache first)."""
+    result = run("-m", "torchlrp.cli", "explain", photo, *arguments, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "Proxy" not in result.stderr and "Retrying" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@needs_lite0
+def test_the_imagenet_example_names_a_corrupt_photo_in_one_line_and_counts_its_methods(tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image")
+    result = run("examples/explain_imagenet.py", "--quick", str(corrupt), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"explain_imagenet.py: error: cannot read {str(corrupt)!r} as an "
+                                                  f"image: cannot identify image file {str(corrupt)!r}"]
+    help_text = run("examples/explain_imagenet.py", "--help").stdout
+    assert "3 methods" in " ".join(help_text.split())

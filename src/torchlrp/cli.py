@@ -22,7 +22,8 @@ from torchlrp.viz import image
 from torchlrp.data import imagenet
 from torchlrp.conversion.convert import convert
 from torchlrp.explanation.explain import explain
-from torchlrp.data.models import ARCHITECTURES, WHEEL_WEIGHTS, cached_weights_available, classifier, split_model_name
+from torchlrp.data.models import (ARCHITECTURES, WHEEL_WEIGHTS, cached_weights_available, classifier, split_model_name,
+                                  timm_weights_cached)
 from torchlrp.core.rules import rule_names
 
 
@@ -69,6 +70,11 @@ def _model(name: str, weights: str | None, random_weights: bool, num_classes: in
                 f"no pretrained weights for {architecture} in the torch cache ({torch.hub.get_dir()}/checkpoints). "
                 f"Download them once with: python -c \"import torchvision; torchvision.models.{architecture}"
                 f"(weights='DEFAULT')\", or pass --weights FILE (a state_dict), or --random-weights for a smoke test")
+        if library == "timm" and not timm_weights_cached(architecture):
+            raise CommandError(f"no pretrained weights for timm/{architecture} in the local cache (the Hugging Face "
+                               f"hub's or torch's): download them once with internet (python -c \"import timm; "
+                               f"timm.create_model('{architecture}', pretrained=True)\"), or pass --weights FILE "
+                               f"(a state_dict), or --random-weights for a smoke test")
         try:
             return classifier(name, "DEFAULT")
         except (OSError, RuntimeError) as error:  # timm's hub download offline: huggingface_hub errors are OSErrors
@@ -257,7 +263,6 @@ def run_explain(args: argparse.Namespace) -> None:
         raise CommandError(str(error)) from None
     device = _device(args.device)
     model = convert(_model(args.model, args.weights, args.random_weights)).to(device)
-    _make_directory(outputs[0], args.out)
     names = imagenet.categories()
     note = " (random weights: not an explanation)" if args.random_weights else ""
     for start in tqdm(range(0, len(args.images), args.batch_size), desc="explaining", unit="batch",
@@ -267,9 +272,16 @@ def run_explain(args: argparse.Namespace) -> None:
         try:
             with torch.no_grad():
                 top = model(inputs).argmax(1)
-        except RuntimeError as error:
+        except Exception as error:  # noqa: BLE001 -- a model rejects an input size in many ways (timm asserts)
+            expected = _expected_size(model)
+            if expected is not None and expected != args.size:
+                raise CommandError(f"{args.model} cannot run on {args.size}x{args.size} inputs: it expects "
+                                   f"{expected}x{expected} (--size {expected})") from None
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise CommandError(f"{args.model} cannot run on {args.size}x{args.size} inputs (--size too small?): "
-                               f"{str(error).splitlines()[0]}") from None
+                               f"{first}") from None
+        if start == 0:  # (the model runs on these inputs: now the output folder is made)
+            _make_directory(outputs[0], args.out)
         target = top if args.target is None else args.target
         relevance, scores = explain(model, inputs, target=target, rule=rule, fused=args.fused, return_scores=True)
         relevance = relevance.cpu()
@@ -342,6 +354,16 @@ MAX_SIZE = 4096
 def _check_size(size: int) -> None:
     if not 1 <= size <= MAX_SIZE:
         raise CommandError(f"--size must be a side length of 1..{MAX_SIZE} pixels, got {size}")
+
+
+def _expected_size(model: torch.nn.Module) -> int | None:
+    """The input side length a model says it expects (timm's ``pretrained_cfg``), where it says."""
+    for module in model.modules():
+        config = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
+        size = config.get("input_size") if isinstance(config, dict) else None
+        if isinstance(size, (tuple, list)) and len(size) == 3:
+            return int(size[-1])
+    return None
 
 
 def _device(name: str) -> torch.device:

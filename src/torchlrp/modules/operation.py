@@ -39,17 +39,6 @@ class Operation:
         rule = None if state is None else state.rules.get(self)
         return None if rule is None or rule.propagates_gradient else rule
 
-    def explaining(self) -> bool:
-        """Whether an explanation of a model holding this module is active (whatever its rule).
-
-        Returns
-        -------
-        bool
-            True inside :func:`torchlrp.explain` / :func:`torchlrp.rules_applied` for this model.
-        """
-        state = current()
-        return state is not None and self in state.rules
-
 
 class FunctionOperation(Operation, torch.nn.Module):
     """An operation module that applies a function given at construction (the call it replaces).

@@ -168,11 +168,6 @@ class OperationEntry:
         elif not isinstance(self.kind, RuleKind):
             raise TypeError(f"kind must be a torchlrp.operations.RuleKind, got {self.kind!r}")
 
-    @property
-    def passes_gradient(self) -> bool:
-        """Whether every call keeps its gradient as its rule (no ``build``, not held constant)."""
-        return self.build is None and self.constant_when is None and not (self.shape or self.constant)
-
 
 @dataclass(frozen=True)
 class Facts:

@@ -51,10 +51,6 @@ class Pending:
         self.substitutes: TensorTable[Tensor] = TensorTable()
         self.statistics: TensorTable[Callable[[], Any]] = TensorTable()
 
-    def is_held(self, value: Any) -> bool:
-        """Whether ``value`` is held for now."""
-        return self.held.get(value) is not None
-
     def join(self, call: LiveCall, region: Region, result: Any) -> None:
         """Record that ``result`` of ``call`` is a member of ``region``."""
         if not isinstance(result, Tensor) or not is_activation(result):
