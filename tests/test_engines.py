@@ -190,3 +190,37 @@ def test_a_users_entry_with_a_build_is_honoured_by_both_engines():
     # LRP-0 with zero biases and the identity rule conserves: the logit reaches the input
     relevance, report = lrp.explain(run_time, x, rule="zero", start="logit", return_conservation=True)
     assert report.conserved() and report.unruled == {}
+
+
+class _TalkingHeads(torch.nn.Module):
+    """Attention whose weights are mixed across heads after the softmax (CaiT's, EfficientFormerV2's talking
+    heads): a linear map over the heads."""
+
+    def __init__(self, untraceable, conv=False):
+        super().__init__()
+        self.untraceable = untraceable
+        self.qkv = torch.nn.Linear(8, 24, bias=False)
+        self.mix = torch.nn.Conv2d(2, 2, 1, bias=False) if conv else torch.nn.Linear(2, 2, bias=False)
+        self.conv = conv
+        self.head = torch.nn.Linear(8, 3, bias=False)
+
+    def forward(self, x):
+        if self.untraceable and float(x.detach().abs().sum()) < 0:
+            x = -x
+        q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4)
+        attention = (q @ k.transpose(-2, -1)).softmax(-1)
+        attention = self.mix(attention) if self.conv else self.mix(attention.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head((attention @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], 8).mean(1))
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_talking_heads_conserve_under_cp_lrp_in_both_engines(conv):
+    traceable, untraceable = _TalkingHeads(False, conv).double().eval(), _TalkingHeads(True, conv).double().eval()
+    untraceable.load_state_dict(traceable.state_dict())
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    rule = lrp.Composite(default="zero", attention="cp")
+    traced = lrp.convert(traceable)
+    relevance, report = lrp.explain(traced, x, rule=rule, start="logit", return_conservation=True)
+    assert report.conserved(), report
+    torch.testing.assert_close(lrp.explain(_convert(untraceable), x, rule=rule, start="logit"), relevance,
+                               rtol=1e-8, atol=1e-12)

@@ -20,13 +20,15 @@ class LegacyTrace:
         self.enabled = False
         self.relevances: list[Tensor] = []
 
-    def record(self, relevance: Tensor) -> None:
+    def record(self, relevance: Tensor, output_relevance: Tensor | None = None) -> None:
         """Append a copy of ``relevance`` if the trace is enabled.
 
         Parameters
         ----------
         relevance : Tensor
             A layer's input relevance.
+        output_relevance : Tensor, optional
+            The layer's output relevance (not recorded).
         """
         if self.enabled:
             self.relevances.append(relevance.detach().clone())

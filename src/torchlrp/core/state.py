@@ -60,6 +60,12 @@ class ExplainState:
         backward; see :class:`torchlrp.accounting.Conservation`).
     losses_allowed : set of str
         Run time: why the rules in play may take a share of relevance themselves (empty where all conserve).
+    biases : list of Tensor
+        Run time: the biases of the layers explained in this forward (a non-zero one takes a share; read only where
+        the conservation check needs them).
+    layer_shares : dict of str to Tensor
+        Run time: what the layers whose rule has a stabilizer took of the relevance that reached them (their input
+        relevance minus their output relevance, measured in the backward): the stabilizers' and biases' share.
     """
 
     rules: dict[torch.nn.Module, Rule] = field(default_factory=dict)
@@ -78,6 +84,8 @@ class ExplainState:
     run_time: bool = False
     unruled: dict[str, Tensor] = field(default_factory=dict)
     losses_allowed: set[str] = field(default_factory=set)
+    biases: list[Tensor] = field(default_factory=list)
+    layer_shares: dict[str, Tensor] = field(default_factory=dict)
 
     def absorb(self, value: Tensor, label: str) -> Tensor:
         """A constant summand (a position embedding, a buffer, a number as a tensor) as a new leaf whose gradient

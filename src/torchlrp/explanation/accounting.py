@@ -14,6 +14,7 @@ unreported constant): a rule that does not fit its call.
 from __future__ import annotations
 
 import warnings
+from typing import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -106,15 +107,15 @@ class Conservation:
         return "\n".join(lines)
 
 
-def check(report: Conservation, model: torch.nn.Module) -> None:
+def check(report: Conservation, biases: Sequence[Tensor] = ()) -> None:
     """Warn about a run-time explanation whose relevance went missing (see the module docstring).
 
     Parameters
     ----------
     report : Conservation
         The explanation's report.
-    model : torch.nn.Module
-        The explained model: a non-zero bias of it takes a share (its biases are read only where the residual
+    biases : sequence of Tensor
+        The biases of the layers the explanation ran: a non-zero one takes a share (read only where the residual
         needs them).
     """
     rtol, scale = tolerance(report.start.dtype), float(report.start.abs().sum())
@@ -127,9 +128,7 @@ def check(report: Conservation, model: torch.nn.Module) -> None:
                       f"LRP explanation there; register a rule for them (convert(model, registry=...))",
                       stacklevel=3)
         return
-    if report.losses_allowed or report.conserved() or any(
-            name.rpartition(".")[2] == "bias" and bool(parameter.detach().any())
-            for name, parameter in model.named_parameters()):
+    if report.losses_allowed or report.conserved() or any(bool(bias.detach().any()) for bias in biases):
         return
     warnings.warn(f"torchlrp: every rule in play conserves, yet {report.relative_residual:.3g} of the start relevance "
                   f"({float(report.residual):.4g} of {float(report.start.sum()):.4g}) is neither at the input nor "

@@ -222,6 +222,7 @@ def _explain_once(model: torch.nn.Module, input: Tensor, target: int | Sequence[
     for (name, _), share in zip(named, shares):
         if share is not None:  # (an additive mask's -inf takes 0 * -inf: nothing)
             absorbed[name] = absorbed[name] + share.nansum() if name in absorbed else share.nansum()
+    absorbed.update(state.layer_shares)  # run time: what the layers' stabilizers took (measured in the backward)
     report = None
     if return_conservation or state.run_time:
         def row_sums(tensor: Tensor) -> Tensor:
@@ -230,7 +231,7 @@ def _explain_once(model: torch.nn.Module, input: Tensor, target: int | Sequence[
         report = Conservation(start=row_sums(output_relevance), input=row_sums(relevance), absorbed=absorbed,
                               unruled=dict(state.unruled), losses_allowed=tuple(sorted(state.losses_allowed)))
         if state.run_time:
-            check(report, model)
+            check(report, state.biases)
     if multi:
         relevance = relevance.reshape(batch, per_sample, *input.shape[1:])
     results = (relevance, scores[::per_sample]) if return_scores else (relevance,)

@@ -227,11 +227,12 @@ def _explain_generation_once(model: torch.nn.Module, input_ids: Tensor, max_new_
             for (name, _), share in zip(state.absorbed, shares):
                 if share is not None:
                     absorbed[name] = absorbed.get(name, 0) + share.detach().nansum()
+    absorbed.update(state.layer_shares)  # run time: what the layers' stabilizers took (measured in the backward)
     matrix = torch.stack(rows, dim=1).detach()
     report = Conservation(start=starts.detach(), input=matrix.sum(-1), absorbed=absorbed,
                           unruled=dict(state.unruled), losses_allowed=tuple(sorted(state.losses_allowed)))
     if state.run_time:
-        check(report, model)
+        check(report, state.biases)
     return GenerationRelevance(tokens=tokens, prompt_length=prompt_length, relevance=matrix, logits=chosen,
                                conservation=report)
 

@@ -48,12 +48,13 @@ class AffineRelevance(torch.autograd.Function):
     output itself (the epsilon rule, a folded ReLU): an identity-rule activation after the layer then keeps that
     same tensor, and the next layer, instead of its own input ``f(z)``, keeps ``z`` and recomputes ``f(z)`` in the
     backward (:class:`~torchlrp.functional.operations.IdentityRelevance`): one tensor instead of two.
-    ``record``, if given, is called with the input relevance in the backward (TorchLRP's trace).
+    ``record``, if given, is called with the input and the output relevance in the backward (TorchLRP's trace, the
+    run-time conservation check).
     """
 
     @staticmethod
     def forward(ctx, input: Tensor, op: AffineOp, rule: LayerRule,
-                record: Callable[[Tensor], None] | None = None) -> Tensor:  # noqa: D102
+                record: Callable[[Tensor, Tensor], None] | None = None) -> Tensor:  # noqa: D102
         ctx.op, ctx.rule, ctx.input_shape, ctx.record = op, rule, input.shape, record
         ctx.autocast = autocast_enabled(input)
         if op.rectified:
@@ -79,7 +80,7 @@ class AffineRelevance(torch.autograd.Function):
     def backward(ctx, relevance: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
         input_relevance = AffineRelevance._relevance(ctx, relevance)
         if ctx.record is not None:
-            ctx.record(input_relevance)
+            ctx.record(input_relevance, relevance)
         return input_relevance, None, None, None
 
     @staticmethod

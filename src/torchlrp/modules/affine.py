@@ -8,7 +8,7 @@ ReLU after it, already rectified), and the backward computes the input relevance
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -20,7 +20,22 @@ from torchlrp.functional.affine import AffineOp
 from torchlrp.functional.relevance import AffineRelevance
 from torchlrp.core.recorder import recorder
 from torchlrp.core.rules import Rule, resolve
+from torchlrp.core.rules.conservation import stabilizer
 from torchlrp.core.state import ExplainState, current
+
+
+#: the name under which the run-time check reports what the layers' stabilizers and biases took
+LAYER_SHARE = "layers (stabilizers and biases)"
+
+
+def _measuring(record: Callable[[Tensor, Tensor], None],
+               shares: dict[str, Tensor]) -> Callable[[Tensor, Tensor], None]:
+    """``record``, also adding what the layer took (output relevance minus input relevance) to ``shares``."""
+    def measure(input_relevance: Tensor, output_relevance: Tensor) -> None:
+        record(input_relevance, output_relevance)
+        taken = (output_relevance.sum() - input_relevance.sum()).detach()
+        shares[LAYER_SHARE] = shares[LAYER_SHARE] + taken if LAYER_SHARE in shares else taken
+    return measure
 
 
 @AffineLayer.register
@@ -95,12 +110,18 @@ class ExplainableAffine:
             return plain(input, **call)
         rule = self._explain_rule(rule, state, first)
         op = self._operator(pattern, state, input_nonnegative, geometry(input, **call), parameters)
+        record = recorder().record
+        if state is not None and state.run_time:  # the conservation check: what its bias and stabilizer may take
+            if op.bias is not None:
+                state.biases.append(op.bias)  # (read only where the residual needs it)
+            if stabilizer(rule) > 0:
+                record = _measuring(record, state.layer_shares)
         # an explicit feeds_rectifier (the converted graph's, or False from a concept tap) wins over the marks
         rectified = (self.feeds_rectifier or (active and self in state.feeds_rectifier)) if feeds_rectifier is None \
             else feeds_rectifier
         if active and rectified and rule.folds_rectifier(op):
             op = dataclasses.replace(op, rectified=True)
-        return AffineRelevance.apply(input, op, rule, recorder().record)
+        return AffineRelevance.apply(input, op, rule, record)
 
     def explained_with(self, input: Tensor, rule: Rule | None, parameters: tuple[Tensor, Tensor | None]) -> Tensor:
         """The layer explained on ``input`` with other parameters (a batch norm folded into it at run time).

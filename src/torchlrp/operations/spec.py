@@ -185,8 +185,9 @@ NO_FACTS = Facts()
 def derive_facts(entry: OperationEntry, inputs: list[Facts]) -> Facts:
     """The facts of a call's output from its entry and the facts of its activation inputs (both engines).
 
-    A reshaped gate is a gate, reshaped attention weights (or after dropout) are attention weights; an output is
-    non-negative where the entry says so or preserves the sign of non-negative inputs.
+    A reshaped gate is a gate; reshaped attention weights, attention weights after dropout, and a linear map of them
+    over the heads (talking heads) are attention weights; an output is non-negative where the entry says so or
+    preserves the sign of non-negative inputs.
 
     Parameters
     ----------
@@ -201,8 +202,9 @@ def derive_facts(entry: OperationEntry, inputs: list[Facts]) -> Facts:
         The output's facts.
     """
     passing = entry.kind in (RuleKind.INDEX_MAP, RuleKind.IDENTITY) and bool(inputs)
+    mixed = entry.kind is RuleKind.AFFINE and bool(inputs)  # a linear map over the heads ("talking heads")
     return Facts(gate=entry.gate or (entry.kind is RuleKind.INDEX_MAP and bool(inputs) and all(f.gate for f in inputs)),
-                 attention=entry.attention or (passing and all(f.attention for f in inputs)),
+                 attention=entry.attention or ((passing or mixed) and all(f.attention for f in inputs)),
                  nonnegative=entry.sign == "nonnegative" or (entry.sign == "preserve" and bool(inputs) and all(
                      f.nonnegative for f in inputs)))
 
