@@ -460,3 +460,21 @@ def test_a_concept_store_resumes_only_with_the_same_definition(tmp_path, first, 
         explain_dataset(model(), Samples(None), "epsilon", store, concepts={"0": second}, **settings)
     report = explain_dataset(model(), Samples(None), "epsilon", store, concepts={"0": first}, **settings)
     assert report.skipped == 4
+
+
+def test_attention_heads_of_torchvisions_vit_are_concepts():
+    """torchvision's ViT: the heads at ``out_proj``'s input (the MultiheadAttention twin calls its output
+    projection as a module, so the input can be tapped); the heads' heatmaps add up to both heads' together."""
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32, num_classes=5).double().eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.5)
+    converted = lrp.convert(model)
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    name = "encoder.layers.encoder_layer_1.self_attention.out_proj"
+    rule = lrp.Composite(default="zero", attention="cp")
+    heads = crp.attribute(converted, x, [{name: [0]}, {name: [1]}], rule=rule,
+                          concepts={name: crp.Groups.heads(2, 8)})
+    both = crp.attribute(converted, x, [{name: [0, 1]}], rule=rule, concepts={name: crp.Groups.heads(2, 8)})
+    assert heads.heatmaps[0, 0].abs().sum() > 0 and heads.heatmaps[0, 1].abs().sum() > 0
+    torch.testing.assert_close(heads.heatmaps.sum(1), both.heatmaps[:, 0], rtol=1e-10, atol=1e-12)

@@ -22,6 +22,7 @@ from torchlrp.functional.relevance import AffineRelevance
 from torchlrp.core.kinds import Attention
 from torchlrp.core.rules import Rule
 from torchlrp.core.state import current
+from torchlrp.modules.affine import ExplainableAffine
 from torchlrp.modules.operation import Operation
 
 
@@ -88,7 +89,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         output, weights = attention_rule(q, k, v, mask, is_causal and mask is None, mode=state.attention,
                                          epsilon=epsilon, need_weights=need_weights)
         output = output.transpose(1, 2).flatten(2)
-        output = _projection(output, self.out_proj.weight, self.out_proj.bias, rule, state.fused)
+        if isinstance(self.out_proj, ExplainableAffine):  # called as the module: its input is the heads (a tap)
+            output = self.out_proj(output, explain=True, rule=rule)
+        else:
+            output = _projection(output, self.out_proj.weight, self.out_proj.bias, rule, state.fused)
         if unbatched:
             output = output.squeeze(0)
         elif not self.batch_first:
