@@ -228,6 +228,10 @@ USES = {
     "F.log_softmax": lambda h, m: F.log_softmax(h, 1), "torch.log_softmax": lambda h, m: torch.log_softmax(h, 1),
     "Tensor.log_softmax": lambda h, m: h.log_softmax(1),
     "F.scaled_dot_product_attention": lambda h, m: _sdpa(h),
+    "F.multi_head_attention_forward": lambda h, m: F.multi_head_attention_forward(
+        seq(h).transpose(0, 1), seq(h).transpose(0, 1), seq(h).transpose(0, 1), 4, 2, None, None, None, None, False,
+        0.0, m.square, None, training=False, need_weights=False, use_separate_proj_weight=True,
+        q_proj_weight=m.square, k_proj_weight=m.square.t(), v_proj_weight=m.square)[0].transpose(0, 1),
     "torchvision.models.swin_transformer.shifted_window_attention": lambda h, m: m.mods["swin"](h.permute(0, 2, 3, 1)),
     # linear maps and products
     "F.linear": lambda h, m: F.linear(h, m.layers["linear"].weight),

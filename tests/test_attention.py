@@ -552,3 +552,63 @@ def test_grouped_query_attention_sums_each_key_value_heads_relevance(mode, epsil
         if index:  # keys and values: the group's sum
             theirs = theirs.unflatten(1, (2, 2)).sum(2)
         torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12)
+
+
+class _Pooling(torch.nn.Module):
+    """open_clip's attention pooling: ``F.multi_head_attention_forward`` with separate projections, the mean token
+    as the query."""
+
+    def __init__(self, untraceable=False):
+        super().__init__()
+        self.untraceable = untraceable
+        self.attention = torch.nn.MultiheadAttention(8, 2, kdim=8, vdim=8, bias=True)
+        self.attention.q_proj_weight, self.attention.k_proj_weight, self.attention.v_proj_weight = (
+            torch.nn.Parameter(torch.randn(8, 8) * 0.3) for _ in range(3))
+        self.attention._qkv_same_embed_dim = False
+        self.attention.in_proj_weight = None
+        with torch.no_grad():
+            self.attention.in_proj_bias.zero_()
+            self.attention.out_proj.bias.zero_()
+
+    def forward(self, x):  # x: (N, L, 8)
+        if self.untraceable and float(x.detach().abs().sum()) < 0:
+            x = -x
+        x = torch.cat([x.mean(1, keepdim=True), x], 1).transpose(0, 1)
+        a = self.attention
+        output, _ = F.multi_head_attention_forward(
+            x[:1], x, x, 8, 2, None, a.in_proj_bias, None, None, False, 0.0, a.out_proj.weight, a.out_proj.bias,
+            use_separate_proj_weight=True, q_proj_weight=a.q_proj_weight, k_proj_weight=a.k_proj_weight,
+            v_proj_weight=a.v_proj_weight, training=False, need_weights=False)
+        return output[0]
+
+
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
+def test_functional_multi_head_attention_is_explained_as_the_module(attention):
+    """``F.multi_head_attention_forward`` (open_clip's ModifiedResNet) gets nn.MultiheadAttention's rules: the same
+    relevance as the module twin with the same weights, traced and at run time, and LRP-0 + CP-LRP conserves."""
+    torch.manual_seed(0)
+    functional = _Pooling().double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = functional.attention
+
+        def forward(self, x):
+            x = torch.cat([x.mean(1, keepdim=True), x], 1).transpose(0, 1)
+            return self.attention(x[:1], x, x, need_weights=False)[0][0]
+
+    rule = lrp.Composite(default="zero", attention=attention)
+    expected = lrp.explain(lrp.convert(Module()), x, target=0, rule=rule)
+    traced = lrp.convert(functional)
+    assert isinstance(traced, torch.fx.GraphModule)
+    torch.testing.assert_close(lrp.explain(traced, x, target=0, rule=rule), expected, rtol=1e-10, atol=1e-12)
+    untraceable = _Pooling(untraceable=True).double().eval()
+    untraceable.load_state_dict(functional.state_dict())
+    with pytest.warns(UserWarning, match="cannot trace"):
+        run_time = lrp.convert(untraceable)
+    torch.testing.assert_close(lrp.explain(run_time, x, target=0, rule=rule), expected, rtol=1e-10, atol=1e-12)
+    if attention == "cp":
+        relevance, report = lrp.explain(traced, x, target=0, rule=rule, start="logit", return_conservation=True)
+        assert report.conserved()

@@ -8,8 +8,10 @@ uniform product rules, or CP-LRP's constant attention weights under a composite 
 """
 from __future__ import annotations
 
+import inspect
+
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,121 @@ from torchlrp.modules.operation import Operation
 
 def _projection(input: Tensor, weight: Tensor, bias: Tensor | None, rule: Rule, fused: bool) -> Tensor:
     return AffineRelevance.apply(input, AffineOp(weight, bias, fused=fused), rule)
+
+
+def explained_attention(query: Tensor, key: Tensor, value: Tensor, weights: Sequence[Tensor],
+                        biases: Sequence[Tensor | None], out_weight: Tensor, out_bias: Tensor | None, heads: int,
+                        batch_first: bool, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
+                        is_causal: bool, need_weights: bool, average_attn_weights: bool, rule: Rule,
+                        out_projection: torch.nn.Module | None = None) -> tuple[Tensor, Tensor | None]:
+    """``nn.MultiheadAttention``'s computation, explained: the projections by ``rule``, the attention by AttnLRP
+    (or CP-LRP, per the active explanation), masks as additive constants.
+
+    Parameters
+    ----------
+    query, key, value : Tensor
+        ``(L, E)`` unbatched, ``(N, L, E)`` with ``batch_first``, else ``(L, N, E)``.
+    weights, biases : sequence of Tensor
+        The query, key and value projections' weights and biases.
+    out_weight, out_bias : Tensor
+        The output projection's.
+    heads : int
+        The number of heads.
+    batch_first : bool
+        The layout of the inputs and the output.
+    key_padding_mask, attn_mask, is_causal, need_weights, average_attn_weights
+        As for :meth:`torch.nn.MultiheadAttention.forward`.
+    rule : Rule
+        The projections' rule.
+    out_projection : torch.nn.Module, optional
+        The output projection as a layer twin, called as a module (its input, the concatenated heads, can be
+        tapped); default: the map of ``out_weight`` and ``out_bias``.
+
+    Returns
+    -------
+    tuple
+        The output and the (detached) attention weights, or None.
+    """
+    state = current()
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+    elif not batch_first:
+        query, key, value = (tensor.transpose(0, 1) for tensor in (query, key, value))
+    q, k, v = (_projection(tensor, weight, bias, rule, state.fused)
+               for tensor, weight, bias in zip((query, key, value), weights, biases))
+    batch, length, source = q.shape[0], q.shape[1], k.shape[1]
+    q, k, v = (tensor.unflatten(-1, (heads, -1)).transpose(1, 2) for tensor in (q, k, v))
+    if attn_mask is not None and attn_mask.dim() == 3:  # (batch * heads, L, S)
+        attn_mask = attn_mask.reshape(batch, heads, length, source)
+    if key_padding_mask is not None:  # (batch, S)
+        key_padding_mask = key_padding_mask.reshape(batch, 1, 1, source)
+    mask = additive_mask([(attn_mask, False), (key_padding_mask, False)], q.dtype)
+    epsilon = min(getattr(rule, "epsilon", 1e-6), 1e-6)  # the proportional split's, as for other operations
+    output, attention = attention_rule(q, k, v, mask, is_causal and mask is None, mode=state.attention,
+                                       epsilon=epsilon, need_weights=need_weights)
+    output = output.transpose(1, 2).flatten(2)
+    if out_projection is not None:  # called as the module: its input is the heads (a tap)
+        output = out_projection(output, explain=True, rule=rule)
+    else:
+        output = _projection(output, out_weight, out_bias, rule, state.fused)
+    if unbatched:
+        output = output.squeeze(0)
+    elif not batch_first:
+        output = output.transpose(0, 1)
+    if not need_weights:
+        return output, None
+    attention = attention.detach().squeeze(0) if unbatched else attention.detach()
+    return output, attention.mean(dim=-3) if average_attn_weights else attention
+
+
+@Attention.register
+class MultiheadAttentionCall(torch.nn.Module):
+    """A ``F.multi_head_attention_forward`` call (open_clip's attention pooling), explained as
+    :class:`MultiheadAttention` is: the projections by the rule the composite gives this module, the attention by
+    AttnLRP (or CP-LRP)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        """Attend (see :func:`torch.nn.functional.multi_head_attention_forward`).
+
+        Parameters
+        ----------
+        *args, **kwargs
+            As for :func:`torch.nn.functional.multi_head_attention_forward`.
+
+        Returns
+        -------
+        tuple
+            The output and the attention weights (or None).
+
+        Raises
+        ------
+        ValueError
+            While explaining, for ``bias_k``/``bias_v``, ``add_zero_attn``, ``static_k``/``static_v`` or dropout
+            in training mode.
+        """
+        state = current()
+        rule = None if state is None else state.rules.get(self)
+        if rule is None or rule.propagates_gradient:
+            return F.multi_head_attention_forward(*args, **kwargs)
+        bound = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        call = bound.arguments
+        if call["bias_k"] is not None or call["bias_v"] is not None or call["add_zero_attn"] or \
+                call["static_k"] is not None or call["static_v"] is not None or (call["training"] and
+                                                                                 call["dropout_p"]):
+            raise ValueError("torchlrp explains F.multi_head_attention_forward without bias_k/bias_v, "
+                             "add_zero_attn, static_k/static_v and dropout")
+        if call["use_separate_proj_weight"]:
+            weights = (call["q_proj_weight"], call["k_proj_weight"], call["v_proj_weight"])
+        else:
+            weights = call["in_proj_weight"].chunk(3)
+        biases = (None,) * 3 if call["in_proj_bias"] is None else call["in_proj_bias"].chunk(3)
+        return explained_attention(call["query"], call["key"], call["value"], weights, biases,
+                                   call["out_proj_weight"], call["out_proj_bias"], call["num_heads"], False,
+                                   call["key_padding_mask"], call["attn_mask"], call["is_causal"],
+                                   call["need_weights"], call["average_attn_weights"], rule)
 
 
 @Attention.register
@@ -69,47 +186,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                    is_causal=is_causal)
         if self.bias_k is not None or self.add_zero_attn:
             raise ValueError("torchlrp explains nn.MultiheadAttention without add_bias_kv and add_zero_attn")
-        unbatched = query.dim() == 2
-        if unbatched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            query, key, value = (tensor.transpose(0, 1) for tensor in (query, key, value))
         if self._qkv_same_embed_dim:
             weights = self.in_proj_weight.chunk(3)
         else:
             weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
         biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-        q, k, v = (_projection(tensor, weight, bias, rule, state.fused)
-                   for tensor, weight, bias in zip((query, key, value), weights, biases))
-        batch, length, source, heads = q.shape[0], q.shape[1], k.shape[1], self.num_heads
-        q, k, v = (tensor.unflatten(-1, (heads, -1)).transpose(1, 2) for tensor in (q, k, v))
-        mask = self._additive_mask(key_padding_mask, attn_mask, batch, length, source, q.dtype)
-        epsilon = min(getattr(rule, "epsilon", 1e-6), 1e-6)  # the proportional split's, as for other operations
-        output, weights = attention_rule(q, k, v, mask, is_causal and mask is None, mode=state.attention,
-                                         epsilon=epsilon, need_weights=need_weights)
-        output = output.transpose(1, 2).flatten(2)
-        if isinstance(self.out_proj, ExplainableAffine):  # called as the module: its input is the heads (a tap)
-            output = self.out_proj(output, explain=True, rule=rule)
-        else:
-            output = _projection(output, self.out_proj.weight, self.out_proj.bias, rule, state.fused)
-        if unbatched:
-            output = output.squeeze(0)
-        elif not self.batch_first:
-            output = output.transpose(0, 1)
-        if not need_weights:
-            return output, None
-        weights = weights.detach().squeeze(0) if unbatched else weights.detach()
-        return output, weights.mean(dim=-3) if average_attn_weights else weights
-
-    def _additive_mask(self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, batch: int, length: int,
-                       source: int, dtype: torch.dtype) -> Tensor | None:
-        """torch's masks (True: left out) merged into one additive mask broadcastable to ``(batch, heads, L, S)``."""
-        if attn_mask is not None and attn_mask.dim() == 3:  # (batch * heads, L, S)
-            attn_mask = attn_mask.reshape(batch, self.num_heads, length, source)
-        if key_padding_mask is not None:  # (batch, S)
-            key_padding_mask = key_padding_mask.reshape(batch, 1, 1, source)
-        return additive_mask([(attn_mask, False), (key_padding_mask, False)], dtype)
+        out_projection = self.out_proj if isinstance(self.out_proj, ExplainableAffine) else None
+        return explained_attention(query, key, value, weights, biases, self.out_proj.weight, self.out_proj.bias,
+                                   self.num_heads, self.batch_first, key_padding_mask, attn_mask, is_causal,
+                                   need_weights, average_attn_weights, rule, out_projection)
 
 
 class ScaledDotProductAttention(Operation, torch.nn.Module):

@@ -16,7 +16,8 @@ from torchlrp.core.kinds import TORCH_AVERAGE_POOLINGS, TORCH_MAX_POOLINGS
 from torchlrp.modules.activation import ACTIVATION_TWINS, Hardsigmoid, IdentityRuleActivation, ReLU6, Sigmoid
 from torchlrp.modules.affine import ExplainableAffine
 from torchlrp.modules.affine_call import AFFINE_FUNCTIONS
-from torchlrp.modules.attention import MultiheadAttention, ScaledDotProductAttention, ShiftedWindowAttention
+from torchlrp.modules.attention import (MultiheadAttention, MultiheadAttentionCall, ScaledDotProductAttention,
+                                        ShiftedWindowAttention)
 from torchlrp.modules.norm import NORM_TWINS, BatchNormCall, GroupNormCall
 from torchlrp.modules.operation import Activation, LayerNormFunction, Proportional
 from torchlrp.modules.rectifier import ReLU
@@ -188,6 +189,9 @@ def default_registry() -> OperationRegistry:
         swin.shifted_window_attention)
     add(OperationEntry("attention: AttnLRP (or CP-LRP)", lambda call, view: ScaledDotProductAttention(),
                        kind=RuleKind.ATTENTION), F.scaled_dot_product_attention)
+    add(OperationEntry("attention: AttnLRP (or CP-LRP), projections by the layer rule",
+                       lambda call, view: MultiheadAttentionCall(), kind=RuleKind.ATTENTION),
+        F.multi_head_attention_forward)
 
     # leaf modules
     add(keep("layer rule (composite)", RuleKind.AFFINE, "none"), ExplainableAffine)
