@@ -144,7 +144,8 @@ class RunTimeOperations(TorchFunctionMode):
                 is_activation(a) for a in tensors_of(args, {})):
             self.layer_seen = True
             self.state.rules[module] = self.composite.rule_for(self.names.get(module, ""), module, is_first=True)
-        if type(module).__module__.startswith("torchlrp.") or self.registry.for_module(module) is not None:
+        if any(self.pending.waits(value) for value in args) and (type(module).__module__.startswith(
+                "torchlrp.") or self.registry.for_module(module) is not None):
             # a twin or a leaf of a traced graph: what enters it is used (a statistic, a written activation)
             with self._suspended():
                 used = tuple(self.pending.used(value) for value in args)
@@ -173,7 +174,7 @@ class RunTimeOperations(TorchFunctionMode):
                                            module.bias, module.eps, module.training)
             if folded is not None:  # a batch norm right after a layer: folded into it, as in a traced graph
                 return folded
-        if module is self.model and isinstance(output, Tensor):  # the model's output is used
+        if module is self.model and self.pending.waits(output):  # the model's output is used
             with self._suspended():
                 used = self.pending.used(output)
             return used if used is not output else None

@@ -51,6 +51,11 @@ class Pending:
         self.substitutes: TensorTable[Tensor] = TensorTable()
         self.statistics: TensorTable[Callable[[], Any]] = TensorTable()
 
+    def waits(self, value: Any) -> bool:
+        """Whether ``value`` is held for now or a member of a written-activation region (its use decides)."""
+        return isinstance(value, Tensor) and ((bool(self.held.items) and self.held.get(value) is not None) or (
+            bool(self.regions.items) and self.regions.get(value) is not None))
+
     def join(self, call: LiveCall, region: Region, result: Any) -> None:
         """Record that ``result`` of ``call`` is a member of ``region``."""
         if not isinstance(result, Tensor) or not is_activation(result):
