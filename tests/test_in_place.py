@@ -13,6 +13,8 @@ UPDATES = {
     "mul_ on a slice": lambda h, g: h[:, :2].mul_(3.0),
     "+= on a view": lambda h, g: h[:, :2].__iadd__(g[:, :2]),
     "+= on a named view": None,  # written out in the forward (fx records it out of place)
+    "+= on an alias": None,
+    "h[:, :2] += g": None,
     "index_put_": lambda h, g: h.index_put_((torch.tensor([0]),), g[:1] * 2),
     "masked_fill_ on a slice": lambda h, g: h[:, 1:].masked_fill_(h[:, 1:] > 0.5, 0.0),
     "x[i] = v": lambda h, g: h.__setitem__((slice(None), 0), g[:, 0] * 2),
@@ -32,6 +34,11 @@ class _Updating(torch.nn.Module):
         if self.update == "+= on a named view":
             view = h[:, :2]
             view += g[:, :2]
+        elif self.update == "+= on an alias":
+            alias = h
+            alias += g
+        elif self.update == "h[:, :2] += g":
+            h[:, :2] += g[:, :2]
         else:
             UPDATES[self.update](h, g)
         return self.head(h.mean((2, 3)))

@@ -509,3 +509,27 @@ def test_copies_of_kept_tensors_run_only_for_models_that_update_in_place(rule):
     torch.testing.assert_close(lrp.explain(converted, x, rule=rule), expected)
     assert record.updates is True
     torch.testing.assert_close(lrp.explain(converted, x, rule=rule), expected)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_forward_that_checkpoints_gets_one_clear_error(reentrant):
+    """``torch.utils.checkpoint`` recomputes its part in the backward, outside the explanation's rules: one clear
+    error (in a subprocess-free way: no traceback from autograd's internals reaches the user)."""
+    import torch.utils.checkpoint as checkpoint
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 2, bias=False)
+
+        def forward(self, x):
+            if float(x.detach().sum()) > 1e9:
+                return x
+            h = checkpoint.checkpoint(lambda t: torch.nn.functional.gelu(self.a(t)), x, use_reentrant=reentrant)
+            return self.b(h)
+
+    with pytest.warns(UserWarning, match="cannot trace"):
+        converted = lrp.convert(Checkpointed().double())
+    with pytest.raises(ValueError, match="uses torch.utils.checkpoint.*gradient_checkpointing_disable") as caught:
+        lrp.explain(converted, torch.randn(2, 4, dtype=torch.float64))
+    assert caught.value.__cause__ is None

@@ -301,8 +301,8 @@ class GraphPass:
             if entry is None or node.args[0] not in self.derived:
                 continue
             if (self._inplace(node, entry) and self._used_later(node)) or (
-                    not node.users and node.target in _REBOUND and isinstance(node.args[0], Node)
-                    and self._is_view(node.args[0])):  # ``v = h[:, :2]; v += g``: fx records it out of place
+                    not node.users and node.target in _REBOUND and isinstance(node.args[0], Node)):
+                # ``v = h[:, :2]; v += g`` or ``v = h; v += g``: fx records the update out of place, and drops it
                 path, label = self._label(node)
                 found.append(f"{path}: {label}")
         return found

@@ -5,6 +5,7 @@ import numbers
 from typing import Any, Sequence
 
 import torch
+from torch.utils.checkpoint import CheckpointError
 from torch import Tensor
 
 from torchlrp.core.composites import Composite
@@ -55,6 +56,37 @@ def _targets(target: int | Tensor | None, output: Tensor, batch: int) -> Tensor:
         raise ValueError(f"target holds classes out of range 0..{classes - 1}: "
                          f"min {int(target.min())}, max {int(target.max())}")
     return target.long()
+
+
+def relevance_backward(outputs: Any, inputs: Any, grad_outputs: Any, **options: Any) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad`` of an explained forward, with one clear error for a forward that checkpoints.
+
+    Parameters
+    ----------
+    outputs, inputs, grad_outputs, **options
+        As for :func:`torch.autograd.grad`.
+
+    Returns
+    -------
+    tuple of Tensor
+        The relevance at ``inputs``.
+
+    Raises
+    ------
+    ValueError
+        Where the forward used ``torch.utils.checkpoint``: the checkpointed part is recomputed in the backward,
+        outside the explanation's rules, so it cannot be explained.
+    """
+    try:
+        return torch.autograd.grad(outputs, inputs, grad_outputs, **options)
+    except RuntimeError as error:
+        if isinstance(error, CheckpointError) or isinstance(error.__cause__, CheckpointError) or \
+                "torch.utils.checkpoint" in str(error):
+            raise ValueError("the model's forward uses torch.utils.checkpoint: the checkpointed part is computed "
+                             "again in the backward, outside the explanation's rules, so it cannot be explained; "
+                             "turn checkpointing off to explain it (model.gradient_checkpointing_disable() for "
+                             "Hugging Face models, or call the checkpointed function directly)") from None
+        raise
 
 
 def selected_output(raw: Any, output: "int | str | None") -> Tensor:
@@ -216,7 +248,7 @@ def _explain_once(model: torch.nn.Module, input: Tensor, target: int | Sequence[
             if reported else []
         # constants added to activations, by the sum's name (cheap leaves: kept for the run-time check too)
         named += state.absorbed if reported or state.run_time else []
-        relevance, *shares = torch.autograd.grad(output, [carrier, *(p for _, p in named)], output_relevance,
+        relevance, *shares = relevance_backward(output, [carrier, *(p for _, p in named)], output_relevance,
                                                  allow_unused=True)
     absorbed: dict[str, Tensor] = {}
     for (name, _), share in zip(named, shares):

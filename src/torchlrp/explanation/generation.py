@@ -20,7 +20,7 @@ from torch import Tensor
 from torchlrp.core.composites import Composite
 from torchlrp.explanation.accounting import Conservation, check
 from torchlrp.explanation.context import retrying_after_in_place, rules_applied
-from torchlrp.explanation.explain import STARTS
+from torchlrp.explanation.explain import STARTS, relevance_backward
 from torchlrp.core.rules import Rule
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def _explain_generation_once(model: torch.nn.Module, input_ids: Tensor, max_new_
         for step in range(generated):
             output_relevance = torch.zeros_like(logits)
             output_relevance[:, prompt_length - 1 + step].scatter_(-1, targets[:, step, None], starts[:, step, None])
-            relevance, *shares = torch.autograd.grad(logits, [carrier, *leaves], output_relevance,
+            relevance, *shares = relevance_backward(logits, [carrier, *leaves], output_relevance,
                                                      retain_graph=step < generated - 1, allow_unused=True)
             _check_causal(relevance, prompt_length + step)
             rows.append(torch.cat([relevance.sum(-1), relevance.new_zeros(relevance.shape[0], 1)], dim=1))

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from torchlrp.core.composites import Composite
 from torchlrp.explanation.context import rules_applied
-from torchlrp.explanation.explain import selected_output
+from torchlrp.explanation.explain import relevance_backward, selected_output
 from torchlrp.core.rules import Rule
 from torchlrp.analysis.concepts.definitions import Concepts, as_concepts
 from torchlrp.analysis.concepts.taps import tapped
@@ -307,7 +307,7 @@ def _attribute_rows(model: torch.nn.Module, input: Tensor, conditions: list[dict
                 taps[name].register_hook(_masker(definitions[name], activations[name], selections[name]))
                 if name in record:
                     taps[name].register_hook(_recorder(recorded, name))
-        heatmap = torch.autograd.grad(wrt, carrier, relevance, allow_unused=True)[0]
+        heatmap = relevance_backward(wrt, carrier, relevance, allow_unused=True)[0]
     if heatmap is None:
         heatmap = torch.zeros_like(carrier)
     for name in record:
