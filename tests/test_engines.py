@@ -224,3 +224,42 @@ def test_talking_heads_conserve_under_cp_lrp_in_both_engines(conv):
     assert report.conserved(), report
     torch.testing.assert_close(lrp.explain(_convert(untraceable), x, rule=rule, start="logit"), relevance,
                                rtol=1e-8, atol=1e-12)
+
+
+class _Auxiliary(torch.nn.Module):
+    """VOLO's auxiliary head (a maximum over tokens, scaled by a number), an auxiliary head alone, or a constant
+    shift of the input (a patch embedding's ``2 * (x - 0.5)``)."""
+
+    def __init__(self, kind, untraceable):
+        super().__init__()
+        self.kind, self.untraceable = kind, untraceable
+        self.body = torch.nn.Linear(4, 6, bias=False)
+        self.head, self.aux = torch.nn.Linear(6, 3, bias=False), torch.nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        if self.untraceable and float(x.detach().sum()) > 1e9:
+            return x[:, 0, :3]
+        if self.kind == "shift":
+            x = 2 * (x - 0.5)
+        h = self.body(x)
+        if self.kind == "volo":
+            return self.head(h[:, 0]) + 0.5 * self.aux(h[:, 1:]).max(1)[0]
+        if self.kind == "auxiliary alone":
+            return 0.5 * self.aux(h).amax(1)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("kind", ["volo", "auxiliary alone", "shift"])
+def test_a_maximum_scaled_by_a_number_is_a_max_pooling_and_a_shift_is_reported(kind):
+    """A maximum that does not scale an activation is a max pooling (winner takes all), not a normalizer held
+    constant; a constant shift takes its share, reported at run time as in the traced graph; both conserve."""
+    torch.manual_seed(0)
+    traceable, untraceable = _Auxiliary(kind, False).double().eval(), _Auxiliary(kind, True).double().eval()
+    untraceable.load_state_dict(traceable.state_dict())
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    expected, traced_report = lrp.explain(lrp.convert(traceable), x, rule="zero", start="logit",
+                                          return_conservation=True)
+    ours, report = lrp.explain(_convert(untraceable), x, rule="zero", start="logit", return_conservation=True)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    assert report.conserved() and traced_report.conserved()
+    assert (kind == "shift") == bool(report.absorbed) and float(expected.abs().sum()) > 0
