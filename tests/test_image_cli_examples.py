@@ -281,3 +281,8 @@ def test_the_imagenet_example_names_a_corrupt_photo_in_one_line_and_counts_its_m
                                                   f"image: cannot identify image file {str(corrupt)!r}"]
     help_text = run("examples/explain_imagenet.py", "--help").stdout
     assert "3 methods" in " ".join(help_text.split())
+
+
+def test_python_m_torchlrp_runs_the_command_line():
+    result = run("-m", "torchlrp", "--version")
+    assert result.returncode == 0 and result.stdout.startswith("torchlrp "), result.stderr
