@@ -85,7 +85,7 @@ def graph_module(model: torch.nn.Module, graph: Graph) -> GraphModule:
 
 def check_leaves(model: torch.nn.Module, registry: OperationRegistry, allowed: set[str]) -> list[tuple[str, str]]:
     """Module-only check for models that torch.fx cannot trace: torch's own leaf modules need a registry entry;
-    other leaf modules run their forward under :class:`torchlrp.runtime.RunTimeOperations`."""
+    other leaf modules run their forward under :class:`torchlrp.conversion.runtime.RunTimeOperations`."""
     unsupported, inside_known = [], []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside_known):
@@ -172,7 +172,7 @@ def convert(model: torch.nn.Module, inplace: bool = False, allow_gradient: Itera
             raise ConversionError(unsupported) from None
         warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: {error}); its layers "
                       f"were converted and the operations of its forward (sums, products, softmax, attention, "
-                      f"means) are explained at run time (torchlrp.runtime)", stacklevel=2)
+                      f"means) are explained at run time (torchlrp.conversion.runtime)", stacklevel=2)
         return _run_time(model, registry, allowed)
     analysis = GraphPass(model, graph, registry, allowed)
     analysis.run()

@@ -1,6 +1,6 @@
 """The explanation in progress, kept per thread and per context (never on the modules).
 
-:func:`torchlrp.context.rules_applied` activates an :class:`ExplainState` in a :class:`contextvars.ContextVar`;
+:func:`torchlrp.rules_applied` activates an :class:`ExplainState` in a :class:`contextvars.ContextVar`;
 the torchlrp modules read it in their forward, in the caller's thread. Two threads (or asyncio tasks) explaining
 the same model with different rules therefore never see each other's rules, and nothing is left on the model
 when the context ends.
@@ -54,7 +54,7 @@ class ExplainState:
         The constants added to activations in this forward (see :meth:`absorb`): their gradient is the relevance
         they took (``explain(..., return_absorbed=True)`` reports it by the sum's name).
     run_time : bool
-        The model's forward is explained call by call (:mod:`torchlrp.runtime`): it is checked for conservation.
+        The model's forward is explained call by call (:mod:`torchlrp.conversion.runtime`): it is checked for conservation.
     unruled : dict of str to Tensor
         Run time: the relevance each call without a rule changed as it passed its gradient (filled in the
         backward; see :class:`torchlrp.accounting.Conservation`).
@@ -112,7 +112,7 @@ class ExplainState:
 @dataclass(eq=False)
 class InPlaceRecord:
     """What the explanations of a model explained at run time have seen of its in-place updates (``convert`` puts
-    one on the model it returns; :mod:`torchlrp.runtime` reads and updates it).
+    one on the model it returns; :mod:`torchlrp.conversion.runtime` reads and updates it).
 
     Attributes
     ----------

@@ -1,7 +1,7 @@
 """Putting rules on a model for the duration of an explanation.
 
 :func:`rules_applied` is the one place where a model enters explain mode. It builds an
-:class:`~torchlrp.state.ExplainState` -- each layer's rule (from a rule or a composite), batch norms that directly
+:class:`~torchlrp.core.state.ExplainState` -- each layer's rule (from a rule or a composite), batch norms that directly
 follow a torchlrp layer in a ``Sequential`` (folded into it), layers whose input follows a ReLU (non-negative
 input) -- and activates it for the current thread/context. Average pooling is made to split relevance
 proportionally and a final softmax to pass relevance unchanged to the scores before it (its output stays the same)
@@ -335,7 +335,7 @@ def rules_applied(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsi
 def retrying_after_in_place(model: torch.nn.Module, explanation: Callable[[], Any]) -> Any:
     """Run ``explanation()``; run it once more where it failed because the forward updated in place a tensor its
     backward kept, in a model explained at run time that an earlier explanation had found to update nothing in
-    place (its copies were off: :class:`torchlrp.state.InPlaceRecord`; this run has turned them on).
+    place (its copies were off: :class:`torchlrp.core.state.InPlaceRecord`; this run has turned them on).
 
     Parameters
     ----------

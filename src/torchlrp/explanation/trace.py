@@ -4,7 +4,7 @@
 of each selected module (and of the model, as ``"input"``), keyed by dotted module name in forward order. Hooks
 are attached to the modules for the duration of the block only, and only calls made in the thread that opened it
 are recorded, so concurrent or nested traces never mix. TorchLRP's ``enable_and_clean``/``collect_and_disable``
-remain as a thin layer (state kept per thread/context, see :mod:`torchlrp.legacy`).
+remain as a thin layer (state kept per thread/context, see :mod:`torchlrp.core.recorder`).
 """
 from __future__ import annotations
 

@@ -42,8 +42,8 @@ def _measuring(record: Callable[[Tensor, Tensor], None],
 class ExplainableAffine:
     """Mixin giving an affine torch layer its explain mode.
 
-    While :func:`torchlrp.context.rules_applied` is active (in this thread), the layer finds its rule, pattern and
-    any batch norm to fold in the active :class:`~torchlrp.state.ExplainState`. ``input_nonnegative`` marks a
+    While :func:`torchlrp.rules_applied` is active (in this thread), the layer finds its rule, pattern and
+    any batch norm to fold in the active :class:`~torchlrp.core.state.ExplainState`. ``input_nonnegative`` marks a
     layer whose input is known to be non-negative (it follows a ReLU; set by :func:`torchlrp.convert`); rules then
     skip their negative-input terms. ``feeds_rectifier`` marks a layer whose output goes straight (through nothing
     but a folded batch norm) into a :class:`torchlrp.ReLU` (set by :func:`torchlrp.convert`): while explaining, a
@@ -67,7 +67,7 @@ class ExplainableAffine:
         explain : bool or None
             True: explain mode; False: exactly the torch layer; None (default): explain mode while an explanation
             of a model holding this layer is active (:func:`torchlrp.explain`, :class:`torchlrp.Sequential` or
-            :func:`torchlrp.context.rules_applied`).
+            :func:`torchlrp.rules_applied`).
         rule : str, Rule, Composite or None
             The rule; None uses the rule set on the layer, else ``"epsilon"`` (TorchLRP's default).
         pattern : Tensor or None

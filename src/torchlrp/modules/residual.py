@@ -27,7 +27,7 @@ def _absorbing(value: Tensor | float, reference: Tensor, state: ExplainState, la
 class Add(Operation, torch.nn.Module):
     """Sum of tensors (a skip connection, ``x + y``, ``x - y``, ``x + constant``), explainable.
 
-    While an explanation of its model is active (:func:`torchlrp.context.rules_applied`) each summand receives
+    While an explanation of its model is active (:func:`torchlrp.rules_applied`) each summand receives
     relevance in proportion to its contribution, ``R_i = s_i x_i R / stab(sum_j s_j x_j + c)`` (``s_i`` the
     summand's sign, ``c`` a constant -- a number -- which absorbs its share like a bias; a summand broadcast
     against the others gets its relevance summed over the broadcast dimensions). Without it (or for
