@@ -64,8 +64,11 @@ class ExplainState:
         Run time: the biases of the layers explained in this forward (a non-zero one takes a share; read only where
         the conservation check needs them).
     layer_shares : dict of str to Tensor
-        Run time: what the layers whose rule has a stabilizer took of the relevance that reached them (their input
-        relevance minus their output relevance, measured in the backward): the stabilizers' and biases' share.
+        Run time: what the layers nearest the output whose rule has a stabilizer took of the relevance that reached
+        them (their output relevance minus their input relevance, measured in the backward): the stabilizers' and
+        biases' share.
+    measured_layers : int
+        Run time: how many layers have had their share measured in this backward.
     """
 
     rules: dict[torch.nn.Module, Rule] = field(default_factory=dict)
@@ -86,6 +89,7 @@ class ExplainState:
     losses_allowed: set[str] = field(default_factory=set)
     biases: list[Tensor] = field(default_factory=list)
     layer_shares: dict[str, Tensor] = field(default_factory=dict)
+    measured_layers: int = 0
 
     def absorb(self, value: Tensor, label: str) -> Tensor:
         """A constant summand (a position embedding, a buffer, a number as a tensor) as a new leaf whose gradient

@@ -225,7 +225,8 @@ def build_state(model: torch.nn.Module, rule: "str | Rule | Composite" = "epsilo
         As in :func:`rules_applied`.
     """
     _check_eval_mode(model)
-    meta = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta), None)
+    meta = next((name for name, tensor in model.named_parameters() if tensor.is_meta), None) if next(
+        model.parameters(), torch.empty(0)).is_meta else None
     if meta is not None:
         raise ValueError(f"{type(model).__name__} is on the 'meta' device ({meta!r} holds no values): load its weights "
                          f"first (model.to_empty(device=...) and load_state_dict), then explain it")

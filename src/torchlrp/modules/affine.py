@@ -28,11 +28,21 @@ from torchlrp.core.state import ExplainState, current
 LAYER_SHARE = "layers (stabilizers and biases)"
 
 
-def _measuring(record: Callable[[Tensor, Tensor], None],
-               shares: dict[str, Tensor]) -> Callable[[Tensor, Tensor], None]:
-    """``record``, also adding what the layer took (output relevance minus input relevance) to ``shares``."""
+#: how many layers, nearest the output, have their stabilizers' share measured: there the outputs are the logits,
+#: whose size (small where a class is unlikely) sets how much of the relevance a stabilizer takes
+MEASURED_LAYERS = 2
+
+
+def _measuring(record: Callable[[Tensor, Tensor], None], state: ExplainState) -> Callable[[Tensor, Tensor], None]:
+    """``record``, also adding what the layer took (output relevance minus input relevance) to the explanation's
+    ``layer_shares`` -- where the check needs it: for the :data:`MEASURED_LAYERS` layers the backward meets first
+    (those nearest the output), and not where another allowed loss (AttnLRP's softmax) already lets relevance go."""
     def measure(input_relevance: Tensor, output_relevance: Tensor) -> None:
         record(input_relevance, output_relevance)
+        shares = state.layer_shares
+        if state.losses_allowed or state.measured_layers >= MEASURED_LAYERS:
+            return
+        state.measured_layers += 1
         taken = (output_relevance.sum() - input_relevance.sum()).detach()
         shares[LAYER_SHARE] = shares[LAYER_SHARE] + taken if LAYER_SHARE in shares else taken
     return measure
@@ -115,7 +125,7 @@ class ExplainableAffine:
             if op.bias is not None:
                 state.biases.append(op.bias)  # (read only where the residual needs it)
             if stabilizer(rule) > 0:
-                record = _measuring(record, state.layer_shares)
+                record = _measuring(record, state)
         # an explicit feeds_rectifier (the converted graph's, or False from a concept tap) wins over the marks
         rectified = (self.feeds_rectifier or (active and self in state.feeds_rectifier)) if feeds_rectifier is None \
             else feeds_rectifier
