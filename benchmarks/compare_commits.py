@@ -6,7 +6,8 @@ tree is compared with it), alternating, so both see the same machine state; the 
 ``--repeats`` explanations per model and version is reported with the ratio new/base. Nothing is downloaded: VGG16
 has random weights, the LLaMA is a random 4-layer decoder (``benchmarks/attention.py``'s ``DECODERS``)::
 
-    python benchmarks/compare_commits.py --base 13db5a5 --repeats 5
+    python benchmarks/compare_commits.py --base 13db5a5 --repeats 5 --rounds 4
+    python benchmarks/compare_commits.py --base 13db5a5 --models llama --attention cp
 
 ``--out results.json`` also writes the figures.
 """
@@ -49,7 +50,7 @@ else:
             return self.model(inputs_embeds=embeddings).logits[:, -1]
     model = Last(converted)
     x = decoder.get_input_embeddings()(torch.randint(0, 2000, (1, 512))).detach()
-    rule = lrp.Composite(attention="attnlrp")
+    rule = lrp.Composite(attention=sys.argv[4])
     explain = lambda: lrp.explain(model, x, rule=rule)
 explain()  # warm-up
 times = []
@@ -68,9 +69,9 @@ def _worktree(commit: str, folder: str) -> Path:
     return path
 
 
-def _times(source: Path, model: str, threads: int, repeats: int) -> list[float]:
+def _times(source: Path, model: str, threads: int, repeats: int, attention: str) -> list[float]:
     environment = {**os.environ, "PYTHONPATH": str(source / "src")}
-    done = subprocess.run([sys.executable, "-c", TIMING, model, str(threads), str(repeats)], env=environment,
+    done = subprocess.run([sys.executable, "-c", TIMING, model, str(threads), str(repeats), attention], env=environment,
                           check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of base and new per model")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attention", default="attnlrp", choices=["attnlrp", "cp"],
+                        help="the LLaMA's attention rule (default: %(default)s)")
     parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 times: dict[str, list[float]] = {"base": [], "new": []}
                 for _ in range(args.rounds):
                     for version, source in (("base", base), ("new", ROOT)):
-                        times[version] += _times(source, model, args.threads, args.repeats)
+                        times[version] += _times(source, model, args.threads, args.repeats, args.attention)
                 medians = {version: statistics.median(values) for version, values in times.items()}
                 results[model] = {**{f"{v}_s": round(m, 4) for v, m in medians.items()},
                                   "ratio_new_over_base": round(medians["new"] / medians["base"], 3)}
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False,
                            capture_output=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"base": args.base, "threads": args.threads, **results}, indent=1))
+        Path(args.out).write_text(json.dumps({"base": args.base, "threads": args.threads, "attention": args.attention,
+                                              **results}, indent=1))
     return 0
 
 
