@@ -246,9 +246,6 @@ class GraphPass:
         if entry is None:
             self.unsupported.append((path, label))
             return
-        if self._inplace(node, entry) and self._used_later(node):  # (found by _in_place_updates before: never)
-            self.unsupported.append((path, f"{label} in place on a tensor used again"))
-            return
         if node.op == "call_module" and isinstance(self.modules[node.target], _BatchNorm) and self._fold(node):
             return
         if entry.folds and self._fold_call(node):

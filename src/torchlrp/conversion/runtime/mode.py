@@ -49,7 +49,7 @@ from torchlrp.modules.operation import ProductSum, ScaledSum
 from torchlrp.operations.builds import BATCH_NORM_ARGUMENTS
 from torchlrp.operations.default import default_registry
 from torchlrp.operations.registry import OperationRegistry
-from torchlrp.operations.spec import NO_FACTS, OperationEntry, Unsupported, derive_facts
+from torchlrp.operations.spec import NO_FACTS, OperationEntry, RuleKind, Unsupported, derive_facts
 from torchlrp.core.rules.conservation import rule_conserves
 
 if TYPE_CHECKING:
@@ -441,7 +441,7 @@ class RunTimeOperations(TorchFunctionMode):
             self.pending.join(call, region, result)
         if call.target is torch.nn.functional.pad:
             self._record_padding(call, result)
-        elif entry.kind is not None and entry.kind.value == "sum" and len(call.args) == 2 and not call.kwargs:
+        elif entry.kind is RuleKind.SUM and len(call.args) == 2 and not call.kwargs:
             left, right = call.args
             if is_activation(left) and isinstance(right, Tensor) and not is_activation(right):
                 sign = -1.0 if call.target in _SUBTRACTIONS else 1.0
